@@ -1,0 +1,3 @@
+from isomax.cli import main
+
+raise SystemExit(main())

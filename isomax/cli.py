@@ -1,0 +1,48 @@
+"""The `isomax` command: `isomax serve ...` runs the service, every other subcommand is training.
+
+Dispatch happens before any heavy import so that `isomax serve` works without torch installed.
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: isomax <command> [options]
+
+serving (no torch needed):
+  serve        run the HTTP service over a models directory
+
+training (needs the [train] extra):
+  data         check and describe the data sets (Fashion-MNIST, OOD sets)
+  train        train a SoftMax / IsoMax / IsoMax+ model
+  evaluate     accuracy and OOD metrics of a checkpoint, with plots
+  export       calibrate, export ONNX and write a bundle into models/
+  reproduce    the multi-seed comparison of the paper's tables
+
+`isomax <command> --help` for options.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    if args[0] == "serve":
+        from service.cli import main as serve_main
+
+        return serve_main(args[1:])
+    try:
+        from training.cli import main as training_main
+    except ModuleNotFoundError as e:  # torch or another training dependency is missing
+        print(
+            f"isomax {args[0]}: training needs the [train] extra ({e}); "
+            "install with: pip install 'isomax-serve[train]'",
+            file=sys.stderr,
+        )
+        return 2
+    return training_main(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""The bundle manifest: the one schema that training writes and the service reads.
+
+A bundle is `models/<name>/<version>/{model.onnx, manifest.json}` (Triton-style repository).
+Training imports this module to write the manifest, the service imports it to read it, so
+the two halves cannot disagree about a field. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+VERSION_PATTERN = r"^[0-9]{1,9}$"
+
+ResizeFilter = Literal["nearest", "box", "bilinear", "hamming", "bicubic", "lanczos"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OnnxSpec(_Strict):
+    """Where the graph is and how to call it; sha256 is checked at load."""
+
+    file: str = "model.onnx"
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    opset: int = Field(ge=7)
+    input_name: str = "image"
+    logits_name: str = "logits"
+    distance_name: str = "min_distance"
+
+    @field_validator("file")
+    @classmethod
+    def _plain_file_name(cls, v: str) -> str:
+        # The bundle must be self-contained: no paths that escape its directory.
+        if "/" in v or "\\" in v or v in {"", ".", ".."}:
+            raise ValueError(f"onnx.file must be a plain file name, got {v!r}")
+        return v
+
+
+class Preprocess(_Strict):
+    """Everything needed to turn an uploaded image into the graph's input, as training did.
+
+    The graph takes float32 `[N, C, H, W]` in `[0, 1]`; mean/std are applied inside the graph and
+    are recorded here for documentation only.
+    """
+
+    height: int = Field(ge=1, le=4096)
+    width: int = Field(ge=1, le=4096)
+    channels: Literal[1, 3]
+    color_mode: Literal["L", "RGB"]
+    resize_filter: ResizeFilter = "bilinear"
+    # "stretch": resize to (width, height) ignoring aspect ratio (what 28x28 sets were made with).
+    # "center_crop": scale the shorter side to fit, then crop the center (ImageNet style).
+    resize_mode: Literal["stretch", "center_crop"] = "stretch"
+    # Transparent pixels are composited onto this gray level (0-255) before color conversion;
+    # Fashion-MNIST objects sit on black, so 0 matches its training images.
+    alpha_background: int = Field(default=0, ge=0, le=255)
+    exif_transpose: bool = True
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Preprocess:
+        want = 1 if self.color_mode == "L" else 3
+        if self.channels != want:
+            raise ValueError(f"color_mode {self.color_mode} needs {want} channel(s), got {self.channels}")
+        for field in ("mean", "std"):
+            if len(getattr(self, field)) not in (1, self.channels):
+                raise ValueError(f"{field} must have 1 or {self.channels} values")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+        return self
+
+
+class QuantilePoint(_Strict):
+    """`value` is the `q` quantile of the validation min_distance: a threshold there keeps q of ID."""
+
+    q: float = Field(gt=0.0, lt=1.0)
+    value: float
+
+
+class Calibration(_Strict):
+    """Threshold on min_distance chosen on held-out in-distribution data only (no OOD data)."""
+
+    score: Literal["min_distance"] = "min_distance"
+    split: str
+    size: int = Field(ge=1)
+    target_tpr: float = Field(gt=0.0, lt=1.0)
+    threshold: float
+    quantiles: tuple[QuantilePoint, ...] = Field(min_length=2)
+
+    @field_validator("quantiles")
+    @classmethod
+    def _sorted(cls, v: tuple[QuantilePoint, ...]) -> tuple[QuantilePoint, ...]:
+        qs = [p.q for p in v]
+        vals = [p.value for p in v]
+        if qs != sorted(qs) or len(set(qs)) != len(qs):
+            raise ValueError("quantiles must be strictly increasing in q")
+        if vals != sorted(vals):
+            raise ValueError("quantile values must be non-decreasing in q")
+        return v
+
+    def threshold_for(self, target_tpr: float) -> float:
+        """Threshold that keeps `target_tpr` of in-distribution images, read off the table.
+
+        Linear interpolation between stored quantiles; targets outside the table are refused
+        rather than extrapolated, because the tails are where a guess would be most wrong.
+        """
+        if abs(target_tpr - self.target_tpr) < 1e-12:
+            return self.threshold
+        qs = [p.q for p in self.quantiles]
+        if not qs[0] <= target_tpr <= qs[-1]:
+            raise ValueError(
+                f"target_tpr {target_tpr} is outside the calibrated range [{qs[0]}, {qs[-1]}]"
+            )
+        i = bisect.bisect_left(qs, target_tpr)
+        if qs[i] == target_tpr:
+            return self.quantiles[i].value
+        lo, hi = self.quantiles[i - 1], self.quantiles[i]
+        t = (target_tpr - lo.q) / (hi.q - lo.q)
+        return lo.value + t * (hi.value - lo.value)
+
+
+class OODMetrics(_Strict):
+    """One score on one OOD set; in-distribution is the positive class (METHOD.md)."""
+
+    auroc: float = Field(ge=0.0, le=1.0)
+    tnr_at_tpr95: float = Field(ge=0.0, le=1.0)
+    dtacc: float = Field(ge=0.0, le=1.0)
+    aupr_in: float = Field(ge=0.0, le=1.0)
+    aupr_out: float = Field(ge=0.0, le=1.0)
+
+
+class Metrics(_Strict):
+    accuracy: dict[str, float] = Field(default_factory=dict)  # split -> accuracy in [0, 1]
+    ood: dict[str, dict[str, OODMetrics]] = Field(default_factory=dict)  # set -> score -> metrics
+
+
+class Manifest(_Strict):
+    format_version: Literal[1] = FORMAT_VERSION
+    name: str = Field(pattern=NAME_PATTERN)
+    version: str = Field(pattern=VERSION_PATTERN)
+    created: datetime
+    source_commit: str | None = None
+    description: str = ""
+    onnx: OnnxSpec
+    preprocess: Preprocess
+    labels: tuple[str, ...] = Field(min_length=2)
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: Metrics = Field(default_factory=Metrics)
+    calibration: Calibration
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_labels(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError("labels must be unique")
+        return v
+
+    @classmethod
+    def read(cls, bundle_dir: Path) -> Manifest:
+        return cls.model_validate_json((Path(bundle_dir) / MANIFEST_FILE).read_text())
+
+    def write(self, bundle_dir: Path) -> Path:
+        path = Path(bundle_dir) / MANIFEST_FILE
+        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
+        return path
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,112 @@
+"""Image bytes -> model input, driven by the manifest alone.
+
+Training reads users' image files through the same functions (training/data/folders.py), so a
+file becomes the same uint8 array on both sides; the float input is that array / 255.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from service.manifest import Preprocess
+
+_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "box": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "hamming": Image.Resampling.HAMMING,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image Pillow can read."""
+
+
+class ImageTooLargeError(ValueError):
+    """The image header declares more pixels than allowed (decompression-bomb guard)."""
+
+
+def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Open and fully decode `data`, checking the declared size before pixels are decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise ImageTooLargeError(f"image is {w}x{h} = {w * h} pixels; limit is {max_pixels}")
+            img.seek(0)  # first frame of GIF/WebP animations
+            img.load()
+    except ImageTooLargeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageTooLargeError(str(e)) from e
+    except Exception as e:  # Pillow raises many types for bad data (OSError, SyntaxError, ...)
+        raise ImageDecodeError(f"cannot decode image: {e}") from e
+    return img
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Scale 16/32-bit integer and float images to 8 bits; Pillow's convert('L') would clip."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img)
+        if img.mode == "F":
+            arr8 = np.clip(arr, 0.0, 1.0 if arr.max() <= 1.0 else 255.0)
+            arr8 = arr8 * (255.0 if arr.max() <= 1.0 else 1.0)
+        else:
+            top = 65535.0 if arr.max() > 255 or img.mode.startswith("I;16") else 255.0
+            arr8 = arr.astype(np.float64) * (255.0 / top)
+        return Image.fromarray(np.clip(np.rint(arr8), 0, 255).astype(np.uint8), mode="L")
+    return img
+
+
+def _flatten_alpha(img: Image.Image, background: int) -> Image.Image:
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (background, background, background, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img
+
+
+def to_uint8(img: Image.Image, spec: Preprocess) -> np.ndarray:
+    """Decoded image -> uint8 array `[C, H, W]` exactly as the model was trained on."""
+    if spec.exif_transpose:
+        img = ImageOps.exif_transpose(img)
+    img = _to_8bit(img)
+    img = _flatten_alpha(img, spec.alpha_background)
+    img = img.convert(spec.color_mode)
+    size = (spec.width, spec.height)
+    if img.size != size:
+        resample = _FILTERS[spec.resize_filter]
+        if spec.resize_mode == "center_crop":
+            img = ImageOps.fit(img, size, method=resample)
+        else:
+            img = img.resize(size, resample=resample)
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[None, :, :]  # (1, H, W)
+    else:
+        arr = arr.transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
+    return np.ascontiguousarray(arr)
+
+
+def decode_uint8(data: bytes, spec: Preprocess, max_pixels: int | None = None) -> np.ndarray:
+    return to_uint8(open_image(data, max_pixels), spec)
+
+
+def decode(data: bytes, spec: Preprocess, max_pixels: int | None = None) -> np.ndarray:
+    """Bytes -> float32 `[C, H, W]` in [0, 1], the graph's input for one image."""
+    return decode_uint8(data, spec, max_pixels).astype(np.float32) / np.float32(255.0)
+
+
+def load_file_uint8(path: Path, spec: Preprocess) -> np.ndarray:
+    return decode_uint8(Path(path).read_bytes(), spec)
