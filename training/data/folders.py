@@ -1,0 +1,105 @@
+"""Users' own images in the image-folder layout `root/<class>/<image>`, as one uint8 array.
+
+Every file is decoded by `service.preprocess.load_file_uint8`, the function the service applies
+to uploads, so a picture becomes the same array when training reads it and when it is served;
+a second decoder here (or torchvision's) would drift in resize, EXIF, alpha or color handling.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from service.manifest import Preprocess
+from service.preprocess import ImageDecodeError, load_file_uint8
+
+log = logging.getLogger(__name__)
+
+# Formats Pillow reads out of the box; the suffix test is case-insensitive.
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+
+
+def default_preprocess(
+    height: int, width: int, color_mode: Literal["L", "RGB"] = "L", **overrides: object
+) -> Preprocess:
+    """A `Preprocess` for `height` x `width` images with the schema's defaults for the rest.
+
+    Channels follow from the color mode, the one field people otherwise get inconsistent.
+    """
+    channels = 1 if color_mode == "L" else 3
+    return Preprocess.model_validate(
+        {"height": height, "width": width, "channels": channels, "color_mode": color_mode}
+        | overrides
+    )
+
+
+def find_images(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
+    """File paths, their int64 labels and the class names, without decoding anything.
+
+    Classes are the visible subdirectories of `root` sorted by name (so label indices do not
+    depend on file-system order); images are searched recursively inside each class directory,
+    skipping hidden files and directories (`.DS_Store`, `.ipynb_checkpoints`) and files whose
+    extension is not an image's. Files directly in `root` are ignored.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"image folder {root} is not a directory")
+    class_dirs = sorted(
+        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: p.name,
+    )
+    if not class_dirs:
+        raise FileNotFoundError(
+            f"no class directories in {root}: expected the layout {root}/<class>/<image>"
+        )
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(
+            p
+            for p in class_dir.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in IMAGE_EXTENSIONS
+            and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
+        )
+        if not files:
+            raise FileNotFoundError(
+                f"class directory {class_dir} has no images "
+                f"(accepted extensions: {' '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+        paths += files
+        labels += [label] * len(files)
+    return paths, np.asarray(labels, dtype=np.int64), [p.name for p in class_dirs]
+
+
+def load_image_folder(root: Path, spec: Preprocess) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode every image under `root/<class>/` into uint8 `(N, C, H, W)`, labels `(N,)`, names.
+
+    Decoding stops at the first unreadable file with its path in the error: silently skipping
+    it would change the data set without anyone noticing.
+    """
+    paths, labels, classes = find_images(root)
+    images = np.empty((len(paths), spec.channels, spec.height, spec.width), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        try:
+            images[i] = load_file_uint8(path, spec)  # (C, H, W)
+        except ImageDecodeError as e:
+            raise ImageDecodeError(f"{path}: {e}") from e
+        except OSError as e:  # unreadable (permissions, vanished): not a decode problem
+            raise OSError(f"{path}: cannot read: {e}") from e
+    counts = np.bincount(labels, minlength=len(classes))
+    log.info(
+        "image folder %s: %d images, %d classes (%s)",
+        root,
+        len(paths),
+        len(classes),
+        ", ".join(f"{c}={n}" for c, n in zip(classes, counts, strict=True)),
+    )
+    return images, labels, classes
