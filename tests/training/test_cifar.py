@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
 
 from training.data.cifar import CifarFormatError, load_cifar
 
+# The pure-Python pickler: unlike the C one its per-type dispatch table can be extended.
+_PurePickler: Any = pickle._Pickler
 
-class _Py2Pickler(pickle._Pickler):  # type: ignore[misc, name-defined]
+
+class _Py2Pickler(_PurePickler):
     """Writes what Python 2's cPickle wrote: every str/bytes as a BINSTRING, numpy.core names.
 
     The real CIFAR files were produced that way, so the loader is tested against the opcodes it
     will meet, not just against what Python 3 happens to write today.
     """
 
-    dispatch = pickle._Pickler.dispatch.copy()  # type: ignore[attr-defined]
+    dispatch: ClassVar[dict[type, Any]] = dict(_PurePickler.dispatch)
 
     def _save_py2_str(self, obj: bytes | str) -> None:
         data = obj.encode("latin1") if isinstance(obj, str) else obj
@@ -35,8 +39,6 @@ class _Py2Pickler(pickle._Pickler):  # type: ignore[misc, name-defined]
 
 
 def _write_py2(path: Path, obj: Any) -> None:
-    import io
-
     buf = io.BytesIO()
     _Py2Pickler(buf, protocol=2).dump(obj)
     path.write_bytes(buf.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
