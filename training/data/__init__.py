@@ -1,0 +1,1 @@
+"""Data sets as in-memory uint8 arrays."""

@@ -1,0 +1,98 @@
+"""Classification heads: the last layer of a model, the part IsoMax+ replaces.
+
+A head maps features `(N, d)` to inference logits `(N, K)`. Distance heads also give the
+distances behind those logits, so the minimum distance score comes from the same forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEADS = ("softmax", "isomax", "isomaxplus")
+
+
+def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt with value 0 and gradient 0 at x <= 0 (the 'double where' trick).
+
+    Plain `sqrt` has an infinite derivative at 0, so a feature that coincides with a prototype
+    would poison training with NaN. Masking the input as well as the output keeps the backward
+    pass finite, exports to plain ONNX ops, and matches `cdist`'s exact path, whose gradient at
+    distance 0 is also 0.
+    """
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), 0.0)
+
+
+def unit_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """`‖f/‖f‖ − p/‖p‖‖` for every pair: `(N, d), (K, d) -> (N, K)`, each value in [0, 2].
+
+    Uses `‖a−b‖² = 2 − 2·a·b` for unit vectors: one matmul, exports cleanly (`cdist` does not).
+    """
+    f = F.normalize(features, dim=1)
+    p = F.normalize(prototypes, dim=1)
+    return _safe_sqrt(2.0 - 2.0 * (f @ p.t()))
+
+
+def euclidean_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """`‖f − p‖` for every pair, from differences (exact; the IsoMax features are unbounded)."""
+    diff = features[:, None, :] - prototypes[None, :, :]  # (N, K, d)
+    return _safe_sqrt((diff * diff).sum(dim=-1))
+
+
+class IsoMaxPlusHead(nn.Module):
+    """Drop-in replacement for `nn.Linear(in_features, num_classes)` (Macêdo & Ludermir).
+
+    Logits are `−|d_s|·‖f̂ − p̂_j‖` with learnable prototypes `p_j` (init N(0, 1)) and a
+    learnable distance scale `d_s` (init 1). Train it with `IsoMaxPlusLoss`; at inference the
+    class is the nearest prototype and `min_distance` (without `|d_s|`) is the OOD score.
+    """
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.prototypes = nn.Parameter(torch.randn(num_classes, in_features))
+        self.distance_scale = nn.Parameter(torch.ones(1))
+
+    def distances(self, features: torch.Tensor) -> torch.Tensor:
+        """Unscaled isometric distances `(N, K)`: their row minimum is the MDS."""
+        return unit_distances(features, self.prototypes)
+
+    def logits_and_distances(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.distances(features)
+        return -self.distance_scale.abs() * d, d
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.logits_and_distances(features)[0]
+
+
+class IsoMaxHead(nn.Module):
+    """The original IsoMax head (baseline): logits `−‖f − p_j‖`, prototypes init 0, no scale."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.prototypes = nn.Parameter(torch.zeros(num_classes, in_features))
+
+    def distances(self, features: torch.Tensor) -> torch.Tensor:
+        return euclidean_distances(features, self.prototypes)
+
+    def logits_and_distances(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.distances(features)
+        return -d, d
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return -self.distances(features)
+
+
+def make_head(kind: str, in_features: int, num_classes: int) -> nn.Module:
+    if kind == "softmax":
+        return nn.Linear(in_features, num_classes)
+    if kind == "isomax":
+        return IsoMaxHead(in_features, num_classes)
+    if kind == "isomaxplus":
+        return IsoMaxPlusHead(in_features, num_classes)
+    raise ValueError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
