@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 # A PEP 508 requirement starts with its name; a version specifier, extras or a marker may follow.
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")

@@ -93,12 +93,20 @@ def test_prometheus_scrapes_the_service_by_its_compose_name(gpu: dict[str, Any])
 
 
 def test_grafana_provisioning_points_at_the_mounted_dashboards(gpu: dict[str, Any]) -> None:
-    mounts = {v["target"]: Path(v["source"]) for v in gpu["services"]["grafana"]["volumes"] if v["type"] == "bind"}
+    mounts = {
+        v["target"]: Path(v["source"])
+        for v in gpu["services"]["grafana"]["volumes"]
+        if v["type"] == "bind"
+    }
     provisioning = mounts["/etc/grafana/provisioning"]
-    (provider,) = yaml.safe_load((provisioning / "dashboards" / "isomax.yml").read_text())["providers"]
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "isomax.yml").read_text())[
+        "providers"
+    ]
     dashboards = mounts[provider["options"]["path"]]
     assert (dashboards / "isomax.json").is_file()
-    (ds,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    (ds,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ]
     assert ds["url"] == "http://prometheus:9090"
     home = gpu["services"]["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert Path(home).parent == Path(provider["options"]["path"])

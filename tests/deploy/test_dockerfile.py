@@ -70,7 +70,9 @@ def test_stages_and_default_target(stages: dict[str, list]) -> None:
 
 def test_cuda_base_is_cuda12_cudnn9_runtime(stages: dict[str, list]) -> None:
     args = {v.split("=", 1)[0]: v.split("=", 1)[1] for c in stages["(global)"] for v in c.value}
-    assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu\d\d\.04", args["CUDA_IMAGE"])
+    assert re.fullmatch(
+        r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu\d\d\.04", args["CUDA_IMAGE"]
+    )
     assert stages["cuda-python"][0].value[0] == "${CUDA_IMAGE}"
 
 
@@ -97,7 +99,9 @@ def test_constraints_cover_and_satisfy_pyproject() -> None:
             )
 
 
-@pytest.mark.parametrize("target, device, builder", [("gpu", "cuda", "gpu-builder"), ("cpu", "cpu", "cpu-builder")])
+@pytest.mark.parametrize(
+    "target, device, builder", [("gpu", "cuda", "gpu-builder"), ("cpu", "cpu", "cpu-builder")]
+)
 def test_runtime_stage(stages: dict[str, list], target: str, device: str, builder: str) -> None:
     cmds = stages[target]
     env: dict[str, str] = {}
@@ -177,19 +181,29 @@ def test_image_deps_cpu_keeps_pyproject(tmp_path: Path) -> None:
     assert pyproject.read_text() == (ROOT / "pyproject.toml").read_text()
 
 
+GPU_EPS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+CPU_EPS = ["CPUExecutionProvider"]
+ORT, ORT_GPU = {"onnxruntime": "1.26.0"}, {"onnxruntime-gpu": "1.26.0"}
+
+
 @pytest.mark.parametrize(
     "flavor, dists, providers, torch, ok",
     [
-        ("gpu", {"onnxruntime-gpu": "1.26.0"}, ["CUDAExecutionProvider", "CPUExecutionProvider"], False, True),
-        ("gpu", {"onnxruntime-gpu": "1.26.0", "onnxruntime": "1.26.0"}, ["CUDAExecutionProvider", "CPUExecutionProvider"], False, False),
-        ("gpu", {"onnxruntime-gpu": "1.26.0"}, ["CPUExecutionProvider"], False, False),
-        ("gpu", {"onnxruntime": "1.26.0"}, ["CPUExecutionProvider"], False, False),
-        ("cpu", {"onnxruntime": "1.26.0"}, ["CPUExecutionProvider"], False, True),
-        ("cpu", {"onnxruntime": "1.26.0"}, ["CPUExecutionProvider"], True, False),
+        ("gpu", ORT_GPU, GPU_EPS, False, True),
+        ("gpu", {**ORT_GPU, **ORT}, GPU_EPS, False, False),  # both builds installed
+        ("gpu", ORT_GPU, CPU_EPS, False, False),  # a GPU build without CUDA
+        ("gpu", ORT, CPU_EPS, False, False),  # the CPU build in the GPU image
+        ("cpu", ORT, CPU_EPS, False, True),
+        ("cpu", ORT, CPU_EPS, True, False),  # torch crept in
     ],
-)  # fmt: skip
+)
 def test_check_runtime_refuses_mixed_or_cpu_only_installs(
-    monkeypatch: pytest.MonkeyPatch, flavor: str, dists: dict, providers: list, torch: bool, ok: bool
+    monkeypatch: pytest.MonkeyPatch,
+    flavor: str,
+    dists: dict,
+    providers: list,
+    torch: bool,
+    ok: bool,
 ) -> None:
     check = _load("check_runtime")
     import onnxruntime
@@ -197,10 +211,13 @@ def test_check_runtime_refuses_mixed_or_cpu_only_installs(
     monkeypatch.setattr(check, "installed", dists.get)
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: providers)
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        check.importlib.util, "find_spec",
-        lambda name, *a: (object() if torch else None) if name == "torch" else real_find_spec(name, *a),
-    )  # fmt: skip
+
+    def find_spec(name: str, *args: object) -> object:
+        if name == "torch":
+            return object() if torch else None
+        return real_find_spec(name, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(check.importlib.util, "find_spec", find_spec)
     assert (check.main([flavor]) == 0) is ok
 
 

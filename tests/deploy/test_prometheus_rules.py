@@ -20,11 +20,18 @@ def _rule_files() -> list[Path]:
 
 
 def _rules() -> list[dict]:
-    return [r for f in _rule_files() for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"]]
+    return [
+        r
+        for f in _rule_files()
+        for g in yaml.safe_load(f.read_text())["groups"]
+        for r in g["rules"]
+    ]
 
 
 def _tests() -> list[dict]:
-    return [t for f in sorted(RULE_TESTS.glob("*.yml")) for t in yaml.safe_load(f.read_text())["tests"]]
+    return [
+        t for f in sorted(RULE_TESTS.glob("*.yml")) for t in yaml.safe_load(f.read_text())["tests"]
+    ]
 
 
 def test_promtool_check_config_with_the_repository_rules(tmp_path: Path) -> None:

