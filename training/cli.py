@@ -63,6 +63,130 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _load_run(run_dir: str, checkpoint: str):
+    """-> (model, config, meta, splits) of a finished run; the data come from the run's config."""
+    from training.data.datasets import load_dataset
+    from training.train import load_checkpoint
+
+    path = Path(run_dir) / checkpoint
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: train first (isomax train --out {run_dir})")
+    model, cfg, meta = load_checkpoint(path)
+    return model, cfg, meta, load_dataset(cfg)
+
+
+def preprocess_for(meta: dict, cfg: TrainConfig):
+    """The serving preprocessing of a run: its input geometry, as its images were made."""
+    from service.manifest import Preprocess
+
+    if cfg.dataset == "folder" and cfg.data_dir:
+        from training.data.datasets import folder_preprocess
+
+        spec = folder_preprocess(Path(cfg.data_dir))
+        return spec.model_copy(update={"mean": tuple(meta["mean"]), "std": tuple(meta["std"])})
+    c, h, w = meta["shape"]
+    return Preprocess(
+        height=h, width=w, channels=c, color_mode=meta["color_mode"], resize_filter="bilinear",
+        mean=tuple(meta["mean"]), std=tuple(meta["std"]),
+    )  # fmt: skip
+
+
+def _ood_sets(names: str | None, splits) -> dict:
+    from training.data.ood import load_ood_sets
+
+    sets = load_ood_sets(names.split(",") if names else None)
+    if splits.held_out_x is not None:
+        sets["held-out-classes"] = splits.held_out_x
+    if splits.shape != (1, 28, 28):  # the bundled OOD sets are 28x28 grayscale
+        log.warning("OOD sets are 28x28 grayscale; skipping them for input shape %s", splits.shape)
+        sets = {k: v for k, v in sets.items() if k == "held-out-classes"}
+    return sets
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from training.evaluate import evaluate, markdown_table, write_report
+    from training.train import predict
+
+    model, cfg, _meta, splits = _load_run(a.run_dir, a.checkpoint)
+    if splits.test_x is None:
+        raise ValueError("this data set has no test split to evaluate on")
+    report, outputs = evaluate(
+        lambda x: predict(model, x, __import__("torch").device("cpu")), cfg.head,
+        splits.test_x, splits.test_y, _ood_sets(a.ood, splits), val=(splits.val_x, splits.val_y),
+    )  # fmt: skip
+    out = Path(a.out) if a.out else Path(a.run_dir) / "eval"
+    write_report(report, outputs, out, f"{cfg.arch} {cfg.head} seed {cfg.seed}")
+    print(markdown_table(report))
+    print(f"report written to {out}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from service.manifest import Metrics
+    from training.evaluate import evaluate, markdown_table
+    from training.export import export_bundle
+
+    model, cfg, meta, splits = _load_run(a.run_dir, a.checkpoint)
+    if cfg.head == "softmax":
+        raise ValueError("a SoftMax model has no distance to serve; export an IsoMax+ (or IsoMax) run")
+    name = a.name or f"{cfg.dataset}-{cfg.head}"
+    report: dict = {}
+
+    def evaluate_graph(predictor) -> Metrics:
+        acc = {"val": float((predictor(splits.val_x)[0].argmax(1) == splits.val_y).mean())}
+        if splits.test_x is None or a.no_eval:
+            return Metrics(accuracy=acc)
+        r, _ = evaluate(predictor, cfg.head, splits.test_x, splits.test_y, _ood_sets(a.ood, splits))
+        report.update(r)
+        return Metrics(accuracy={**acc, "test": r["accuracy"]["test"]}, ood=r["ood"])
+
+    bundle = export_bundle(
+        model, name=name, version=a.version, labels=splits.labels, preprocess=preprocess_for(meta, cfg),
+        calibration_images=splits.val_x, models_dir=a.models_dir, target_tpr=a.target_tpr,
+        calibration_split=f"{cfg.dataset} validation ({len(splits.val_x)} images held out of train, split seed {cfg.split_seed})",
+        training={**cfg.to_dict(), "checkpoint": a.checkpoint, "train_seconds": round(_seconds(a.run_dir), 1)},
+        evaluate=evaluate_graph, description=a.description or f"{cfg.arch} trained with the {cfg.head} loss on {cfg.dataset}",
+    )  # fmt: skip
+    if report:
+        print(markdown_table(report))
+    print(json.dumps({"bundle": str(bundle)}))
+    return 0
+
+
+def _seconds(run_dir: str) -> float:
+    lines = (Path(run_dir) / "history.jsonl").read_text().splitlines() if (Path(run_dir) / "history.jsonl").exists() else []
+    return json.loads(lines[-1])["seconds"] if lines else 0.0
+
+
+def cmd_data(a: argparse.Namespace) -> int:
+    from training.data import fmnist
+    from training.data.ood import load_ood_sets
+
+    tx, _ = fmnist.load_split("train", Path(a.data_dir) if a.data_dir else None)
+    sx, sy = fmnist.load_split("test", Path(a.data_dir) if a.data_dir else None)
+    info = {"fashion-mnist": {"train": len(tx), "test": len(sx), "labels": list(fmnist.LABELS)}}
+    sets = load_ood_sets()
+    info["ood"] = {k: list(v.shape) for k, v in sets.items()}
+    if a.samples:
+        _write_samples(Path(a.samples), sx, sy, sets["mnist"], a.n)
+        info["samples"] = a.samples
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _write_samples(out: Path, fm_x, fm_y, mnist_x, n: int) -> None:
+    """PNG files to try the service with: Fashion-MNIST test images and MNIST digits."""
+    from PIL import Image
+
+    from training.data import fmnist
+
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        label = fmnist.LABELS[fm_y[i]].replace("/", "-").replace(" ", "-").lower()
+        Image.fromarray(fm_x[i, 0]).save(out / f"fmnist-{i:03d}-{label}.png")
+        Image.fromarray(mnist_x[i * 500 % len(mnist_x), 0]).save(out / f"mnist-{i:03d}.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="isomax", description="Train, evaluate and export IsoMax+ models.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -74,6 +198,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy, OOD metrics and plots of a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", default="best.pt")
+    p.add_argument("--ood", default=None, help="comma-separated OOD sets (default: all)")
+    p.add_argument("--out", default=None, help="report directory (default RUN_DIR/eval)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="ONNX export + parity check + calibration -> models/<name>/<version>")
+    p.add_argument("run_dir")
+    p.add_argument("--name", default=None, help="bundle name (default <dataset>-<head>)")
+    p.add_argument("--version", default=None, help="default: next free integer")
+    p.add_argument("--models-dir", default="models")
+    p.add_argument("--checkpoint", default="best.pt")
+    p.add_argument("--target-tpr", type=float, default=0.95, help="fraction of in-distribution images to keep")
+    p.add_argument("--ood", default=None, help="comma-separated OOD sets for the manifest metrics (default: all)")
+    p.add_argument("--no-eval", action="store_true", help="skip test/OOD evaluation")
+    p.add_argument("--description", default=None)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("data", help="check the data sets and describe them")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST idx directory")
+    p.add_argument("--samples", default=None, help="write sample PNGs (Fashion-MNIST and MNIST) here")
+    p.add_argument("-n", type=int, default=5, help="samples of each kind")
+    p.set_defaults(func=cmd_data)
     return parser
 
 

@@ -1,0 +1,87 @@
+"""Accuracy and OOD detection of one model, from its outputs (torch or ONNX, same numbers).
+
+In-distribution = the test split; every OOD set is compared against it with every score that
+makes sense for the model's head (training.scores.scores_for), in-distribution positive.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.metrics import accuracy, ood_metrics
+from training.scores import SCORES, entropic, scores_for
+
+log = logging.getLogger(__name__)
+
+Outputs = tuple[np.ndarray, np.ndarray | None]  # logits (N, K), min_distance (N,) or None
+Predictor = Callable[[np.ndarray], Outputs]  # uint8 images (N, C, H, W) -> outputs
+METRIC_KEYS = ("auroc", "tnr_at_tpr95", "dtacc", "aupr_in", "aupr_out")
+
+
+def evaluate(
+    predict: Predictor,
+    head: str,
+    id_images: np.ndarray,
+    id_labels: np.ndarray,
+    ood_sets: Mapping[str, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[dict[str, Any], dict[str, Outputs]]:
+    """-> (report, raw outputs by set name incl. 'in') for plots and further analysis."""
+    outputs: dict[str, Outputs] = {"in": predict(id_images)}
+    report: dict[str, Any] = {"head": head, "scores": scores_for(head), "accuracy": {}, "ood": {}, "sizes": {"test": len(id_labels)}}
+    report["accuracy"]["test"] = accuracy(outputs["in"][0], id_labels)
+    if val is not None:
+        report["accuracy"]["val"] = accuracy(predict(val[0])[0], val[1])
+        report["sizes"]["val"] = len(val[1])
+    s_in = {s: SCORES[s](*outputs["in"]) for s in report["scores"]}
+    for name, images in ood_sets.items():
+        outputs[name] = predict(images)
+        report["sizes"][name] = len(images)
+        report["ood"][name] = {s: ood_metrics(s_in[s], SCORES[s](*outputs[name])) for s in report["scores"]}
+    return report, outputs
+
+
+def markdown_table(report: Mapping[str, Any], metrics: tuple[str, ...] = ("auroc", "tnr_at_tpr95")) -> str:
+    """One row per OOD set, one column per (score, metric), values in %."""
+    scores = report["scores"]
+    head = "| OOD set | " + " | ".join(f"{s.upper()} {m}" for s in scores for m in metrics) + " |"
+    lines = [head, "|" + " --- |" * (1 + len(scores) * len(metrics))]
+    for name, per_score in report["ood"].items():
+        cells = [f"{100 * per_score[s][m]:.1f}" for s in scores for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    acc = ", ".join(f"{k} {100 * v:.2f}%" for k, v in report["accuracy"].items())
+    return f"Accuracy: {acc}\n\n" + "\n".join(lines) + "\n"
+
+
+def write_report(report: Mapping[str, Any], outputs: Mapping[str, Outputs], out_dir: Path, title: str) -> list[Path]:
+    """metrics.json, metrics.md, and per-score histogram + ROC PNGs into `out_dir`."""
+    from training.plots import plot_roc_curves, plot_score_histograms
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "metrics.json", out_dir / "metrics.md"]
+    written[0].write_text(json.dumps(report, indent=2) + "\n")
+    written[1].write_text(f"# {title}\n\n" + markdown_table(report))
+    ood_names = [n for n in outputs if n != "in"]
+    if not ood_names:
+        return written
+    raw = {
+        "min distance": lambda o: o[1] if o[1] is not None else None,
+        "entropy": lambda o: -entropic(o[0]),
+    }
+    for label, fn in raw.items():
+        v_in = fn(outputs["in"])
+        if v_in is None:
+            continue
+        written.append(
+            plot_score_histograms(v_in, {n: fn(outputs[n]) for n in ood_names}, f"{title}: {label}", f"{label} (larger = more OOD)", out_dir / f"hist_{label.replace(' ', '_')}.png")
+        )
+    for s in report["scores"]:
+        s_in = SCORES[s](*outputs["in"])
+        written.append(plot_roc_curves(s_in, {n: SCORES[s](*outputs[n]) for n in ood_names}, f"{title}: {s.upper()}", out_dir / f"roc_{s}.png"))
+    return written

@@ -1,0 +1,216 @@
+"""Torch model -> ONNX graph with `logits` and `min_distance` -> checked, calibrated bundle.
+
+The graph takes `[0, 1]` pixels, normalizes inside, and returns the inference logits and the
+minimum distance from one forward pass (CONTRACT.md). A bundle is written only after the ONNX
+graph matches torch (max abs difference <= 1e-4 at batch 1 and 7 on real images), into a
+temporary directory renamed into place at the end, so a failed export leaves nothing behind
+and an existing version is never overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from service.manifest import Calibration, Manifest, Metrics, OnnxSpec, Preprocess, sha256_file
+from training.calibrate import calibrate
+from training.head import IsoMaxHead, IsoMaxPlusHead
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+PARITY_ATOL = 1e-4
+PARITY_BATCHES = (1, 7)
+
+
+class ParityError(RuntimeError):
+    """The exported graph disagrees with the torch model."""
+
+
+def find_distance_head(model: nn.Module) -> nn.Module:
+    """The model's one IsoMax(+) head; softmax models have no distance to serve."""
+    heads = [m for m in model.modules() if isinstance(m, IsoMaxPlusHead | IsoMaxHead)]
+    if len(heads) != 1:
+        raise ValueError(
+            f"the model must contain exactly one IsoMaxPlusHead (or IsoMaxHead), found {len(heads)}; "
+            "replace its last nn.Linear with IsoMaxPlusHead(in_features, num_classes)"
+        )
+    return heads[0]
+
+
+class ServingGraph(nn.Module):
+    """`image [N, C, H, W] in [0, 1]` -> `(logits [N, K], min_distance [N])`.
+
+    Works for any model whose last layer is a distance head: a forward hook catches the
+    head's input features, and the head's own distance function gives both outputs, so
+    users' models need no changes. `mean`/`std` are applied here unless the model already
+    normalizes (our `Classifier` does: pass none).
+    """
+
+    def __init__(self, model: nn.Module, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.head = find_distance_head(model)
+        self.normalize = mean is not None or std is not None
+        self.register_buffer("mean", torch.tensor(list(mean or [0.0]), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std or [1.0]), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (image - self.mean) / self.std if self.normalize else image
+        features: list[torch.Tensor] = []
+        hook = self.head.register_forward_hook(lambda _m, inp, _out: features.append(inp[0]))
+        try:
+            self.model(x)
+        finally:
+            hook.remove()
+        logits, distances = self.head.logits_and_distances(features[0])  # type: ignore[operator]
+        return logits, distances.min(dim=1).values
+
+
+def export_onnx(graph: ServingGraph, path: Path, example: torch.Tensor, opset: int = OPSET) -> None:
+    """One self-contained .onnx file with a dynamic batch dimension."""
+    graph = graph.eval().float().cpu()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            graph, (example[:2].float().cpu(),), dynamo=True, opset_version=opset,
+            input_names=["image"], output_names=["logits", "min_distance"],
+            dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}}, verbose=False,
+        )  # fmt: skip
+    assert program is not None
+    program.save(str(path), external_data=False)
+
+
+class OnnxPredictor:
+    """uint8 or float images -> (logits, min_distance) through onnxruntime, in chunks."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, images: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        zs, ds = [], []
+        for i in range(0, len(images), batch_size):
+            x = images[i : i + batch_size]
+            x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+            z, d = self.session.run(["logits", "min_distance"], {"image": x})
+            zs.append(z)
+            ds.append(d)
+        return np.concatenate(zs), np.concatenate(ds)
+
+
+def check_parity(graph: ServingGraph, onnx_path: Path, images: np.ndarray, batches: Sequence[int] = PARITY_BATCHES, atol: float = PARITY_ATOL) -> float:
+    """Max abs difference of both outputs between torch and onnxruntime; raises past `atol`."""
+    predictor = OnnxPredictor(onnx_path)
+    graph = graph.eval().cpu()
+    worst = 0.0
+    for b in batches:
+        if len(images) < b:
+            raise ValueError(f"parity needs at least {b} images, got {len(images)}")
+        x = images[:b]
+        x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+        with torch.no_grad():
+            tz, td = graph(torch.from_numpy(x))
+        oz, od = predictor(x)
+        diff = max(float(np.abs(oz - tz.numpy()).max()), float(np.abs(od - td.numpy()).max()))
+        worst = max(worst, diff)
+        if diff > atol or not np.array_equal(oz.argmax(1), tz.numpy().argmax(1)):
+            raise ParityError(f"ONNX and torch differ by {diff:.3g} (> {atol}) at batch {b}; bundle not written")
+    return worst
+
+
+def source_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def next_version(models_dir: Path, name: str) -> str:
+    d = Path(models_dir) / name
+    versions = [int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()] if d.is_dir() else []
+    return str(max(versions, default=0) + 1)
+
+
+def export_bundle(
+    model: nn.Module,
+    *,
+    name: str,
+    labels: Sequence[str],
+    preprocess: Preprocess,
+    calibration_images: np.ndarray,
+    models_dir: Path | str = "models",
+    version: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    target_tpr: float = 0.95,
+    calibration_split: str = "validation",
+    parity_images: np.ndarray | None = None,
+    training: dict[str, Any] | None = None,
+    metrics: Metrics | dict[str, Any] | None = None,
+    evaluate: Callable[[OnnxPredictor], Metrics] | None = None,
+    description: str = "",
+) -> Path:
+    """Write `models_dir/name/version/{model.onnx, manifest.json}` and return that directory.
+
+    `calibration_images`: held-out in-distribution images (uint8 `[N, C, H, W]` or floats in
+    [0, 1]), never OOD data and never the test set; the threshold keeps `target_tpr` of them.
+    `parity_images` default to the first calibration images. `evaluate`, if given, scores
+    the exported graph itself (what will be served) and its metrics go into the manifest.
+    """
+    models_dir = Path(models_dir)
+    version = version or next_version(models_dir, name)
+    final = models_dir / name / version
+    if final.exists():
+        raise FileExistsError(f"bundle {final} already exists; choose another version (nothing was written)")
+    model = model.eval().cpu()
+    graph = ServingGraph(model, mean, std)
+    parity_images = calibration_images[:16] if parity_images is None else parity_images
+    n_classes = len(labels)
+    (models_dir / name).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=models_dir / name))
+    try:
+        onnx_path = tmp / "model.onnx"
+        x0 = parity_images[:2]
+        export_onnx(graph, onnx_path, torch.from_numpy(x0.astype(np.float32) / 255.0 if x0.dtype == np.uint8 else x0.astype(np.float32)))
+        worst = check_parity(graph, onnx_path, parity_images)
+        log.info("ONNX parity: max abs difference %.2e", worst)
+        logits, dist = OnnxPredictor(onnx_path)(calibration_images)
+        if logits.shape[1] != n_classes:
+            raise ValueError(f"model gives {logits.shape[1]} logits but {n_classes} labels were given")
+        cal: Calibration = calibrate(dist, target_tpr=target_tpr, split=calibration_split)
+        if evaluate is not None:
+            m = evaluate(OnnxPredictor(onnx_path))
+        else:
+            m = metrics if isinstance(metrics, Metrics) else Metrics.model_validate(metrics or {})
+        manifest = Manifest(
+            name=name, version=version, created=datetime.now(timezone.utc), source_commit=source_commit(),
+            description=description,
+            onnx=OnnxSpec(file="model.onnx", sha256=sha256_file(onnx_path), opset=OPSET),
+            preprocess=preprocess, labels=tuple(labels), training=training or {}, metrics=m, calibration=cal,
+        )  # fmt: skip
+        manifest.write(tmp)
+        Manifest.read(tmp)  # the service's own validation, before the bundle becomes visible
+        tmp.chmod(0o755)  # mkdtemp makes it private; a non-root server must read it
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote bundle %s (threshold %.4f keeps %.0f%% of %d %s images)", final, cal.threshold, 100 * target_tpr, cal.size, calibration_split)
+    return final
