@@ -73,7 +73,9 @@ class Preprocess(_Strict):
     def _consistent(self) -> Preprocess:
         want = 1 if self.color_mode == "L" else 3
         if self.channels != want:
-            raise ValueError(f"color_mode {self.color_mode} needs {want} channel(s), got {self.channels}")
+            raise ValueError(
+                f"color_mode {self.color_mode} needs {want} channel(s), got {self.channels}"
+            )
         for field in ("mean", "std"):
             if len(getattr(self, field)) not in (1, self.channels):
                 raise ValueError(f"{field} must have 1 or {self.channels} values")
@@ -83,7 +85,7 @@ class Preprocess(_Strict):
 
 
 class QuantilePoint(_Strict):
-    """`value` is the `q` quantile of the validation min_distance: a threshold there keeps q of ID."""
+    """`value` is the `q` quantile of validation min_distance: a threshold there keeps q of ID."""
 
     q: float = Field(gt=0.0, lt=1.0)
     value: float

@@ -33,24 +33,46 @@ class ImageTooLargeError(ValueError):
     """The image header declares more pixels than allowed (decompression-bomb guard)."""
 
 
-def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
-    """Open and fully decode `data`, checking the declared size before pixels are decoded."""
+def open_header(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Parse only the header of `data`: format and size are known, no pixel is decoded yet.
+
+    With `max_pixels` the declared size is checked against it; without, Pillow's own
+    decompression-bomb limit applies (its warning is turned into an error).
+    """
+    if not data:
+        raise ImageDecodeError("cannot decode image: it is empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        if max_pixels is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))
+        else:
+            # No catch_warnings here: it mutates process-global state, which is slow and
+            # races between threads; the explicit check below is the limit that applies.
             img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if max_pixels is not None and w * h > max_pixels:
-                raise ImageTooLargeError(f"image is {w}x{h} = {w * h} pixels; limit is {max_pixels}")
-            img.seek(0)  # first frame of GIF/WebP animations
-            img.load()
-    except ImageTooLargeError:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLargeError(str(e)) from e
     except Exception as e:  # Pillow raises many types for bad data (OSError, SyntaxError, ...)
         raise ImageDecodeError(f"cannot decode image: {e}") from e
+    w, h = img.size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageTooLargeError(f"image is {w}x{h} = {w * h} pixels; limit is {max_pixels}")
     return img
+
+
+def load_pixels(img: Image.Image) -> Image.Image:
+    """Decode the pixels of an image from `open_header` (first frame of animations)."""
+    try:
+        img.seek(0)  # first frame of GIF/WebP animations
+        img.load()
+    except Exception as e:  # truncated data and the like
+        raise ImageDecodeError(f"cannot decode image: {e}") from e
+    return img
+
+
+def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Open and fully decode `data`, checking the declared size before pixels are decoded."""
+    return load_pixels(open_header(data, max_pixels))
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -80,10 +102,11 @@ def _flatten_alpha(img: Image.Image, background: int) -> Image.Image:
 def to_uint8(img: Image.Image, spec: Preprocess) -> np.ndarray:
     """Decoded image -> uint8 array `[C, H, W]` exactly as the model was trained on."""
     if spec.exif_transpose:
-        img = ImageOps.exif_transpose(img)
+        img = ImageOps.exif_transpose(img) or img
     img = _to_8bit(img)
     img = _flatten_alpha(img, spec.alpha_background)
-    img = img.convert(spec.color_mode)
+    if img.mode != spec.color_mode:
+        img = img.convert(spec.color_mode)
     size = (spec.width, spec.height)
     if img.size != size:
         resample = _FILTERS[spec.resize_filter]
@@ -92,15 +115,22 @@ def to_uint8(img: Image.Image, spec: Preprocess) -> np.ndarray:
         else:
             img = img.resize(size, resample=resample)
     arr = np.asarray(img, dtype=np.uint8)
-    if arr.ndim == 2:
-        arr = arr[None, :, :]  # (1, H, W)
-    else:
-        arr = arr.transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
+    # (H, W) -> (1, H, W); (H, W, C) -> (C, H, W)
+    arr = arr[None, :, :] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr)
 
 
+def image_to_uint8(img: Image.Image, spec: Preprocess) -> np.ndarray:
+    """An image from `open_header` -> uint8 `[C, H, W]`; every failure is an ImageDecodeError."""
+    load_pixels(img)
+    try:
+        return to_uint8(img, spec)
+    except Exception as e:  # e.g. a mode Pillow cannot convert, a corrupt EXIF block
+        raise ImageDecodeError(f"cannot convert {img.mode} image: {e}") from e
+
+
 def decode_uint8(data: bytes, spec: Preprocess, max_pixels: int | None = None) -> np.ndarray:
-    return to_uint8(open_image(data, max_pixels), spec)
+    return image_to_uint8(open_header(data, max_pixels), spec)
 
 
 def decode(data: bytes, spec: Preprocess, max_pixels: int | None = None) -> np.ndarray:
@@ -109,4 +139,5 @@ def decode(data: bytes, spec: Preprocess, max_pixels: int | None = None) -> np.n
 
 
 def load_file_uint8(path: Path, spec: Preprocess) -> np.ndarray:
+    """The training side's reader for image files: the same bytes -> array path as serving."""
     return decode_uint8(Path(path).read_bytes(), spec)

@@ -1,0 +1,115 @@
+"""`isomax serve`: run the service with uvicorn. Flags override ISOMAX_* environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from service.models import ConfigError, discover
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+
+def _target_tpr(value: str) -> tuple[str, float]:
+    name, sep, tpr = value.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return name, float(tpr)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=TPR, got {value!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="isomax serve",
+        description="Serve the bundles of a models directory over HTTP (POST /classify). "
+        "Every option can also be set as an ISOMAX_<OPTION> environment variable "
+        "(e.g. ISOMAX_MAX_BATCH_SIZE=64); flags win.",
+    )
+    a = p.add_argument
+    a("--host", help="bind address (default 127.0.0.1)")
+    a("--port", type=int, help="port (default 8000; 0 picks a free one)")
+    a("--models-dir", help="models directory: <name>/<version>/{model.onnx, manifest.json}")
+    a("--models", help="comma-separated 'name' or 'name:version' to serve (default: all)")
+    a("--device", choices=["auto", "cpu", "cuda"], help="onnxruntime device (default auto)")
+    a("--workers", type=int, help="uvicorn worker processes (default 1)")
+    a("--intra-op-threads", type=int, help="onnxruntime threads per model (0: its default)")
+    a("--max-batch-size", type=int, help="images per onnxruntime run at most (default 32)")
+    a("--max-wait-ms", type=float, help="longest wait for a batch to fill (default 2 ms)")
+    a("--max-queue-images", type=int, help="images waiting per model before 503 (default 1024)")
+    a(
+        "--target-tpr",
+        type=_target_tpr,
+        action="append",
+        metavar="NAME=TPR",
+        help="operating point per model, read off its quantile table (repeatable)",
+    )
+    a("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    a("--access-log", action="store_true", default=None, help="log every request")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        k: v for k, v in vars(args).items() if v is not None and k != "target_tpr"
+    }
+    if args.target_tpr:
+        overrides["target_tpr"] = {**Settings().target_tpr, **dict(args.target_tpr)}
+    return Settings(**overrides)
+
+
+def _export(settings: Settings) -> None:
+    """Put the effective settings into ISOMAX_* so that worker processes build the same ones."""
+    for key, value in settings.model_dump(mode="json").items():
+        env = f"ISOMAX_{key.upper()}"
+        if isinstance(value, dict):
+            os.environ[env] = json.dumps(value)
+        elif isinstance(value, list):
+            os.environ[env] = ",".join(value)
+        else:
+            os.environ[env] = str(value)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as e:
+        print(f"isomax serve: invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        refs = discover(settings.models_dir, settings.models)
+    except ConfigError as e:
+        print(f"isomax serve: {e}", file=sys.stderr)
+        return 2
+    log.info("serving %s from %s", ", ".join(r.key for r in refs), settings.models_dir)
+
+    import uvicorn
+
+    from service.app import create_app
+
+    common: dict[str, Any] = dict(
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=settings.graceful_timeout_s,
+    )
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **common)
+    else:
+        _export(settings)
+        uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, **common)
+    return 0

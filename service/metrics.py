@@ -1,0 +1,144 @@
+"""Prometheus metrics, in a registry owned by one app (so tests and apps never share series).
+
+Names and labels follow CONTRACT.md. Labels only take values from a small fixed set (model names,
+route templates, status codes), never per-request values.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# min_distance is a distance between unit vectors, so it lies in [0, 2]; thresholds of trained
+# models sit around 0.2-1.0, where the buckets are finest.
+DISTANCE_BUCKETS = (
+    0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8,
+    0.9, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0,
+)  # fmt: skip
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+ENDPOINTS = ("/classify", "/models", "/healthz", "/readyz", "/metrics")
+OTHER_ENDPOINT = "other"  # docs, unknown paths: one series, whatever the path
+CLASSIFY_STATUSES = (200, 400, 404, 413, 415, 422, 503)
+
+
+class Metrics:
+    """All series of one app; `registry` is what /metrics exposes."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.images = Counter(
+            "isomax_images_total", "Images classified, by OOD verdict.", ["model", "verdict"],
+            registry=r,
+        )  # fmt: skip
+        self.min_distance = Histogram(
+            "isomax_min_distance", "min_distance of classified images (larger = more OOD).",
+            ["model"], buckets=DISTANCE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.threshold = Gauge(
+            "isomax_ood_threshold", "min_distance above which an image is OOD.", ["model"],
+            registry=r,
+        )  # fmt: skip
+        self.requests = Counter(
+            "isomax_requests_total", "HTTP requests answered.", ["endpoint", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "isomax_request_duration_seconds", "Time from request start to response end.",
+            ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "isomax_batch_size", "Images per onnxruntime run.", ["model"], buckets=BATCH_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.inference_duration = Histogram(
+            "isomax_inference_duration_seconds", "Duration of one onnxruntime run (one batch).",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_images = Gauge(
+            "isomax_queue_images", "Images accepted and not yet answered.", ["model"], registry=r
+        )
+        self.model_info = Gauge(
+            "isomax_model_info", "1 for each served model; labels say what runs it.",
+            ["model", "version", "provider"], registry=r,
+        )  # fmt: skip
+        self.model_ready = Gauge(
+            "isomax_model_ready", "1 when the model is loaded and warmed up, else 0.", ["model"],
+            registry=r,
+        )  # fmt: skip
+        for endpoint in ENDPOINTS:
+            self.request_duration.labels(endpoint)
+            self.requests.labels(endpoint, "200")
+        for status in CLASSIFY_STATUSES:
+            self.requests.labels("/classify", str(status))
+        self._request_children: dict[tuple[str, int], Counter] = {}
+
+    def add_model(self, name: str) -> None:
+        """Create the model's series at zero so dashboards and rate() see them from the start."""
+        for verdict in ("in", "ood"):
+            self.images.labels(name, verdict)
+        self.min_distance.labels(name)
+        self.batch_size.labels(name)
+        self.inference_duration.labels(name)
+        self.queue_images.labels(name)
+        self.model_ready.labels(name).set(0)
+
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        key = (endpoint, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(endpoint, str(status))
+        child.inc()
+        self.request_duration.labels(endpoint).observe(seconds)
+
+    def observe_images(self, name: str, distances: Iterable[float], n_ood: int, n: int) -> None:
+        hist = self.min_distance.labels(name)
+        for d in distances:
+            hist.observe(d)
+        if n_ood:
+            self.images.labels(name, "ood").inc(n_ood)
+        if n - n_ood:
+            self.images.labels(name, "in").inc(n - n_ood)
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RequestMetricsMiddleware:
+    """Pure ASGI middleware counting every HTTP response by route template and status.
+
+    Pure ASGI rather than `BaseHTTPMiddleware`: it adds no task per request and cannot break
+    streaming, and it also sees the responses of the /classify fast path.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+        self._known = frozenset(ENDPOINTS)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        path = scope["path"]
+        endpoint = path if path in self._known else OTHER_ENDPOINT
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            self.metrics.observe_request(endpoint, status, time.perf_counter() - start)

@@ -1,0 +1,142 @@
+"""Response models: what the API returns, as OpenAPI documents it (with examples)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LabelProbability(BaseModel):
+    label: str
+    probability: float = Field(ge=0.0, le=1.0)
+
+
+class ImageResult(BaseModel):
+    filename: str | None = Field(
+        description="The multipart part's filename; null for a raw-body image."
+    )
+    class_index: int = Field(ge=0, description="Index into the model's labels.")
+    label: str
+    probability: float = Field(ge=0.0, le=1.0, description="softmax(logits) of the top class.")
+    top_k: list[LabelProbability] = Field(description="The k most probable classes, best first.")
+    min_distance: float = Field(
+        ge=0.0,
+        description="Distance of the feature to the nearest class prototype; larger = more OOD.",
+    )
+    threshold: float = Field(description="min_distance above which the image is OOD.")
+    is_ood: bool = Field(description="min_distance > threshold.")
+
+
+CLASSIFY_EXAMPLE: dict[str, Any] = {
+    "model": "fmnist-isomaxplus",
+    "version": "1",
+    "results": [
+        {
+            "filename": "boot.png",
+            "class_index": 9,
+            "label": "Ankle boot",
+            "probability": 0.97,
+            "top_k": [
+                {"label": "Ankle boot", "probability": 0.97},
+                {"label": "Sneaker", "probability": 0.02},
+                {"label": "Sandal", "probability": 0.01},
+            ],
+            "min_distance": 0.41,
+            "threshold": 0.63,
+            "is_ood": False,
+        }
+    ],
+}
+
+
+class ClassifyResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": CLASSIFY_EXAMPLE})
+
+    model: str
+    version: str
+    results: list[ImageResult] = Field(description="One result per image, in request order.")
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(
+        examples=["image 1 ('boot.png'): cannot decode image: image file is truncated"]
+    )
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ModelState(BaseModel):
+    status: Literal["loading", "ready", "failed"]
+    error: str | None = None
+
+
+class ReadyResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {"ready": True, "models": {"fmnist-isomaxplus:1": {"status": "ready"}}}
+        }
+    )
+
+    ready: bool
+    detail: str | None = Field(default=None, description="Why the service is not ready.")
+    models: dict[str, ModelState] = Field(description="Per `name:version`.")
+
+
+class CalibrationSummary(BaseModel):
+    split: str
+    size: int
+    target_tpr: float = Field(description="The manifest's calibrated operating point.")
+    threshold: float = Field(description="The manifest's calibrated threshold.")
+    quantile_range: tuple[float, float] = Field(
+        description="The target_tpr values the quantile table can serve."
+    )
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    status: Literal["loading", "ready", "failed"]
+    error: str | None = None
+    provider: str | None = Field(
+        default=None, description="The onnxruntime execution provider that actually runs it."
+    )
+    labels: list[str] = Field(default_factory=list)
+    input: dict[str, Any] | None = Field(
+        default=None, description="The preprocessing, from the manifest."
+    )
+    threshold: float | None = Field(default=None, description="The threshold in use.")
+    target_tpr: float | None = Field(
+        default=None, description="The target_tpr in use (ISOMAX_TARGET_TPR or the manifest's)."
+    )
+    calibration: CalibrationSummary | None = None
+    metrics: dict[str, Any] | None = Field(
+        default=None, description="Accuracy and OOD metrics from the manifest."
+    )
+    created: str | None = None
+    source_commit: str | None = None
+    description: str | None = None
+
+
+class ModelsResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "models": [
+                    {
+                        "name": "fmnist-isomaxplus",
+                        "version": "1",
+                        "status": "ready",
+                        "provider": "CPUExecutionProvider",
+                        "labels": ["T-shirt/top", "Trouser", "...", "Ankle boot"],
+                        "threshold": 0.63,
+                        "target_tpr": 0.95,
+                    }
+                ]
+            }
+        }
+    )
+
+    models: list[ModelInfo]

@@ -1,0 +1,106 @@
+"""Service configuration: `ISOMAX_*` environment variables, overridden by `isomax serve` flags.
+
+Bad values are refused when `Settings` is built, i.e. at start-up, never at the first request.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.manifest import NAME_PATTERN, VERSION_PATTERN
+
+MiB = 1024 * 1024
+_MODEL_REF = re.compile(NAME_PATTERN[:-1] + r"(:" + VERSION_PATTERN[1:-1] + r")?$")
+
+
+class Settings(BaseSettings):
+    """Every setting can be given as `ISOMAX_<NAME>` (e.g. `ISOMAX_MAX_BATCH_SIZE=64`)."""
+
+    model_config = SettingsConfigDict(env_prefix="ISOMAX_", extra="forbid", frozen=True)
+
+    # Where the bundles are: <models_dir>/<name>/<version>/{model.onnx, manifest.json}.
+    models_dir: Path = Path("models")
+    # Which models to serve, comma-separated `name` (newest version) or `name:version`;
+    # empty serves the newest version of every model found in models_dir.
+    models: Annotated[tuple[str, ...], NoDecode] = ()
+    # auto: CUDA when onnxruntime offers it, else CPU. cuda: CUDA or not ready (never a silent CPU).
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # onnxruntime threads per model session; 0 lets onnxruntime choose (one per physical core).
+    intra_op_threads: int = Field(default=0, ge=0, le=256)
+
+    # Dynamic batching: a batch runs when it holds max_batch_size images or when its oldest image
+    # has waited max_wait_ms, whichever comes first.
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    max_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
+    # Images accepted but not yet answered, per model; beyond it requests get 503 + Retry-After.
+    max_queue_images: int = Field(default=1024, ge=1)
+    retry_after_s: int = Field(default=1, ge=1, le=3600)
+
+    # Input limits (413 when exceeded).
+    max_body_bytes: int = Field(default=32 * MiB, ge=1)
+    max_image_bytes: int = Field(default=10 * MiB, ge=1)
+    max_image_pixels: int = Field(default=25_000_000, ge=1)  # decompression-bomb guard
+    max_images_per_request: int = Field(default=64, ge=1)
+    # Images with more pixels than this are decoded in a worker thread, not on the event loop.
+    inline_decode_max_pixels: int = Field(default=512 * 512, ge=0)
+
+    # Per-model operating point: {"<name>": target_tpr}, read off the manifest's quantile table.
+    target_tpr: dict[str, float] = Field(default_factory=dict)
+
+    # Server (used by `isomax serve`).
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    access_log: bool = False
+    # On SIGTERM: stop accepting, finish in-flight requests for at most this long, then exit.
+    graceful_timeout_s: float = Field(default=30.0, ge=0.0)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, v: object) -> object:
+        if isinstance(v, str):
+            return tuple(s.strip() for s in v.split(",") if s.strip())
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _model_refs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [m for m in v if not _MODEL_REF.match(m)]
+        if bad:
+            raise ValueError(f"models must be 'name' or 'name:version', got {bad}")
+        return v
+
+    @field_validator("target_tpr")
+    @classmethod
+    def _tpr_range(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, tpr in v.items():
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"target_tpr key {name!r} is not a model name")
+            if not 0.0 < tpr < 1.0:
+                raise ValueError(f"target_tpr[{name!r}] = {tpr} must be in (0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent_limits(self) -> Settings:
+        if self.max_image_bytes > self.max_body_bytes:
+            raise ValueError(
+                f"max_image_bytes ({self.max_image_bytes}) exceeds max_body_bytes "
+                f"({self.max_body_bytes}): no image could reach the limit"
+            )
+        if self.max_queue_images < self.max_images_per_request:
+            raise ValueError(
+                f"max_queue_images ({self.max_queue_images}) is smaller than "
+                f"max_images_per_request ({self.max_images_per_request}): a full request "
+                "could never be accepted"
+            )
+        return self
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1000.0
