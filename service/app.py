@@ -267,10 +267,15 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
         """Classify images and say whether each is out of distribution."""
         raise NotImplementedError  # never called: the route's ASGI app is ClassifyEndpoint
 
-    # The documented route runs the same endpoint (reached when a root_path prefixes the path).
     endpoint = ClassifyEndpoint(app.state, settings, metrics)
     for route in app.router.routes:
-        if isinstance(route, APIRoute) and route.path == "/classify":
+        if not isinstance(route, APIRoute):
+            continue
+        # The one-line docstring is the OpenAPI summary (FastAPI would use the function name).
+        route.summary = route.summary or (route.description or "").split("\n")[0] or None
+        if route.path == "/classify":
+            # The documented route runs the same endpoint (reached when a root_path prefixes
+            # the path, which the ServiceApp shortcut does not match).
             route.app = endpoint
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.classify_app = RequestMetricsMiddleware(endpoint, metrics)

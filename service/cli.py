@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from service.models import ConfigError, discover
-from service.settings import Settings
+from service.settings import Settings, unknown_env
 
 log = logging.getLogger("service")
 
@@ -89,6 +89,8 @@ def main(argv: list[str]) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for name in unknown_env():
+        log.warning("ignoring %s: not a setting (see isomax serve --help)", name)
     try:
         refs = discover(settings.models_dir, settings.models)
     except ConfigError as e:

@@ -51,7 +51,8 @@ def open_header(data: bytes, max_pixels: int | None = None) -> Image.Image:
             # races between threads; the explicit check below is the limit that applies.
             img = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageTooLargeError(str(e)) from e
+        limit = f"the limit is {max_pixels} pixels: " if max_pixels is not None else ""
+        raise ImageTooLargeError(f"image too large; {limit}{e}") from e
     except Exception as e:  # Pillow raises many types for bad data (OSError, SyntaxError, ...)
         raise ImageDecodeError(f"cannot decode image: {e}") from e
     w, h = img.size

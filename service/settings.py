@@ -5,7 +5,9 @@ Bad values are refused when `Settings` is built, i.e. at start-up, never at the 
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -104,3 +106,10 @@ class Settings(BaseSettings):
     @property
     def max_wait_s(self) -> float:
         return self.max_wait_ms / 1000.0
+
+
+def unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """ISOMAX_* variables that are no setting (typos: pydantic-settings ignores them)."""
+    env = os.environ if environ is None else environ
+    known = {f"ISOMAX_{name.upper()}" for name in Settings.model_fields}
+    return sorted(k for k in env if k.upper().startswith("ISOMAX_") and k.upper() not in known)

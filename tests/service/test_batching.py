@@ -1,0 +1,196 @@
+"""The batcher alone, with a fake model that records the batches it is given."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batching import Batcher
+from service.errors import InferenceError, NotReadyError, OverloadedError
+
+
+class FakeModel:
+    """logits[i] = (image id, 2*id), distance[i] = id / 1000; records batch sizes."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[list[int]] = []
+        self.delay = delay
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail = False
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.gate.wait(10)
+        if self.fail:
+            raise RuntimeError("boom")
+        time.sleep(self.delay)
+        ids = x[:, 0, 0, 0]
+        self.batches.append([int(i) for i in ids])
+        return np.stack([ids, 2 * ids], axis=1), ids / 1000.0
+
+
+def images(*ids: int) -> np.ndarray:
+    x = np.zeros((len(ids), 1, 2, 2), np.float32)
+    x[:, 0, 0, 0] = ids
+    return x
+
+
+def make(model: FakeModel, **kw: float) -> Batcher:
+    opts = dict(max_batch_size=4, max_wait_s=0.005, max_queue_images=100)
+    opts.update(kw)
+    return Batcher("fake", model, **opts)  # type: ignore[arg-type]
+
+
+def run(coro_fn):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro_fn())
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_outputs() -> None:
+    model = FakeModel()
+
+    async def main() -> None:
+        b = make(model, max_batch_size=8, max_wait_s=0.05)
+        b.start(asyncio.get_running_loop())
+        outs = await asyncio.gather(*[b.submit(images(i)) for i in range(8)])
+        for i, (logits, dist) in enumerate(outs):
+            assert logits.tolist() == [[i, 2 * i]] and dist.tolist() == [pytest.approx(i / 1000)]
+        b.stop()
+
+    run(main)
+    assert model.batches == [list(range(8))]  # one full batch, in arrival order
+
+
+def test_a_request_larger_than_a_batch_is_split_and_reassembled_in_order() -> None:
+    model = FakeModel()
+
+    async def main() -> None:
+        b = make(model, max_batch_size=4)
+        b.start(asyncio.get_running_loop())
+        logits, dist = await b.submit(images(*range(10)))
+        assert logits[:, 0].tolist() == list(range(10))
+        assert dist.shape == (10,)
+        b.stop()
+
+    run(main)
+    assert model.batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_a_lone_request_waits_at_most_max_wait() -> None:
+    model = FakeModel()
+
+    async def main() -> float:
+        b = make(model, max_batch_size=32, max_wait_s=0.2)
+        b.start(asyncio.get_running_loop())
+        t0 = time.perf_counter()
+        await b.submit(images(1))
+        waited = time.perf_counter() - t0
+        b.stop()
+        return waited
+
+    waited = run(main)
+    assert 0.18 <= waited < 1.0
+
+
+def test_a_full_batch_does_not_wait() -> None:
+    model = FakeModel()
+
+    async def main() -> float:
+        b = make(model, max_batch_size=4, max_wait_s=5.0)
+        b.start(asyncio.get_running_loop())
+        t0 = time.perf_counter()
+        await b.submit(images(1, 2, 3, 4))
+        waited = time.perf_counter() - t0
+        b.stop()
+        return waited
+
+    assert run(main) < 1.0
+
+
+def test_requests_arriving_during_a_run_form_the_next_batch() -> None:
+    model = FakeModel()
+    model.gate.clear()
+
+    async def main() -> None:
+        b = make(model, max_batch_size=8, max_wait_s=0.0)
+        b.start(asyncio.get_running_loop())
+        first = asyncio.ensure_future(b.submit(images(0)))
+        await asyncio.sleep(0.05)  # the first batch is stuck in the model
+        rest = [asyncio.ensure_future(b.submit(images(i))) for i in range(1, 6)]
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        await asyncio.gather(first, *rest)
+        b.stop()
+
+    run(main)
+    assert model.batches == [[0], [1, 2, 3, 4, 5]]
+
+
+def test_a_full_queue_refuses_at_once() -> None:
+    model = FakeModel()
+    model.gate.clear()
+
+    async def main() -> None:
+        b = make(model, max_batch_size=4, max_queue_images=6, max_wait_s=0.0)
+        b.start(asyncio.get_running_loop())
+        held = asyncio.ensure_future(b.submit(images(1, 2, 3, 4, 5)))
+        await asyncio.sleep(0.02)
+        assert b.pending == 5
+        with pytest.raises(OverloadedError, match="5 images queued"):
+            await b.submit(images(6, 7))
+        ok = asyncio.ensure_future(b.submit(images(6)))  # exactly at the limit: accepted
+        await asyncio.sleep(0.02)
+        model.gate.set()
+        await asyncio.gather(held, ok)
+        assert b.pending == 0
+        b.stop()
+
+    run(main)
+
+
+def test_a_failing_run_fails_its_requests_only() -> None:
+    model = FakeModel()
+
+    async def main() -> None:
+        b = make(model, max_wait_s=0.0)
+        b.start(asyncio.get_running_loop())
+        model.fail = True
+        with pytest.raises(InferenceError, match="boom"):
+            await b.submit(images(1))
+        model.fail = False
+        logits, _ = await b.submit(images(2))
+        assert logits[0, 0] == 2
+        b.stop()
+
+    run(main)
+
+
+def test_stop_refuses_new_work() -> None:
+    async def main() -> None:
+        b = make(FakeModel())
+        b.start(asyncio.get_running_loop())
+        b.stop()
+        with pytest.raises(NotReadyError):
+            await b.submit(images(1))
+
+    run(main)
+
+
+def test_batch_observer_sees_every_run() -> None:
+    seen: list[int] = []
+    model = FakeModel()
+
+    async def main() -> None:
+        b = Batcher(
+            "fake", model, max_batch_size=3, max_wait_s=0.0, max_queue_images=100,
+            on_batch=lambda size, seconds: seen.append(size),
+        )  # fmt: skip
+        b.start(asyncio.get_running_loop())
+        await b.submit(images(*range(7)))
+        b.stop()
+
+    run(main)
+    assert seen == [3, 3, 1]
