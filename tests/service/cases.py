@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ TEST_LIMITS = dict(
 )
 
 
+@functools.lru_cache(maxsize=2)
 def bomb_png(side: int = 20000) -> bytes:
     """A valid side x side 8-bit gray PNG of zeros: ~0.4 MB on the wire, side^2 bytes decoded."""
 
