@@ -184,6 +184,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
         finally:
             await asyncio.get_running_loop().run_in_executor(None, loader.join)
             registry.close()
+            metrics.close()
             log.info("stopped")
 
     app = ServiceApp(
@@ -282,6 +283,18 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
     return app
 
 
-def app_from_env() -> FastAPI:
-    """Factory for `uvicorn --factory service.app:app_from_env` (settings from ISOMAX_*)."""
-    return create_app(Settings())
+def configure_logging(level: str) -> None:
+    """Log lines for the service's own loggers (uvicorn configures only its own)."""
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def app_from_env() -> ServiceApp:
+    """Factory for `uvicorn --factory service.app:app_from_env` (settings from ISOMAX_*).
+
+    `isomax serve --workers N` starts N processes through it.
+    """
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)

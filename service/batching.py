@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 RunFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 # Called from the batching thread after each run: (batch size, seconds).
 BatchObserver = Callable[[int, float], None]
+# Called on the event loop when a batch starts or ends: images accepted and not yet answered.
+QueueObserver = Callable[[int], None]
 # (job, first image, end) of the images of one job that go into a batch.
 Part = tuple["_Job", int, int]
 
@@ -74,6 +76,7 @@ class Batcher:
         max_wait_s: float,
         max_queue_images: int,
         on_batch: BatchObserver | None = None,
+        on_queue: QueueObserver | None = None,
     ) -> None:
         self.name = name
         self._run_fn = run
@@ -81,6 +84,7 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.max_queue_images = max_queue_images
         self._on_batch = on_batch
+        self._on_queue = on_queue
         # Event-loop state.
         self._waiting: deque[_Job] = deque()  # jobs with images not yet in a batch
         self._waiting_images = 0
@@ -177,6 +181,8 @@ class Batcher:
         self._waiting_images -= size
         self._busy = True
         self._work.put(parts)
+        if self._on_queue is not None:
+            self._on_queue(self._pending)
 
     def _batch_done(self, finished: list[_Job]) -> None:
         """A batch came back: wake its finished requests, start the next batch."""
@@ -191,6 +197,8 @@ class Batcher:
                 job.future.set_result((job.logits, job.distance))
         if not self._closed:
             self._maybe_dispatch()
+        if not self._busy and self._on_queue is not None:
+            self._on_queue(self._pending)
 
     # -- batching thread ---------------------------------------------------------------------
 

@@ -6,11 +6,14 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from typing import Any
 
 from pydantic import ValidationError
 
+from service.metrics import MULTIPROC_ENV, multiprocess_dir
 from service.models import ConfigError, discover
 from service.settings import Settings, unknown_env
 
@@ -85,10 +88,9 @@ def main(argv: list[str]) -> int:
     except ValidationError as e:
         print(f"isomax serve: invalid settings:\n{e}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from service.app import configure_logging, create_app
+
+    configure_logging(settings.log_level)
     for name in unknown_env():
         log.warning("ignoring %s: not a setting (see isomax serve --help)", name)
     try:
@@ -100,8 +102,6 @@ def main(argv: list[str]) -> int:
 
     import uvicorn
 
-    from service.app import create_app
-
     common: dict[str, Any] = dict(
         host=settings.host,
         port=settings.port,
@@ -111,7 +111,16 @@ def main(argv: list[str]) -> int:
     )
     if settings.workers == 1:
         uvicorn.run(create_app(settings), **common)
-    else:
-        _export(settings)
+        return 0
+    # Several processes: each loads the models; metrics go through prometheus_client's
+    # multiprocess files, in a fresh directory unless PROMETHEUS_MULTIPROC_DIR is given.
+    _export(settings)
+    own_dir = multiprocess_dir() is None
+    if own_dir:
+        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="isomax-metrics-")
+    try:
         uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, **common)
+    finally:
+        if own_dir:
+            shutil.rmtree(os.environ.pop(MULTIPROC_ENV), ignore_errors=True)
     return 0

@@ -6,11 +6,13 @@ route templates, status codes), never per-request values.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # min_distance is a distance between unit vectors, so it lies in [0, 2]; thresholds of trained
@@ -29,11 +31,27 @@ OTHER_ENDPOINT = "other"  # docs, unknown paths: one series, whatever the path
 CLASSIFY_STATUSES = (200, 400, 404, 413, 415, 422, 503)
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> str | None:
+    """Set (by `isomax serve --workers N`) when several worker processes share the metrics."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
 class Metrics:
-    """All series of one app; `registry` is what /metrics exposes."""
+    """All series of one app; `registry` is what /metrics exposes.
+
+    With several uvicorn workers, prometheus_client's multiprocess mode is on
+    (PROMETHEUS_MULTIPROC_DIR set before the workers start): every worker writes its values to
+    files there and /metrics, whichever worker answers it, adds them up. Gauges say how: the
+    threshold and model info are the same in every worker (max), readiness is the worst
+    worker's (livemin), queued images add up over live workers (livesum).
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.multiprocess = multiprocess_dir() is not None
         r = self.registry
         self.images = Counter(
             "isomax_images_total", "Images classified, by OOD verdict.", ["model", "verdict"],
@@ -45,7 +63,7 @@ class Metrics:
         )  # fmt: skip
         self.threshold = Gauge(
             "isomax_ood_threshold", "min_distance above which an image is OOD.", ["model"],
-            registry=r,
+            registry=r, multiprocess_mode="max",
         )  # fmt: skip
         self.requests = Counter(
             "isomax_requests_total", "HTTP requests answered.", ["endpoint", "status"], registry=r
@@ -63,15 +81,16 @@ class Metrics:
             ["model"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_images = Gauge(
-            "isomax_queue_images", "Images accepted and not yet answered.", ["model"], registry=r
-        )
+            "isomax_queue_images", "Images accepted and not yet answered (updated per batch).",
+            ["model"], registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
         self.model_info = Gauge(
             "isomax_model_info", "1 for each served model; labels say what runs it.",
-            ["model", "version", "provider"], registry=r,
+            ["model", "version", "provider"], registry=r, multiprocess_mode="max",
         )  # fmt: skip
         self.model_ready = Gauge(
             "isomax_model_ready", "1 when the model is loaded and warmed up, else 0.", ["model"],
-            registry=r,
+            registry=r, multiprocess_mode="livemin",
         )  # fmt: skip
         for endpoint in ENDPOINTS:
             self.request_duration.labels(endpoint)
@@ -108,7 +127,16 @@ class Metrics:
             self.images.labels(name, "in").inc(n - n_ood)
 
     def exposition(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if not self.multiprocess:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged)
+        return generate_latest(merged), CONTENT_TYPE_LATEST
+
+    def close(self) -> None:
+        """This worker is going away: drop its live gauges from the multiprocess files."""
+        if self.multiprocess:
+            mark_process_dead(os.getpid())
 
 
 class RequestMetricsMiddleware:

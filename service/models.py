@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import threading
 import time
@@ -99,9 +100,17 @@ def _providers(device: str) -> list[str]:
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
+def intra_op_threads(settings: Settings) -> int:
+    """The setting, or the cores this process may use shared among the worker processes."""
+    if settings.intra_op_threads:
+        return settings.intra_op_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // settings.workers)
+
+
 def _session_options(settings: Settings) -> ort.SessionOptions:
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = settings.intra_op_threads
+    opts.intra_op_num_threads = intra_op_threads(settings)
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # Idle onnxruntime threads would otherwise spin on the cores the event loop needs.
@@ -220,6 +229,7 @@ def load_model(ref: BundleRef, settings: Settings, metrics: Metrics) -> LoadedMo
         max_wait_s=settings.max_wait_s,
         max_queue_images=settings.max_queue_images,
         on_batch=on_batch,
+        on_queue=metrics.queue_images.labels(ref.name).set,
     )
     return LoadedModel(
         ref=ref,
@@ -331,7 +341,6 @@ class ModelRegistry:
         m.threshold.labels(model.name).set(model.threshold)
         m.model_info.labels(model.name, model.version, model.provider).set(1)
         m.model_ready.labels(model.name).set(1)
-        m.queue_images.labels(model.name).set_function(lambda: model.batcher.pending)
         log.info(
             "model %s ready on %s in %.2f s: threshold %.4f (target_tpr %.3f), %d labels, "
             "warmed up batch sizes 1-%d",

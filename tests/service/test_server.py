@@ -173,3 +173,18 @@ def test_sigterm_finishes_in_flight_requests(models_dir: Path, tmp_path: Path) -
         assert time.monotonic() - t0 < 20
         log = srv.log_text()
         assert "Shutting down" in log and "stopped" in log
+
+
+def test_two_workers_add_up_their_metrics(models_dir: Path, tmp_path: Path) -> None:
+    """--workers 2: every /metrics answer, whichever worker gives it, counts all requests."""
+    with run_server(models_dir, tmp_path / "log", "--workers", "2") as srv, srv.client() as c:
+        n = 30
+        for _, data in IMAGES[:6] * 5:
+            assert c.post("/classify", content=data, headers=PNG_HEADERS).status_code == 200
+        for _ in range(4):
+            with srv.client() as fresh:  # new connections, likely to reach either worker
+                m = scrape(fresh)
+            images = sum(v for (name, labels), v in m.items() if name == "isomax_images_total")
+            assert images == n
+            assert m[("isomax_model_ready", (("model", "tiny"),))] == 1
+        assert srv.log_text().count("ready on CPUExecutionProvider") == 2
