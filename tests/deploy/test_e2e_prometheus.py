@@ -302,12 +302,15 @@ def test_recorded_ood_ratio_equals_the_returned_verdicts(stack: Stack, sent: Sen
 
 
 def test_verdicts_are_meaningful_with_the_default_model(stack: Stack, sent: Sent) -> None:
+    """A sanity check, not a metric (the manifest holds those): in-distribution test images are
+    flagged at about 1 - target_tpr, and MNIST digits (near-OOD) more often than that."""
     if stack.model != DEFAULT_MODEL:
         pytest.skip(f"served {stack.model}, a test bundle: its verdicts carry no meaning")
     fashion_rate = sent.ood_fashion / N_FASHION
     mnist_rate = sent.ood_mnist / N_MNIST
-    assert fashion_rate < 0.25, f"{fashion_rate:.0%} of Fashion-MNIST test images flagged OOD"
-    assert mnist_rate > fashion_rate + 0.2, (fashion_rate, mnist_rate)
+    rates = f"Fashion-MNIST {fashion_rate:.1%}, MNIST {mnist_rate:.1%} flagged OOD"
+    assert fashion_rate < 0.15, rates
+    assert mnist_rate > fashion_rate, rates
 
 
 def test_other_recording_rules_have_values(stack: Stack, sent: Sent) -> None:
