@@ -349,3 +349,38 @@ def test_container_healthcheck_passes_against_the_service(stack: Stack) -> None:
         capture_output=True, text=True, timeout=30, env={"ISOMAX_PORT": str(stack.service_port)},
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
+
+
+def test_image_command_and_healthcheck_work_together(
+    served: tuple[Path, str], tmp_path: Path
+) -> None:
+    """The image's CMD (`isomax serve`, no flags), configured by the image's ISOMAX_* ENV alone,
+    becomes ready, and the image's HEALTHCHECK script says so."""
+    dockerfile = pytest.importorskip("dockerfile", reason="PyPI `dockerfile` (dev extra)")
+    env_lines: dict[str, str] = {}
+    cmd: list[str] = []
+    stage = None
+    for c in dockerfile.parse_file(str(ROOT / "Dockerfile")):
+        if c.cmd == "FROM":
+            stage = c.value[-1]
+        elif stage == "cpu" and c.cmd == "ENV":
+            env_lines.update(zip(c.value[::2], c.value[1::2], strict=True))
+        elif stage == "cpu" and c.cmd == "CMD":
+            cmd = list(c.value)
+    assert cmd[0] == "isomax"
+    models_dir, _ = served
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ISOMAX_")}
+    env.update({k: v for k, v in env_lines.items() if k.startswith("ISOMAX_")})
+    # Loopback instead of 0.0.0.0 on a shared machine; a free port; the test's models.
+    env.update(ISOMAX_HOST="127.0.0.1", ISOMAX_PORT=str(port), ISOMAX_MODELS_DIR=str(models_dir))
+    health = [sys.executable, str(ROOT / "deploy" / "docker" / "healthcheck.py")]
+
+    def healthy() -> bool:
+        r = subprocess.run(health, capture_output=True, timeout=30, env={"ISOMAX_PORT": str(port)})
+        return r.returncode == 0
+
+    with started(
+        "isomax serve (image CMD)", [sys.executable, "-m", *cmd], tmp_path / "s.log", env
+    ) as p:
+        wait_for("the health check to pass", healthy, 90, p)
