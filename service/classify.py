@@ -139,7 +139,7 @@ class _MultipartCollector:
             raise PayloadTooLargeError(
                 f"too many images: the limit is {self.max_images} per request"
             )
-        ctype, _ = parse_options_header(self._headers.get(b"content-type", b""))
+        ctype = self._headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
         if ctype and not _is_image_type(ctype):
             raise UnsupportedMediaTypeError(
                 f"part {len(self.uploads) + 1} ({self._filename!r}) has content type "

@@ -92,39 +92,45 @@ class Metrics:
             "isomax_model_ready", "1 when the model is loaded and warmed up, else 0.", ["model"],
             registry=r, multiprocess_mode="livemin",
         )  # fmt: skip
+        # Label children resolved once: .labels() takes a lock and builds a key on every call.
+        self._requests: dict[tuple[str, int], Counter] = {}
+        self._durations = {e: self.request_duration.labels(e) for e in (*ENDPOINTS, OTHER_ENDPOINT)}
+        self._per_model: dict[str, tuple[Histogram, Counter, Counter]] = {}
         for endpoint in ENDPOINTS:
-            self.request_duration.labels(endpoint)
             self.requests.labels(endpoint, "200")
         for status in CLASSIFY_STATUSES:
             self.requests.labels("/classify", str(status))
-        self._request_children: dict[tuple[str, int], Counter] = {}
 
     def add_model(self, name: str) -> None:
         """Create the model's series at zero so dashboards and rate() see them from the start."""
-        for verdict in ("in", "ood"):
-            self.images.labels(name, verdict)
-        self.min_distance.labels(name)
+        self._per_model[name] = (
+            self.min_distance.labels(name),
+            self.images.labels(name, "in"),
+            self.images.labels(name, "ood"),
+        )
         self.batch_size.labels(name)
         self.inference_duration.labels(name)
         self.queue_images.labels(name)
         self.model_ready.labels(name).set(0)
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        """`endpoint` is one of ENDPOINTS or OTHER_ENDPOINT."""
         key = (endpoint, status)
-        child = self._request_children.get(key)
+        child = self._requests.get(key)
         if child is None:
-            child = self._request_children[key] = self.requests.labels(endpoint, str(status))
+            child = self._requests[key] = self.requests.labels(endpoint, str(status))
         child.inc()
-        self.request_duration.labels(endpoint).observe(seconds)
+        self._durations[endpoint].observe(seconds)
 
     def observe_images(self, name: str, distances: Iterable[float], n_ood: int, n: int) -> None:
-        hist = self.min_distance.labels(name)
+        """One request's images of model `name` (added with add_model)."""
+        hist, n_in_counter, n_ood_counter = self._per_model[name]
         for d in distances:
             hist.observe(d)
         if n_ood:
-            self.images.labels(name, "ood").inc(n_ood)
+            n_ood_counter.inc(n_ood)
         if n - n_ood:
-            self.images.labels(name, "in").inc(n - n_ood)
+            n_in_counter.inc(n - n_ood)
 
     def exposition(self) -> tuple[bytes, str]:
         if not self.multiprocess:
