@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.manifest import Preprocess
 
@@ -53,6 +53,10 @@ def open_header(data: bytes, max_pixels: int | None = None) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         limit = f"the limit is {max_pixels} pixels: " if max_pixels is not None else ""
         raise ImageTooLargeError(f"image too large; {limit}{e}") from e
+    except UnidentifiedImageError as e:  # its message names a BytesIO object: useless to a user
+        raise ImageDecodeError(
+            "cannot decode image: not a format Pillow reads (PNG, JPEG, WebP, BMP, GIF, TIFF...)"
+        ) from e
     except Exception as e:  # Pillow raises many types for bad data (OSError, SyntaxError, ...)
         raise ImageDecodeError(f"cannot decode image: {e}") from e
     w, h = img.size
