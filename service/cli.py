@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="isomax serve",
         description="Serve the bundles of a models directory over HTTP (POST /classify). "
         "Every option can also be set as an ISOMAX_<OPTION> environment variable "
-        "(e.g. ISOMAX_MAX_BATCH_SIZE=64); flags win.",
+        "(e.g. ISOMAX_MAX_BATCH_SIZE=64); flags win. The limits (ISOMAX_MAX_BODY_BYTES, ...) "
+        "are environment variables only; docs/serving.md lists them all.",
     )
     a = p.add_argument
     a("--host", help="bind address (default 127.0.0.1)")
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--models", help="comma-separated 'name' or 'name:version' to serve (default: all)")
     a("--device", choices=["auto", "cpu", "cuda"], help="onnxruntime device (default auto)")
     a("--workers", type=int, help="uvicorn worker processes (default 1)")
-    a("--intra-op-threads", type=int, help="onnxruntime threads per model (0: its default)")
+    a("--intra-op-threads", type=int, help="onnxruntime threads per model (0: cores / workers)")
     a("--max-batch-size", type=int, help="images per onnxruntime run at most (default 32)")
     a("--max-wait-ms", type=float, help="longest wait for a batch to fill (default 2 ms)")
     a("--max-queue-images", type=int, help="images waiting per model before 503 (default 1024)")
