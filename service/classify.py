@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from service.errors import (
     RETRY_AFTER,
@@ -39,6 +39,7 @@ from service.errors import (
     error_detail,
     error_status,
 )
+from service.metrics import Metrics
 from service.models import LoadedModel, ModelRegistry
 from service.preprocess import (
     ImageDecodeError,
@@ -304,14 +305,22 @@ def results_json(
 class ClassifyEndpoint:
     """The ASGI app of POST /classify. `state` is the app's state (registry set at start-up)."""
 
-    def __init__(self, state: Any, settings: Settings, metrics: Any) -> None:
+    def __init__(self, state: Any, settings: Settings, metrics: Metrics) -> None:
         self.state = state
         self.settings = settings
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body_done = False
+
+        async def receive_body() -> Message:
+            nonlocal body_done
+            message = await receive()
+            body_done = not message.get("more_body", False)
+            return message
+
         try:
-            body = await self.classify(scope, receive)
+            body = await self.classify(scope, receive_body)
         except Exception as e:
             status = error_status(e)
             if status == 500 and not isinstance(e, ServiceError):
@@ -322,6 +331,8 @@ class ClassifyEndpoint:
             headers = [_JSON]
             if isinstance(e, RETRY_AFTER):
                 headers.append((b"retry-after", str(self.settings.retry_after_s).encode()))
+            if not body_done:  # refused before the body was read: do not read the rest of it
+                headers.append((b"connection", b"close"))
             await _respond(send, status, error_body(detail), headers)
             return
         await _respond(send, 200, body, [_JSON])

@@ -188,3 +188,15 @@ def test_two_workers_add_up_their_metrics(models_dir: Path, tmp_path: Path) -> N
             assert images == n
             assert m[("isomax_model_ready", (("model", "tiny"),))] == 1
         assert srv.log_text().count("ready on CPUExecutionProvider") == 2
+
+
+def test_a_body_refused_unread_closes_the_connection(server: Server) -> None:
+    """413 on Content-Length (or 404 before reading): close, so the rest is never read."""
+    with server.client() as c:
+        big = c.post("/classify", content=b"\0" * (2 * 1024 * 1024), headers=PNG_HEADERS)
+        assert big.status_code == 413 and big.headers["connection"] == "close"
+        unknown = c.post("/classify", params={"model": "nope"}, content=PNG, headers=PNG_HEADERS)
+        assert unknown.status_code == 404 and unknown.headers["connection"] == "close"
+        read = c.post("/classify", content=b"not a png", headers=PNG_HEADERS)
+        assert read.status_code == 400 and "connection" not in read.headers  # kept alive
+        assert c.post("/classify", content=PNG, headers=PNG_HEADERS).status_code == 200
