@@ -34,14 +34,17 @@ def main(argv: list[str] | None = None) -> int:
         return serve_main(args[1:])
     try:
         from training.cli import main as training_main
+
+        return training_main(args)
     except ModuleNotFoundError as e:  # torch or another training dependency is missing
+        if e.name and e.name.split(".")[0] in ("training", "service", "isomax"):
+            raise
         print(
-            f"isomax {args[0]}: training needs the [train] extra ({e}); "
+            f"isomax {args[0]}: training needs the [train] extra (missing module {e.name!r}); "
             "install with: pip install 'isomax-serve[train]'",
             file=sys.stderr,
         )
         return 2
-    return training_main(args)
 
 
 if __name__ == "__main__":

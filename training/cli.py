@@ -22,10 +22,19 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default=d.arch, help="smallcnn | resnet18 | resnet34 | densenet100")
     p.add_argument("--head", default=d.head, help="softmax | isomax | isomaxplus")
     p.add_argument("--dataset", default=d.dataset, help="fashion-mnist | cifar | folder")
-    p.add_argument("--data-dir", default=None, help="where the data set lives (default: its usual place)")
-    p.add_argument("--classes", type=_int_list, default=None, help="open set: train on these class indices, e.g. 0,1,2,3,4,5")
+    p.add_argument(
+        "--data-dir", default=None, help="where the data set lives (default: its usual place)"
+    )
+    p.add_argument(
+        "--classes",
+        type=_int_list,
+        default=None,
+        help="open set: train on these class indices, e.g. 0,1,2,3,4,5",
+    )
     p.add_argument("--val-size", type=int, default=d.val_size)
-    p.add_argument("--limit-train", type=int, default=None, help="use only N training images (smoke runs)")
+    p.add_argument(
+        "--limit-train", type=int, default=None, help="use only N training images (smoke runs)"
+    )
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -38,28 +47,49 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def _config(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
-        arch=a.arch, head=a.head, dataset=a.dataset, data_dir=a.data_dir, classes=a.classes,
-        val_size=a.val_size, limit_train=a.limit_train, epochs=a.epochs, batch_size=a.batch_size,
-        lr=a.lr, weight_decay=a.weight_decay, augment=a.augment, seed=a.seed, device=a.device,
+        arch=a.arch,
+        head=a.head,
+        dataset=a.dataset,
+        data_dir=a.data_dir,
+        classes=a.classes,
+        val_size=a.val_size,
+        limit_train=a.limit_train,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        weight_decay=a.weight_decay,
+        augment=a.augment,
+        seed=a.seed,
+        device=a.device,
         threads=a.threads,
-    )  # fmt: skip
+    )
 
 
 def cmd_train(a: argparse.Namespace) -> int:
     from training.train import train
 
     cfg = _config(a)
-    from training.models import BACKBONES
     from training.head import HEADS
+    from training.models import BACKBONES
 
     if cfg.arch not in BACKBONES:
         raise ValueError(f"unknown architecture {cfg.arch!r}; choose one of {', '.join(BACKBONES)}")
     if cfg.head not in HEADS:
         raise ValueError(f"unknown head {cfg.head!r}; choose one of {', '.join(HEADS)}")
-    out = Path(a.out) if a.out else Path("runs") / f"{cfg.dataset}-{cfg.arch}-{cfg.head}-s{cfg.seed}"
+    out = (
+        Path(a.out) if a.out else Path("runs") / f"{cfg.dataset}-{cfg.arch}-{cfg.head}-s{cfg.seed}"
+    )
     result = train(cfg, out, resume=a.resume, progress=not a.quiet)
-    print(json.dumps({"run_dir": str(result.run_dir), "best_val_accuracy": result.best_val_accuracy,
-                      "best_epoch": result.best_epoch, "train_seconds": round(result.seconds, 1)}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "run_dir": str(result.run_dir),
+                "best_val_accuracy": result.best_val_accuracy,
+                "best_epoch": result.best_epoch,
+                "train_seconds": round(result.seconds, 1),
+            }
+        )
+    )
     return 0
 
 
@@ -86,34 +116,62 @@ def preprocess_for(meta: dict, cfg: TrainConfig):
         return spec.model_copy(update={"mean": tuple(meta["mean"]), "std": tuple(meta["std"])})
     c, h, w = meta["shape"]
     return Preprocess(
-        height=h, width=w, channels=c, color_mode=meta["color_mode"], resize_filter="bilinear",
-        mean=tuple(meta["mean"]), std=tuple(meta["std"]),
-    )  # fmt: skip
+        height=h,
+        width=w,
+        channels=c,
+        color_mode=meta["color_mode"],
+        resize_filter="bilinear",
+        mean=tuple(meta["mean"]),
+        std=tuple(meta["std"]),
+    )
 
 
-def _ood_sets(names: str | None, splits) -> dict:
+def _ood_sets(names: str | None, splits, folders: list[str] | None = None, spec=None) -> dict:
+    """The bundled OOD sets (28x28 grayscale models only), users' folders, held-out classes."""
     from training.data.ood import load_ood_sets
 
-    sets = load_ood_sets(names.split(",") if names else None)
+    sets = {}
+    if splits.shape == (1, 28, 28):
+        sets = load_ood_sets(names.split(",") if names else None)
+    else:
+        log.warning(
+            "the bundled OOD sets are 28x28 grayscale; skipping them for input shape %s",
+            splits.shape,
+        )
+    sets.update(_ood_folders(folders or [], spec))
     if splits.held_out_x is not None:
         sets["held-out-classes"] = splits.held_out_x
-    if splits.shape != (1, 28, 28):  # the bundled OOD sets are 28x28 grayscale
-        log.warning("OOD sets are 28x28 grayscale; skipping them for input shape %s", splits.shape)
-        sets = {k: v for k, v in sets.items() if k == "held-out-classes"}
     return sets
+
+
+def _ood_folders(folders: list[str], spec) -> dict:
+    from training.data.folders import load_ood_folder
+
+    out = {}
+    for item in folders:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--ood-folder takes NAME=DIR, got {item!r}")
+        out[name] = load_ood_folder(Path(path), spec)
+    return out
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from training.evaluate import evaluate, markdown_table, write_report
     from training.train import predict
 
-    model, cfg, _meta, splits = _load_run(a.run_dir, a.checkpoint)
+    model, cfg, meta, splits = _load_run(a.run_dir, a.checkpoint)
     if splits.test_x is None:
         raise ValueError("this data set has no test split to evaluate on")
+    sets = _ood_sets(a.ood, splits, a.ood_folder, preprocess_for(meta, cfg))
     report, outputs = evaluate(
-        lambda x: predict(model, x, __import__("torch").device("cpu")), cfg.head,
-        splits.test_x, splits.test_y, _ood_sets(a.ood, splits), val=(splits.val_x, splits.val_y),
-    )  # fmt: skip
+        lambda x: predict(model, x, __import__("torch").device("cpu")),
+        cfg.head,
+        splits.test_x,
+        splits.test_y,
+        sets,
+        val=(splits.val_x, splits.val_y),
+    )
     out = Path(a.out) if a.out else Path(a.run_dir) / "eval"
     write_report(report, outputs, out, f"{cfg.arch} {cfg.head} seed {cfg.seed}")
     print(markdown_table(report))
@@ -128,7 +186,9 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     model, cfg, meta, splits = _load_run(a.run_dir, a.checkpoint)
     if cfg.head == "softmax":
-        raise ValueError("a SoftMax model has no distance to serve; export an IsoMax+ (or IsoMax) run")
+        raise ValueError(
+            "a SoftMax model has no distance to serve; export an IsoMax+ (or IsoMax) run"
+        )
     name = a.name or f"{cfg.dataset}-{cfg.head}"
     report: dict = {}
 
@@ -136,17 +196,30 @@ def cmd_export(a: argparse.Namespace) -> int:
         acc = {"val": float((predictor(splits.val_x)[0].argmax(1) == splits.val_y).mean())}
         if splits.test_x is None or a.no_eval:
             return Metrics(accuracy=acc)
-        r, _ = evaluate(predictor, cfg.head, splits.test_x, splits.test_y, _ood_sets(a.ood, splits))
+        sets = _ood_sets(a.ood, splits, a.ood_folder, preprocess_for(meta, cfg))
+        r, _ = evaluate(predictor, cfg.head, splits.test_x, splits.test_y, sets)
         report.update(r)
         return Metrics(accuracy={**acc, "test": r["accuracy"]["test"]}, ood=r["ood"])
 
     bundle = export_bundle(
-        model, name=name, version=a.version, labels=splits.labels, preprocess=preprocess_for(meta, cfg),
-        calibration_images=splits.val_x, models_dir=a.models_dir, target_tpr=a.target_tpr,
+        model,
+        name=name,
+        version=a.version,
+        labels=splits.labels,
+        preprocess=preprocess_for(meta, cfg),
+        calibration_images=splits.val_x,
+        models_dir=a.models_dir,
+        target_tpr=a.target_tpr,
         calibration_split=f"{cfg.dataset} validation ({len(splits.val_x)} images held out of train, split seed {cfg.split_seed})",
-        training={**cfg.to_dict(), "checkpoint": a.checkpoint, "train_seconds": round(_seconds(a.run_dir), 1)},
-        evaluate=evaluate_graph, description=a.description or f"{cfg.arch} trained with the {cfg.head} loss on {cfg.dataset}",
-    )  # fmt: skip
+        training={
+            **cfg.to_dict(),
+            "checkpoint": a.checkpoint,
+            "train_seconds": round(_seconds(a.run_dir), 1),
+        },
+        evaluate=evaluate_graph,
+        description=a.description
+        or f"{cfg.arch} trained with the {cfg.head} loss on {cfg.dataset}",
+    )
     if report:
         print(markdown_table(report))
     print(json.dumps({"bundle": str(bundle)}))
@@ -154,7 +227,11 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def _seconds(run_dir: str) -> float:
-    lines = (Path(run_dir) / "history.jsonl").read_text().splitlines() if (Path(run_dir) / "history.jsonl").exists() else []
+    lines = (
+        (Path(run_dir) / "history.jsonl").read_text().splitlines()
+        if (Path(run_dir) / "history.jsonl").exists()
+        else []
+    )
     return json.loads(lines[-1])["seconds"] if lines else 0.0
 
 
@@ -187,14 +264,42 @@ def _write_samples(out: Path, fm_x, fm_y, mnist_x, n: int) -> None:
         Image.fromarray(mnist_x[i * 500 % len(mnist_x), 0]).save(out / f"mnist-{i:03d}.png")
 
 
+def cmd_reproduce(a: argparse.Namespace) -> int:
+    from training.reproduce import HEADS, reproduce
+
+    heads = a.heads.split(",") if a.heads else list(HEADS)
+    unknown = sorted(set(heads) - set(HEADS))
+    if unknown:
+        raise ValueError(f"unknown head(s) {unknown}; choose from {', '.join(HEADS)}")
+    result = reproduce(
+        _config(a),
+        _int_list(a.seeds),
+        Path(a.runs_dir),
+        Path(a.out),
+        heads=heads,
+        open_set=_int_list(a.open_set) if a.open_set else None,
+        progress=not a.quiet,
+    )
+    for k, v in sorted(result["summary"].items(), key=lambda kv: -kv[1]["auroc_mean"]):
+        print(
+            f"{k:22s} accuracy {100 * v['accuracy_mean']:.2f}±{100 * v['accuracy_std']:.2f}  mean AUROC {100 * v['auroc_mean']:.1f}±{100 * v['auroc_std']:.1f}"
+        )
+    print(f"report: {Path(a.out) / 'reproduction.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="isomax", description="Train, evaluate and export IsoMax+ models.")
+    parser = argparse.ArgumentParser(
+        prog="isomax", description="Train, evaluate and export IsoMax+ models."
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model into a run directory")
     _add_train_args(p)
-    p.add_argument("--out", default=None, help="run directory (default runs/<dataset>-<arch>-<head>-s<seed>)")
+    p.add_argument(
+        "--out", default=None, help="run directory (default runs/<dataset>-<arch>-<head>-s<seed>)"
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -204,23 +309,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best.pt")
     p.add_argument("--ood", default=None, help="comma-separated OOD sets (default: all)")
     p.add_argument("--out", default=None, help="report directory (default RUN_DIR/eval)")
+    p.add_argument(
+        "--ood-folder",
+        action="append",
+        metavar="NAME=DIR",
+        help="also score the images under DIR as OOD set NAME (repeatable)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("export", help="ONNX export + parity check + calibration -> models/<name>/<version>")
+    p = sub.add_parser(
+        "export", help="ONNX export + parity check + calibration -> models/<name>/<version>"
+    )
     p.add_argument("run_dir")
     p.add_argument("--name", default=None, help="bundle name (default <dataset>-<head>)")
     p.add_argument("--version", default=None, help="default: next free integer")
     p.add_argument("--models-dir", default="models")
     p.add_argument("--checkpoint", default="best.pt")
-    p.add_argument("--target-tpr", type=float, default=0.95, help="fraction of in-distribution images to keep")
-    p.add_argument("--ood", default=None, help="comma-separated OOD sets for the manifest metrics (default: all)")
+    p.add_argument(
+        "--target-tpr", type=float, default=0.95, help="fraction of in-distribution images to keep"
+    )
+    p.add_argument(
+        "--ood",
+        default=None,
+        help="comma-separated OOD sets for the manifest metrics (default: all)",
+    )
     p.add_argument("--no-eval", action="store_true", help="skip test/OOD evaluation")
+    p.add_argument(
+        "--ood-folder",
+        action="append",
+        metavar="NAME=DIR",
+        help="also score the images under DIR as OOD set NAME (repeatable)",
+    )
     p.add_argument("--description", default=None)
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser(
+        "reproduce", help="SoftMax vs IsoMax vs IsoMax+ over seeds (the paper's tables)"
+    )
+    _add_train_args(p)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--heads", default=None, help="default: softmax,isomax,isomaxplus")
+    p.add_argument(
+        "--open-set",
+        default=None,
+        help="also train on these classes only and score the rest, e.g. 0,1,2,3,4,5",
+    )
+    p.add_argument("--runs-dir", default="runs", help="where runs are cached and resumed")
+    p.add_argument("--out", default="docs/results")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_reproduce)
+
     p = sub.add_parser("data", help="check the data sets and describe them")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST idx directory")
-    p.add_argument("--samples", default=None, help="write sample PNGs (Fashion-MNIST and MNIST) here")
+    p.add_argument(
+        "--samples", default=None, help="write sample PNGs (Fashion-MNIST and MNIST) here"
+    )
     p.add_argument("-n", type=int, default=5, help="samples of each kind")
     p.set_defaults(func=cmd_data)
     return parser
@@ -229,7 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if a.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
     try:
         return a.func(a)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:

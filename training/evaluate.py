@@ -34,7 +34,13 @@ def evaluate(
 ) -> tuple[dict[str, Any], dict[str, Outputs]]:
     """-> (report, raw outputs by set name incl. 'in') for plots and further analysis."""
     outputs: dict[str, Outputs] = {"in": predict(id_images)}
-    report: dict[str, Any] = {"head": head, "scores": scores_for(head), "accuracy": {}, "ood": {}, "sizes": {"test": len(id_labels)}}
+    report: dict[str, Any] = {
+        "head": head,
+        "scores": scores_for(head),
+        "accuracy": {},
+        "ood": {},
+        "sizes": {"test": len(id_labels)},
+    }
     report["accuracy"]["test"] = accuracy(outputs["in"][0], id_labels)
     if val is not None:
         report["accuracy"]["val"] = accuracy(predict(val[0])[0], val[1])
@@ -43,11 +49,15 @@ def evaluate(
     for name, images in ood_sets.items():
         outputs[name] = predict(images)
         report["sizes"][name] = len(images)
-        report["ood"][name] = {s: ood_metrics(s_in[s], SCORES[s](*outputs[name])) for s in report["scores"]}
+        report["ood"][name] = {
+            s: ood_metrics(s_in[s], SCORES[s](*outputs[name])) for s in report["scores"]
+        }
     return report, outputs
 
 
-def markdown_table(report: Mapping[str, Any], metrics: tuple[str, ...] = ("auroc", "tnr_at_tpr95")) -> str:
+def markdown_table(
+    report: Mapping[str, Any], metrics: tuple[str, ...] = ("auroc", "tnr_at_tpr95")
+) -> str:
     """One row per OOD set, one column per (score, metric), values in %."""
     scores = report["scores"]
     head = "| OOD set | " + " | ".join(f"{s.upper()} {m}" for s in scores for m in metrics) + " |"
@@ -59,7 +69,9 @@ def markdown_table(report: Mapping[str, Any], metrics: tuple[str, ...] = ("auroc
     return f"Accuracy: {acc}\n\n" + "\n".join(lines) + "\n"
 
 
-def write_report(report: Mapping[str, Any], outputs: Mapping[str, Outputs], out_dir: Path, title: str) -> list[Path]:
+def write_report(
+    report: Mapping[str, Any], outputs: Mapping[str, Outputs], out_dir: Path, title: str
+) -> list[Path]:
     """metrics.json, metrics.md, and per-score histogram + ROC PNGs into `out_dir`."""
     from training.plots import plot_roc_curves, plot_score_histograms
 
@@ -70,18 +82,32 @@ def write_report(report: Mapping[str, Any], outputs: Mapping[str, Outputs], out_
     ood_names = [n for n in outputs if n != "in"]
     if not ood_names:
         return written
-    raw = {
-        "min distance": lambda o: o[1] if o[1] is not None else None,
+    raw: dict[str, Callable[[Outputs], np.ndarray | None]] = {
+        "min distance": lambda o: o[1],
         "entropy": lambda o: -entropic(o[0]),
     }
     for label, fn in raw.items():
         v_in = fn(outputs["in"])
-        if v_in is None:
+        outs = {n: fn(outputs[n]) for n in ood_names}
+        if v_in is None or any(v is None for v in outs.values()):
             continue
         written.append(
-            plot_score_histograms(v_in, {n: fn(outputs[n]) for n in ood_names}, f"{title}: {label}", f"{label} (larger = more OOD)", out_dir / f"hist_{label.replace(' ', '_')}.png")
+            plot_score_histograms(
+                v_in,
+                {n: v for n, v in outs.items() if v is not None},
+                f"{title}: {label}",
+                f"{label} (larger = more OOD)",
+                out_dir / f"hist_{label.replace(' ', '_')}.png",
+            )
         )
     for s in report["scores"]:
         s_in = SCORES[s](*outputs["in"])
-        written.append(plot_roc_curves(s_in, {n: SCORES[s](*outputs[n]) for n in ood_names}, f"{title}: {s.upper()}", out_dir / f"roc_{s}.png"))
+        written.append(
+            plot_roc_curves(
+                s_in,
+                {n: SCORES[s](*outputs[n]) for n in ood_names},
+                f"{title}: {s.upper()}",
+                out_dir / f"roc_{s}.png",
+            )
+        )
     return written

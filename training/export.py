@@ -59,13 +59,25 @@ class ServingGraph(nn.Module):
     normalizes (our `Classifier` does: pass none).
     """
 
-    def __init__(self, model: nn.Module, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.head = find_distance_head(model)
         self.normalize = mean is not None or std is not None
-        self.register_buffer("mean", torch.tensor(list(mean or [0.0]), dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std or [1.0]), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer(
+            "mean", torch.tensor(list(mean or [0.0]), dtype=torch.float32).view(1, -1, 1, 1)
+        )
+        self.register_buffer(
+            "std", torch.tensor(list(std or [1.0]), dtype=torch.float32).view(1, -1, 1, 1)
+        )
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = (image - self.mean) / self.std if self.normalize else image
@@ -85,10 +97,15 @@ def export_onnx(graph: ServingGraph, path: Path, example: torch.Tensor, opset: i
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            graph, (example[:2].float().cpu(),), dynamo=True, opset_version=opset,
-            input_names=["image"], output_names=["logits", "min_distance"],
-            dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}}, verbose=False,
-        )  # fmt: skip
+            graph,
+            (example[:2].float().cpu(),),
+            dynamo=True,
+            opset_version=opset,
+            input_names=["image"],
+            output_names=["logits", "min_distance"],
+            dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}},
+            verbose=False,
+        )
     assert program is not None
     program.save(str(path), external_data=False)
 
@@ -113,7 +130,13 @@ class OnnxPredictor:
         return np.concatenate(zs), np.concatenate(ds)
 
 
-def check_parity(graph: ServingGraph, onnx_path: Path, images: np.ndarray, batches: Sequence[int] = PARITY_BATCHES, atol: float = PARITY_ATOL) -> float:
+def check_parity(
+    graph: ServingGraph,
+    onnx_path: Path,
+    images: np.ndarray,
+    batches: Sequence[int] = PARITY_BATCHES,
+    atol: float = PARITY_ATOL,
+) -> float:
     """Max abs difference of both outputs between torch and onnxruntime; raises past `atol`."""
     predictor = OnnxPredictor(onnx_path)
     graph = graph.eval().cpu()
@@ -129,14 +152,23 @@ def check_parity(graph: ServingGraph, onnx_path: Path, images: np.ndarray, batch
         diff = max(float(np.abs(oz - tz.numpy()).max()), float(np.abs(od - td.numpy()).max()))
         worst = max(worst, diff)
         if diff > atol or not np.array_equal(oz.argmax(1), tz.numpy().argmax(1)):
-            raise ParityError(f"ONNX and torch differ by {diff:.3g} (> {atol}) at batch {b}; bundle not written")
+            raise ParityError(
+                f"ONNX and torch differ by {diff:.3g} (> {atol}) at batch {b}; bundle not written"
+            )
     return worst
 
 
 def source_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -144,7 +176,9 @@ def source_commit() -> str | None:
 
 def next_version(models_dir: Path, name: str) -> str:
     d = Path(models_dir) / name
-    versions = [int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()] if d.is_dir() else []
+    versions = (
+        [int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()] if d.is_dir() else []
+    )
     return str(max(versions, default=0) + 1)
 
 
@@ -178,7 +212,9 @@ def export_bundle(
     version = version or next_version(models_dir, name)
     final = models_dir / name / version
     if final.exists():
-        raise FileExistsError(f"bundle {final} already exists; choose another version (nothing was written)")
+        raise FileExistsError(
+            f"bundle {final} already exists; choose another version (nothing was written)"
+        )
     model = model.eval().cpu()
     graph = ServingGraph(model, mean, std)
     parity_images = calibration_images[:16] if parity_images is None else parity_images
@@ -188,23 +224,38 @@ def export_bundle(
     try:
         onnx_path = tmp / "model.onnx"
         x0 = parity_images[:2]
-        export_onnx(graph, onnx_path, torch.from_numpy(x0.astype(np.float32) / 255.0 if x0.dtype == np.uint8 else x0.astype(np.float32)))
+        export_onnx(
+            graph,
+            onnx_path,
+            torch.from_numpy(
+                x0.astype(np.float32) / 255.0 if x0.dtype == np.uint8 else x0.astype(np.float32)
+            ),
+        )
         worst = check_parity(graph, onnx_path, parity_images)
         log.info("ONNX parity: max abs difference %.2e", worst)
         logits, dist = OnnxPredictor(onnx_path)(calibration_images)
         if logits.shape[1] != n_classes:
-            raise ValueError(f"model gives {logits.shape[1]} logits but {n_classes} labels were given")
+            raise ValueError(
+                f"model gives {logits.shape[1]} logits but {n_classes} labels were given"
+            )
         cal: Calibration = calibrate(dist, target_tpr=target_tpr, split=calibration_split)
         if evaluate is not None:
             m = evaluate(OnnxPredictor(onnx_path))
         else:
             m = metrics if isinstance(metrics, Metrics) else Metrics.model_validate(metrics or {})
         manifest = Manifest(
-            name=name, version=version, created=datetime.now(timezone.utc), source_commit=source_commit(),
+            name=name,
+            version=version,
+            created=datetime.now(timezone.utc),
+            source_commit=source_commit(),
             description=description,
             onnx=OnnxSpec(file="model.onnx", sha256=sha256_file(onnx_path), opset=OPSET),
-            preprocess=preprocess, labels=tuple(labels), training=training or {}, metrics=m, calibration=cal,
-        )  # fmt: skip
+            preprocess=preprocess,
+            labels=tuple(labels),
+            training=training or {},
+            metrics=m,
+            calibration=cal,
+        )
         manifest.write(tmp)
         Manifest.read(tmp)  # the service's own validation, before the bundle becomes visible
         tmp.chmod(0o755)  # mkdtemp makes it private; a non-root server must read it
@@ -212,5 +263,12 @@ def export_bundle(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("wrote bundle %s (threshold %.4f keeps %.0f%% of %d %s images)", final, cal.threshold, 100 * target_tpr, cal.size, calibration_split)
+    log.info(
+        "wrote bundle %s (threshold %.4f keeps %.0f%% of %d %s images)",
+        final,
+        cal.threshold,
+        100 * target_tpr,
+        cal.size,
+        calibration_split,
+    )
     return final

@@ -29,7 +29,9 @@ class IsoMaxPlusLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if logits.ndim != 2 or targets.shape != logits.shape[:1]:
-            raise ValueError(f"wrong size: logits {tuple(logits.shape)} vs targets {tuple(targets.shape)}")
+            raise ValueError(
+                f"wrong size: logits {tuple(logits.shape)} vs targets {tuple(targets.shape)}"
+            )
         return F.cross_entropy(self.entropic_scale * logits, targets)
 
 

@@ -49,7 +49,9 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     return x.mean(axis=(0, 2, 3)).tolist(), x.std(axis=(0, 2, 3)).tolist()
 
 
-def model_from_config(cfg: TrainConfig, num_classes: int, in_channels: int, mean, std) -> Classifier:
+def model_from_config(
+    cfg: TrainConfig, num_classes: int, in_channels: int, mean, std
+) -> Classifier:
     return build_model(cfg.arch, cfg.head, num_classes, in_channels, mean, std)
 
 
@@ -61,13 +63,14 @@ def predict(
     model.eval()
     logits, dists = [], []
     channels_last = device.type == "cpu"
-    for x, _ in BatchLoader(images, np.zeros(len(images)), batch_size, device=device, channels_last=channels_last):
+    for x, _ in BatchLoader(
+        images, np.zeros(len(images)), batch_size, device=device, channels_last=channels_last
+    ):
         z, d = model.outputs(x)
         logits.append(z.float().cpu())
         if d is not None:
             dists.append(d.float().cpu())
-    z = torch.cat(logits).numpy()
-    return z, (torch.cat(dists).numpy() if dists else None)
+    return torch.cat(logits).numpy(), (torch.cat(dists).numpy() if dists else None)
 
 
 def accuracy_of(model: Classifier, x: np.ndarray, y: np.ndarray, device: torch.device) -> float:
@@ -76,7 +79,7 @@ def accuracy_of(model: Classifier, x: np.ndarray, y: np.ndarray, device: torch.d
 
 
 def _lr_lambda(total_steps: int, milestones: list[float]):
-    steps = [int(round(m * total_steps)) for m in milestones]
+    steps = [round(m * total_steps) for m in milestones]
     return lambda step: 0.1 ** sum(step >= s for s in steps)
 
 
@@ -88,13 +91,17 @@ class RunResult:
     seconds: float
 
 
-def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> RunResult:
+def train(
+    cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True
+) -> RunResult:
     """Train to `run_dir`; with `resume`, continue from `last.pt` if present (same config)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if last_path.exists() and not resume:
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
+        )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -104,15 +111,28 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool 
     model = model_from_config(cfg, len(data.labels), data.shape[0], mean, std).to(device)
     channels_last = cfg.channels_last and device.type == "cpu"
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        model.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
     )
     loader = BatchLoader(
-        data.train_x, data.train_y, cfg.batch_size, shuffle=True, augment=cfg.augment,
-        seed=cfg.seed, device=device, channels_last=channels_last, drop_last=True,
-    )  # fmt: skip
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.epochs * len(loader), cfg.lr_milestones))
+        data.train_x,
+        data.train_y,
+        cfg.batch_size,
+        shuffle=True,
+        augment=cfg.augment,
+        seed=cfg.seed,
+        device=device,
+        channels_last=channels_last,
+        drop_last=True,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _lr_lambda(cfg.epochs * len(loader), cfg.lr_milestones)
+    )
     loss_fn = make_loss(cfg.head)
 
     start_epoch, best_acc, best_epoch, elapsed = 0, -1.0, -1, 0.0
@@ -125,16 +145,31 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool 
         sched.load_state_dict(ck["scheduler"])
         loader.gen.set_state(ck["loader_rng"])
         torch.set_rng_state(ck["torch_rng"])
-        start_epoch, best_acc, best_epoch, elapsed = ck["epoch"] + 1, ck["best_val_accuracy"], ck["best_epoch"], ck["seconds"]
+        start_epoch, best_acc, best_epoch, elapsed = (
+            ck["epoch"] + 1,
+            ck["best_val_accuracy"],
+            ck["best_epoch"],
+            ck["seconds"],
+        )
         log.info("resuming %s at epoch %d", run_dir, start_epoch)
 
-    meta: dict[str, Any] = {"labels": data.labels, "mean": mean, "std": std, "shape": list(data.shape), "color_mode": data.color_mode}
-    history = open(run_dir / "history.jsonl", "a")
+    meta: dict[str, Any] = {
+        "labels": data.labels,
+        "mean": mean,
+        "std": std,
+        "shape": list(data.shape),
+        "color_mode": data.color_mode,
+    }
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
         total, n = 0.0, 0
-        bar = tqdm(loader, desc=f"{run_dir.name} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        bar = tqdm(
+            loader,
+            desc=f"{run_dir.name} epoch {epoch + 1}/{cfg.epochs}",
+            disable=not progress,
+            leave=False,
+        )
         for x, y in bar:
             loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
@@ -146,26 +181,53 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool 
             bar.set_postfix(loss=f"{total / n:.4f}")
         val_acc = accuracy_of(model, data.val_x, data.val_y, device)
         elapsed += time.perf_counter() - t0
-        record = {"epoch": epoch + 1, "train_loss": total / max(n, 1), "val_accuracy": val_acc, "lr": sched.get_last_lr()[0], "seconds": elapsed}
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": total / max(n, 1),
+            "val_accuracy": val_acc,
+            "lr": sched.get_last_lr()[0],
+            "seconds": elapsed,
+        }
         if hasattr(model.head, "distance_scale"):
-            record["distance_scale"] = float(model.head.distance_scale.detach().abs())
-        history.write(json.dumps(record) + "\n")
-        history.flush()
-        log.info("%s epoch %d: loss %.4f val acc %.4f (%.0fs)", run_dir.name, epoch + 1, record["train_loss"], val_acc, elapsed)
-        state = {"config": cfg.to_dict(), "meta": meta, "model": model.state_dict(), "epoch": epoch, "seconds": elapsed}
+            record["distance_scale"] = float(model.head.distance_scale.detach().abs())  # type: ignore[operator]
+        with open(run_dir / "history.jsonl", "a") as history:
+            history.write(json.dumps(record) + "\n")
+        log.info(
+            "%s epoch %d: loss %.4f val acc %.4f (%.0fs)",
+            run_dir.name,
+            epoch + 1,
+            record["train_loss"],
+            val_acc,
+            elapsed,
+        )
+        state = {
+            "config": cfg.to_dict(),
+            "meta": meta,
+            "model": model.state_dict(),
+            "epoch": epoch,
+            "seconds": elapsed,
+        }
         if val_acc > best_acc:
             best_acc, best_epoch = val_acc, epoch + 1
             torch.save({**state, "val_accuracy": val_acc}, best_path)
         torch.save(
-            {**state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "loader_rng": loader.gen.get_state(),
-             "torch_rng": torch.get_rng_state(), "best_val_accuracy": best_acc, "best_epoch": best_epoch},
+            {
+                **state,
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "loader_rng": loader.gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "best_val_accuracy": best_acc,
+                "best_epoch": best_epoch,
+            },
             last_path,
-        )  # fmt: skip
-    history.close()
+        )
     return RunResult(run_dir, best_acc, best_epoch, elapsed)
 
 
-def load_checkpoint(path: Path, device: str = "cpu") -> tuple[Classifier, TrainConfig, dict[str, Any]]:
+def load_checkpoint(
+    path: Path, device: str = "cpu"
+) -> tuple[Classifier, TrainConfig, dict[str, Any]]:
     """A trained model in eval mode, its config and meta (labels, mean/std, input shape)."""
     ck = torch.load(Path(path), map_location=device, weights_only=False)
     cfg = TrainConfig.from_dict(ck["config"])

@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from service.manifest import Manifest, Preprocess, sha256_file
-from training.export import OnnxPredictor, ParityError, ServingGraph, check_parity, export_bundle, export_onnx
+from training.export import (
+    OnnxPredictor,
+    ParityError,
+    ServingGraph,
+    check_parity,
+    export_bundle,
+    export_onnx,
+)
 from training.head import IsoMaxPlusHead
 from training.loss import IsoMaxPlusLoss
 
@@ -21,7 +28,9 @@ class UserNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 16), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 16), nn.ReLU()
+        )
         self.fc = IsoMaxPlusHead(16, 3)
 
     def forward(self, x):
@@ -51,9 +60,16 @@ def trained(images) -> UserNet:
 def bundle(tmp_path_factory, trained, images):
     models = tmp_path_factory.mktemp("models")
     path = export_bundle(
-        trained, name="user-net", labels=["a", "b", "c"], preprocess=SPEC, calibration_images=images,
-        models_dir=models, mean=[0.5], std=[0.25], training={"note": "test"},
-    )  # fmt: skip
+        trained,
+        name="user-net",
+        labels=["a", "b", "c"],
+        preprocess=SPEC,
+        calibration_images=images,
+        models_dir=models,
+        mean=[0.5],
+        std=[0.25],
+        training={"note": "test"},
+    )
     return path
 
 
@@ -72,7 +88,9 @@ def test_graph_contract(bundle):
     assert [i.name for i in g.graph.input] == ["image"]
     assert [o.name for o in g.graph.output] == ["logits", "min_distance"]
     assert g.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
-    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in g.graph.initializer)  # one file
+    assert not any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in g.graph.initializer
+    )  # one file
 
 
 @pytest.mark.parametrize("n", [1, 7, 33])
@@ -85,7 +103,9 @@ def test_onnx_matches_torch_with_normalization_inside(bundle, trained, images, n
     assert z.shape == (n, 3) and d.shape == (n,)
     assert np.abs(z - tz.numpy()).max() <= 1e-4
     assert np.abs(d - td.numpy()).max() <= 1e-4
-    assert np.array_equal(z.argmax(1), np.argmin(trained.fc.distances(trained.body(x)).detach().numpy(), 1))
+    assert np.array_equal(
+        z.argmax(1), np.argmin(trained.fc.distances(trained.body(x)).detach().numpy(), 1)
+    )
 
 
 def test_calibrated_threshold_keeps_target_on_calibration_split(bundle, images):
@@ -98,8 +118,15 @@ def test_calibrated_threshold_keeps_target_on_calibration_split(bundle, images):
 def test_existing_bundle_is_never_overwritten(bundle, trained, images):
     before = (bundle / "model.onnx").read_bytes()
     with pytest.raises(FileExistsError, match="already exists"):
-        export_bundle(trained, name="user-net", version="1", labels=["a", "b", "c"], preprocess=SPEC,
-                      calibration_images=images, models_dir=bundle.parent.parent)  # fmt: skip
+        export_bundle(
+            trained,
+            name="user-net",
+            version="1",
+            labels=["a", "b", "c"],
+            preprocess=SPEC,
+            calibration_images=images,
+            models_dir=bundle.parent.parent,
+        )
     assert (bundle / "model.onnx").read_bytes() == before
     assert sorted(p.name for p in bundle.parent.iterdir()) == ["1"]  # no temp dir left
 
@@ -118,12 +145,25 @@ def test_parity_failure_refuses_and_leaves_nothing(tmp_path, trained, images):
 
 def test_models_without_a_distance_head_are_refused(tmp_path, images):
     with pytest.raises(ValueError, match="IsoMaxPlusHead"):
-        export_bundle(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), name="lin", labels=["a", "b", "c"],
-                      preprocess=SPEC, calibration_images=images, models_dir=tmp_path)  # fmt: skip
+        export_bundle(
+            nn.Sequential(nn.Flatten(), nn.Linear(64, 3)),
+            name="lin",
+            labels=["a", "b", "c"],
+            preprocess=SPEC,
+            calibration_images=images,
+            models_dir=tmp_path,
+        )
     assert not (tmp_path / "lin" / "1").exists()
 
 
 def test_label_count_mismatch_is_refused(tmp_path, trained, images):
     with pytest.raises(ValueError, match="3 logits but 2 labels"):
-        export_bundle(trained, name="bad", labels=["a", "b"], preprocess=SPEC, calibration_images=images, models_dir=tmp_path)
+        export_bundle(
+            trained,
+            name="bad",
+            labels=["a", "b"],
+            preprocess=SPEC,
+            calibration_images=images,
+            models_dir=tmp_path,
+        )
     assert [p.name for p in (tmp_path / "bad").iterdir()] == []

@@ -56,7 +56,11 @@ def test_fused_form_stays_finite_where_two_step_underflows():
 def test_unit_distances_match_cdist_float64():
     torch.manual_seed(2)
     f, p = torch.randn(20, 8), torch.randn(6, 8)
-    want = torch.cdist(F.normalize(f.double(), dim=1), F.normalize(p.double(), dim=1), compute_mode="donot_use_mm_for_euclid_dist")
+    want = torch.cdist(
+        F.normalize(f.double(), dim=1),
+        F.normalize(p.double(), dim=1),
+        compute_mode="donot_use_mm_for_euclid_dist",
+    )
     assert torch.allclose(unit_distances(f, p).double(), want, atol=1e-5)
     assert unit_distances(f, p).min() >= 0 and unit_distances(f, p).max() <= 2 + 1e-6
 
@@ -106,7 +110,9 @@ def test_initialization_follows_the_paper():
     torch.manual_seed(0)
     plus = IsoMaxPlusHead(256, 10)
     assert plus.distance_scale.item() == 1.0
-    assert abs(plus.prototypes.mean().item()) < 0.05 and abs(plus.prototypes.std().item() - 1) < 0.05
+    assert (
+        abs(plus.prototypes.mean().item()) < 0.05 and abs(plus.prototypes.std().item() - 1) < 0.05
+    )
     assert torch.count_nonzero(IsoMaxHead(256, 10).prototypes) == 0
 
 

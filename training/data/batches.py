@@ -22,7 +22,9 @@ def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator
         dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
         rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (N, 1, H, 1)
         cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (N, 1, 1, W)
-        x = xp[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+        x = xp[
+            torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols
+        ]
     if flip:
         mask = torch.rand(n, generator=gen) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(3), x)

@@ -27,7 +27,8 @@ class Splits:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
+        c, h, w = self.train_x.shape[1:]
+        return int(c), int(h), int(w)
 
 
 def validation_split(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,7 +93,9 @@ def load_dataset(cfg: TrainConfig) -> Splits:
     if cfg.classes is not None:
         keep = sorted(set(cfg.classes))
         if not keep or min(keep) < 0 or max(keep) >= len(labels) or len(keep) == len(labels):
-            raise ValueError(f"classes must be a proper subset of 0..{len(labels) - 1}, got {cfg.classes}")
+            raise ValueError(
+                f"classes must be a proper subset of 0..{len(labels) - 1}, got {cfg.classes}"
+            )
         remap = np.full(len(labels), -1, dtype=np.int64)
         remap[keep] = np.arange(len(keep))
         m = np.isin(ty, keep)
@@ -102,7 +105,11 @@ def load_dataset(cfg: TrainConfig) -> Splits:
             held_out = sx[~ms]
             sx, sy = sx[ms], remap[sy[ms]]
         labels = [labels[i] for i in keep]
-    tr, va = validation_split(len(tx), min(cfg.val_size, len(tx) // 5) if cfg.limit_train else cfg.val_size, cfg.split_seed)
+    tr, va = validation_split(
+        len(tx),
+        min(cfg.val_size, len(tx) // 5) if cfg.limit_train else cfg.val_size,
+        cfg.split_seed,
+    )
     if cfg.limit_train:
         tr = tr[: cfg.limit_train]
     return Splits(tx[tr], ty[tr], tx[va], ty[va], sx, sy, labels, held_out, color_mode)

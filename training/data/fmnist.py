@@ -70,7 +70,9 @@ def load_split(split: str, data_dir: Path | None = None) -> tuple[np.ndarray, np
     images = read_idx(_find(d, FILES[(split, "images")]))
     labels = read_idx(_find(d, FILES[(split, "labels")]))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataCorruptError(f"{d}: {split} images {images.shape} do not match labels {labels.shape}")
+        raise DataCorruptError(
+            f"{d}: {split} images {images.shape} do not match labels {labels.shape}"
+        )
     if labels.max(initial=0) >= len(LABELS):
         raise DataCorruptError(f"{d}: {split} labels out of range 0..{len(LABELS) - 1}")
     return images[:, None, :, :].copy(), labels.astype(np.int64)

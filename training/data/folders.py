@@ -103,3 +103,32 @@ def load_image_folder(root: Path, spec: Preprocess) -> tuple[np.ndarray, np.ndar
         ", ".join(f"{c}={n}" for c, n in zip(classes, counts, strict=True)),
     )
     return images, labels, classes
+
+
+def load_ood_folder(root: Path, spec: Preprocess) -> np.ndarray:
+    """Every image anywhere under `root` (no class folders needed), as uint8 `(N, C, H, W)`.
+
+    For users' own OOD sets, e.g. the paper's resized SVHN / TinyImageNet / LSUN images,
+    decoded with the model's own preprocessing.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"OOD image folder {root} does not exist")
+    paths = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not paths:
+        raise FileNotFoundError(
+            f"no images in {root} (accepted extensions: {' '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    images = np.empty((len(paths), spec.channels, spec.height, spec.width), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        try:
+            images[i] = load_file_uint8(path, spec)
+        except ImageDecodeError as e:
+            raise ImageDecodeError(f"{path}: {e}") from e
+    return images

@@ -13,6 +13,9 @@ from torch import nn
 
 
 class Classifier(nn.Module):
+    mean: torch.Tensor  # (1, C, 1, 1) buffers
+    std: torch.Tensor
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -23,7 +26,9 @@ class Classifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer(
+            "mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        )
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -37,6 +42,6 @@ class Classifier(nn.Module):
         """Inference logits and, for distance heads, the minimum distance: one forward pass."""
         feats = self.forward_features(x)
         if hasattr(self.head, "logits_and_distances"):
-            logits, dist = self.head.logits_and_distances(feats)
+            logits, dist = self.head.logits_and_distances(feats)  # type: ignore[operator]
             return logits, dist.min(dim=1).values
         return self.head(feats), None

@@ -32,7 +32,9 @@ class Transition(nn.Module):
 
 
 class DenseNetBC(nn.Module):
-    def __init__(self, depth: int = 100, growth: int = 12, reduction: float = 0.5, in_channels: int = 3) -> None:
+    def __init__(
+        self, depth: int = 100, growth: int = 12, reduction: float = 0.5, in_channels: int = 3
+    ) -> None:
         super().__init__()
         n = (depth - 4) // 6  # bottleneck layers per dense block
         c = 2 * growth

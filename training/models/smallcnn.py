@@ -11,7 +11,11 @@ from torch import nn
 
 
 def _block(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    return [
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    ]
 
 
 class SmallCNN(nn.Module):
@@ -19,11 +23,17 @@ class SmallCNN(nn.Module):
         super().__init__()
         a, b, c = widths
         self.features = nn.Sequential(
-            *_block(in_channels, a), nn.MaxPool2d(2),  # 28 -> 14
-            *_block(a, a), *_block(a, b), nn.MaxPool2d(2),  # 14 -> 7
-            *_block(b, b), *_block(b, c), *_block(c, c),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )  # fmt: skip
+            *_block(in_channels, a),
+            nn.MaxPool2d(2),  # 28 -> 14
+            *_block(a, a),
+            *_block(a, b),
+            nn.MaxPool2d(2),  # 14 -> 7
+            *_block(b, b),
+            *_block(b, c),
+            *_block(c, c),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.num_features = c
 
     def forward(self, x):  # (N, C, H, W) -> (N, 128)

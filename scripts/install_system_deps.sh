@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Debian packages the tests need: Fashion-MNIST's idx files, and Prometheus + promtool.
+set -euo pipefail
+pkgs=(dataset-fashion-mnist prometheus)
+missing=()
+for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+[ ${#missing[@]} -eq 0 ] && exit 0
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
