@@ -101,7 +101,7 @@ def test_batch_loader_covers_every_image_once_per_epoch():
     y = np.arange(10)
     seen = [yb for _, yb in BatchLoader(x, y, batch_size=3, shuffle=True, seed=1)]
     assert sorted(torch.cat(seen).tolist()) == list(range(10))
-    xb, yb = next(iter(BatchLoader(x, y, batch_size=10)))
+    xb, _ = next(iter(BatchLoader(x, y, batch_size=10)))
     assert xb.dtype == torch.float32 and torch.allclose(xb * 255, torch.from_numpy(x).float())
 
 
