@@ -205,8 +205,10 @@ def _ms(value: str) -> float:
 
 
 def wrk(url: str, body: Path, ctype: str, conns: int, seconds: float, pid: int) -> dict[str, Any]:
-    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{round(seconds)}s", "--latency", "-s", str(LUA), url]
+    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{round(seconds)}s", "--timeout", "10s", "--latency"]
+    cmd += ["-s", str(LUA), url]
     cmd += ["--", str(body), ctype]
+    load = loadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu0, t0 = cpu_seconds(pid), time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -225,6 +227,8 @@ def wrk(url: str, body: Path, ctype: str, conns: int, seconds: float, pid: int) 
         "socket_errors": sum(map(int, sock.groups())) if sock else 0,
         "wrk_cpu_pct": round(100 * wrk_cpu / wall, 1),
         "server_cpu_pct": round(100 * (cpu1 - cpu0) / wall, 1),
+        "server_cpu_ms_per_request": round(1000 * (cpu1 - cpu0) / max(1.0, rps * wall), 3),
+        "load_average_1m": load,
     }
 
 
@@ -331,6 +335,7 @@ def main() -> int:
                 r = wrk(url, path_, ctype, conns, args.duration, proc.pid)
                 r.update(server=label, request=kind, images_per_request=n_img, connections=conns)
                 r["images_per_s"] = round(r["rps"] * n_img, 1)
+                r["server_cpu_ms_per_image"] = round(r.pop("server_cpu_ms_per_request") / n_img, 3)
                 r["vs_raw_onnxruntime"] = round(r["images_per_s"] / raw["batch32_images_per_s"], 3)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
@@ -451,21 +456,24 @@ def markdown(r: dict[str, Any]) -> str:
         "## HTTP (wrk)",
         "",
         "| server | request | conns | requests/s | images/s | p50 ms | p99 ms "
-        "| vs raw ORT b32 | errors | wrk CPU | server CPU |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| vs raw ORT b32 | errors | wrk CPU | server CPU | server CPU ms/image | load |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for x in r["runs"]:
         lines.append(
             f"| {x['server']} | {x['request']} | {x['connections']} | {x['rps']:.0f} | "
             f"{x['images_per_s']:.0f} | {x['p50_ms']} | {x['p99_ms']} | "
             f"{x['vs_raw_onnxruntime']:.2f} | "
-            f"{x['non_2xx'] + x['socket_errors']} | {x['wrk_cpu_pct']}% | {x['server_cpu_pct']}% |"
+            f"{x['non_2xx'] + x['socket_errors']} | {x['wrk_cpu_pct']}% | {x['server_cpu_pct']}% | "
+            f"{x['server_cpu_ms_per_image']} | {x['load_average_1m']} |"
         )
     lines += [
         "",
         "requests: `raw` = one PNG as an image/png body; `multipart` = one PNG as a multipart part "
         "named `file`; `multipart-8` = eight PNGs in one multipart request. CPU columns: % of one "
-        f"core, averaged over the run (the machine has {m['cores']}).",
+        f"core, averaged over the run (the machine has {m['cores']}); server CPU ms/image is the "
+        "server's CPU time (all processes and threads) per image answered, which depends less on "
+        "other load than the rates do; load = 1-minute load average when the run started.",
         "",
     ]
     return "\n".join(lines)
