@@ -263,3 +263,22 @@ def test_requests_larger_than_a_batch_are_split_and_reassembled(
         registry = c.app.state.metrics.registry  # type: ignore[attr-defined]
         assert registry.get_sample_value("isomax_batch_size_sum", {"model": "tiny"}) == 8
         assert registry.get_sample_value("isomax_batch_size_count", {"model": "tiny"}) == 3
+
+
+def test_the_documented_route_runs_the_same_endpoint(client: TestClient, models_dir: Path) -> None:
+    """Without the ServiceApp shortcut (e.g. under a root_path) the FastAPI route answers."""
+    shortcut = client.app.classify_app  # type: ignore[attr-defined]
+    client.app.classify_app = None  # type: ignore[attr-defined]
+    try:
+        data = IMAGES[0][1]
+        r = raw(client, data)
+        assert r.status_code == 200
+        assert_results_equal(
+            r.json()["results"], expected_results(models_dir / "tiny/2", [(None, data)])
+        )
+        bad = client.post("/classify", params={"top_k": 0}, files=files(IMAGES[:1]))
+        assert bad.status_code == 422 and "top_k" in bad.json()["detail"]
+        text = client.get("/metrics").text
+        assert 'isomax_requests_total{endpoint="/classify",status="422"} 1.0' in text
+    finally:
+        client.app.classify_app = shortcut  # type: ignore[attr-defined]
