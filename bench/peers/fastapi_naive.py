@@ -4,6 +4,9 @@ No batching, the model call blocks the event loop, multipart only. Run the same 
 service in bench/serve_bench.py:
 
     BENCH_MODEL=models/x/1/model.onnx uvicorn bench.peers.fastapi_naive:app --port 8100
+
+BENCH_THREADS=1 gives onnxruntime one intra-op thread instead of its default (one per core,
+spinning while idle), which on 2 shared cores is the first thing a user would tune.
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ from fastapi import FastAPI, File, UploadFile
 from PIL import Image
 
 LABELS = [str(i) for i in range(10)]
-session = ort.InferenceSession(os.environ["BENCH_MODEL"], providers=["CPUExecutionProvider"])
+options = ort.SessionOptions()
+options.intra_op_num_threads = int(os.environ.get("BENCH_THREADS", "0"))
+session = ort.InferenceSession(
+    os.environ["BENCH_MODEL"], options, providers=["CPUExecutionProvider"]
+)
 threshold = float(os.environ.get("BENCH_THRESHOLD", "0.5"))
 app = FastAPI()
 
