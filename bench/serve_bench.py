@@ -350,26 +350,13 @@ def main() -> int:
         "BENCH_MODEL": str(model_path),
         "BENCH_THRESHOLD": str(manifest.calibration.threshold),
     }
-    port = free_port()
-    uvicorn = [
-        py,
-        "-m",
-        "uvicorn",
-        "bench.peers.fastapi_naive:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    uvicorn += ["--log-level", "warning", "--no-access-log"]
-    run_all(
-        "peer: naive FastAPI prototype",
-        uvicorn,
-        port,
-        peer_env,
-        [("multipart", 32), ("multipart", 128)],
-        "/classify",
-    )
+    peer_runs = [("multipart", 32), ("multipart", 128)]
+    for label, threads in (("", "0"), (", 1 onnxruntime thread", "1")):
+        port = free_port()
+        uvicorn = [py, "-m", "uvicorn", "bench.peers.fastapi_naive:app", "--host", "127.0.0.1"]
+        uvicorn += ["--port", str(port), "--log-level", "warning", "--no-access-log"]
+        env = {**peer_env, "BENCH_THREADS": threads}
+        run_all(f"peer: naive FastAPI prototype{label}", uvicorn, port, env, peer_runs, "/classify")
     if args.bentoml_python:
         port = free_port()
         bento = [
@@ -388,7 +375,7 @@ def main() -> int:
             bento,
             port,
             peer_env,
-            [("multipart", 32), ("multipart", 128)],
+            peer_runs,
             "/classify",
         )
 
