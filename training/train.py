@@ -49,10 +49,9 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     return x.mean(axis=(0, 2, 3)).tolist(), x.std(axis=(0, 2, 3)).tolist()
 
 
-def model_from_config(
-    cfg: TrainConfig, num_classes: int, in_channels: int, mean, std
-) -> Classifier:
-    return build_model(cfg.arch, cfg.head, num_classes, in_channels, mean, std)
+def model_from_config(cfg: TrainConfig, num_classes: int, shape, mean, std) -> Classifier:
+    """`shape` is the input's (C, H, W)."""
+    return build_model(cfg.arch, cfg.head, num_classes, shape[0], mean, std, image_size=shape[1])
 
 
 @torch.no_grad()
@@ -108,7 +107,7 @@ def train(
     seed_everything(cfg.seed)
     data = load_dataset(cfg)
     mean, std = channel_stats(data.train_x)
-    model = model_from_config(cfg, len(data.labels), data.shape[0], mean, std).to(device)
+    model = model_from_config(cfg, len(data.labels), data.shape, mean, std).to(device)
     channels_last = cfg.channels_last and device.type == "cpu"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -232,7 +231,7 @@ def load_checkpoint(
     ck = torch.load(Path(path), map_location=device, weights_only=False)
     cfg = TrainConfig.from_dict(ck["config"])
     meta = ck["meta"]
-    model = model_from_config(cfg, len(meta["labels"]), meta["shape"][0], meta["mean"], meta["std"])
+    model = model_from_config(cfg, len(meta["labels"]), meta["shape"], meta["mean"], meta["std"])
     model.load_state_dict(ck["model"])
     return model.eval(), cfg, meta
 

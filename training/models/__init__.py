@@ -12,11 +12,11 @@ from training.models.densenet import DenseNetBC
 from training.models.resnet import resnet18, resnet34
 from training.models.smallcnn import SmallCNN
 
-BACKBONES: dict[str, Callable[[int], nn.Module]] = {
-    "smallcnn": lambda c: SmallCNN(c),
-    "resnet18": resnet18,
-    "resnet34": resnet34,
-    "densenet100": lambda c: DenseNetBC(100, 12, in_channels=c),
+BACKBONES: dict[str, Callable[[int, int], nn.Module]] = {  # (in_channels, image_size) -> backbone
+    "smallcnn": lambda c, size: SmallCNN(c, size),
+    "resnet18": lambda c, size: resnet18(c),
+    "resnet34": lambda c, size: resnet34(c),
+    "densenet100": lambda c, size: DenseNetBC(100, 12, in_channels=c),
 }
 
 
@@ -27,10 +27,11 @@ def build_model(
     in_channels: int,
     mean: Sequence[float],
     std: Sequence[float],
+    image_size: int = 28,
 ) -> Classifier:
     if arch not in BACKBONES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(BACKBONES)}")
-    backbone = BACKBONES[arch](in_channels)
+    backbone = BACKBONES[arch](in_channels, image_size)
     return Classifier(backbone, make_head(head, backbone.num_features, num_classes), mean, std)  # type: ignore[arg-type]
 
 

