@@ -279,6 +279,7 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
         heads=heads,
         open_set=_int_list(a.open_set) if a.open_set else None,
         progress=not a.quiet,
+        only_finished=a.only_finished,
     )
     for k, v in sorted(result["summary"].items(), key=lambda kv: -kv[1]["auroc_mean"]):
         print(
@@ -355,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="also train on these classes only and score the rest, e.g. 0,1,2,3,4,5",
     )
     p.add_argument("--runs-dir", default="runs", help="where runs are cached and resumed")
+    p.add_argument(
+        "--only-finished", action="store_true", help="report the finished runs, train nothing"
+    )
     p.add_argument("--out", default="docs/results")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_reproduce)
