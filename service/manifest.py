@@ -146,6 +146,9 @@ class OODMetrics(_Strict):
 class Metrics(_Strict):
     accuracy: dict[str, float] = Field(default_factory=dict)  # split -> accuracy in [0, 1]
     ood: dict[str, dict[str, OODMetrics]] = Field(default_factory=dict)  # set -> score -> metrics
+    # split or OOD set -> share the calibrated threshold flags as OOD: what an operator should
+    # expect of `is_ood` (about 1 - target_tpr on in-distribution traffic, by design).
+    flagged: dict[str, float] = Field(default_factory=dict)
 
 
 class Manifest(_Strict):

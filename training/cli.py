@@ -192,14 +192,23 @@ def cmd_export(a: argparse.Namespace) -> int:
     name = a.name or f"{cfg.dataset}-{cfg.head}"
     report: dict = {}
 
-    def evaluate_graph(predictor) -> Metrics:
+    def evaluate_graph(predictor, cal) -> Metrics:
         acc = {"val": float((predictor(splits.val_x)[0].argmax(1) == splits.val_y).mean())}
         if splits.test_x is None or a.no_eval:
             return Metrics(accuracy=acc)
         sets = _ood_sets(a.ood, splits, a.ood_folder, preprocess_for(meta, cfg))
-        r, _ = evaluate(predictor, cfg.head, splits.test_x, splits.test_y, sets)
+        r, outputs = evaluate(predictor, cfg.head, splits.test_x, splits.test_y, sets)
         report.update(r)
-        return Metrics(accuracy={**acc, "test": r["accuracy"]["test"]}, ood=r["ood"])
+        # Share of each set the calibrated threshold flags: ~1 - target_tpr on "test" by design.
+        flagged = {
+            ("test" if k == "in" else k): float((o[1] > cal.threshold).mean())
+            for k, o in outputs.items()
+            if o[1] is not None
+        }
+        report["flagged_at_threshold"] = flagged
+        return Metrics(
+            accuracy={**acc, "test": r["accuracy"]["test"]}, ood=r["ood"], flagged=flagged
+        )
 
     bundle = export_bundle(
         model,
@@ -222,6 +231,10 @@ def cmd_export(a: argparse.Namespace) -> int:
     )
     if report:
         print(markdown_table(report))
+        print(
+            "flagged as OOD at the calibrated threshold:",
+            json.dumps(report["flagged_at_threshold"]),
+        )
     print(json.dumps({"bundle": str(bundle)}))
     return 0
 

@@ -198,7 +198,7 @@ def export_bundle(
     parity_images: np.ndarray | None = None,
     training: dict[str, Any] | None = None,
     metrics: Metrics | dict[str, Any] | None = None,
-    evaluate: Callable[[OnnxPredictor], Metrics] | None = None,
+    evaluate: Callable[[OnnxPredictor, Calibration], Metrics] | None = None,
     description: str = "",
 ) -> Path:
     """Write `models_dir/name/version/{model.onnx, manifest.json}` and return that directory.
@@ -206,7 +206,8 @@ def export_bundle(
     `calibration_images`: held-out in-distribution images (uint8 `[N, C, H, W]` or floats in
     [0, 1]), never OOD data and never the test set; the threshold keeps `target_tpr` of them.
     `parity_images` default to the first calibration images. `evaluate`, if given, scores
-    the exported graph itself (what will be served) and its metrics go into the manifest.
+    the exported graph itself (what will be served) with the calibration just made, and its
+    metrics go into the manifest.
     """
     models_dir = Path(models_dir)
     version = version or next_version(models_dir, name)
@@ -240,7 +241,7 @@ def export_bundle(
             )
         cal: Calibration = calibrate(dist, target_tpr=target_tpr, split=calibration_split)
         if evaluate is not None:
-            m = evaluate(OnnxPredictor(onnx_path))
+            m = evaluate(OnnxPredictor(onnx_path), cal)
         else:
             m = metrics if isinstance(metrics, Metrics) else Metrics.model_validate(metrics or {})
         manifest = Manifest(

@@ -97,6 +97,8 @@ def test_export_produces_a_bundle_the_manifest_schema_accepts(run_dir, tmp_path,
     assert (m.preprocess.height, m.preprocess.width, m.preprocess.color_mode) == (28, 28, "L")
     assert m.training["head"] == "isomaxplus" and m.training["limit_train"] == 300
     assert set(m.metrics.accuracy) == {"val", "test"}
+    assert set(m.metrics.flagged) == {"test", "mnist", "uniform-noise"}
+    assert 0.0 <= m.metrics.flagged["test"] <= 1.0
     assert set(m.metrics.ood) == {"mnist", "uniform-noise"} and set(m.metrics.ood["mnist"]) == {
         "mds",
         "es",
