@@ -21,6 +21,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     p.add_argument("--arch", default=d.arch, help="smallcnn | resnet18 | resnet34 | densenet100")
     p.add_argument("--head", default=d.head, help="softmax | isomax | isomaxplus")
+    p.add_argument(
+        "--prototype-init",
+        default=d.prototype_init,
+        help="IsoMax+ prototypes: unit (default) | paper (N(0,1), norm ~sqrt(d))",
+    )
     p.add_argument("--dataset", default=d.dataset, help="fashion-mnist | cifar | folder")
     p.add_argument(
         "--data-dir", default=None, help="where the data set lives (default: its usual place)"
@@ -49,6 +54,7 @@ def _config(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         arch=a.arch,
         head=a.head,
+        prototype_init=a.prototype_init,
         dataset=a.dataset,
         data_dir=a.data_dir,
         classes=a.classes,
@@ -76,9 +82,9 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise ValueError(f"unknown architecture {cfg.arch!r}; choose one of {', '.join(BACKBONES)}")
     if cfg.head not in HEADS:
         raise ValueError(f"unknown head {cfg.head!r}; choose one of {', '.join(HEADS)}")
-    out = (
-        Path(a.out) if a.out else Path("runs") / f"{cfg.dataset}-{cfg.arch}-{cfg.head}-s{cfg.seed}"
-    )
+    from training.reproduce import run_name
+
+    out = Path(a.out) if a.out else Path("runs") / run_name(cfg)
     result = train(cfg, out, resume=a.resume, progress=not a.quiet)
     print(
         json.dumps(

@@ -11,6 +11,7 @@ from typing import Any
 class TrainConfig:
     arch: str = "smallcnn"  # smallcnn | resnet18 | resnet34 | densenet100
     head: str = "isomaxplus"  # softmax | isomax | isomaxplus
+    prototype_init: str = "unit"  # IsoMax+ only: unit | paper (training/head.py says why)
     dataset: str = "fashion-mnist"  # fashion-mnist | cifar | folder
     data_dir: str | None = None  # None: the dataset's default location
     classes: list[int] | None = None  # open-set: train on these class indices only

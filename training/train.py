@@ -51,7 +51,16 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 
 def model_from_config(cfg: TrainConfig, num_classes: int, shape, mean, std) -> Classifier:
     """`shape` is the input's (C, H, W)."""
-    return build_model(cfg.arch, cfg.head, num_classes, shape[0], mean, std, image_size=shape[1])
+    return build_model(
+        cfg.arch,
+        cfg.head,
+        num_classes,
+        shape[0],
+        mean,
+        std,
+        image_size=shape[1],
+        prototype_init=cfg.prototype_init,
+    )
 
 
 @torch.no_grad()
@@ -137,7 +146,7 @@ def train(
     start_epoch, best_acc, best_epoch, elapsed = 0, -1.0, -1, 0.0
     if resume and last_path.exists():
         ck = torch.load(last_path, map_location=device, weights_only=False)
-        if ck["config"] != cfg.to_dict():
+        if TrainConfig.from_dict(ck["config"]).to_dict() != cfg.to_dict():
             raise ValueError(f"{last_path} was trained with a different config; refusing to resume")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])

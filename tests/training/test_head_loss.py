@@ -106,14 +106,22 @@ def test_isomaxplus_logits_are_scaled_negative_distances():
     assert torch.equal(logits.argmax(1), d.argmin(1))
 
 
-def test_initialization_follows_the_paper():
+def test_initialization_paper_and_unit():
     torch.manual_seed(0)
-    plus = IsoMaxPlusHead(256, 10)
-    assert plus.distance_scale.item() == 1.0
-    assert (
-        abs(plus.prototypes.mean().item()) < 0.05 and abs(plus.prototypes.std().item() - 1) < 0.05
-    )
+    paper = IsoMaxPlusHead(256, 10, prototype_init="paper")
+    torch.manual_seed(0)
+    unit = IsoMaxPlusHead(256, 10)  # the default
+    assert paper.distance_scale.item() == 1.0 and unit.distance_scale.item() == 1.0
+    p = paper.prototypes.detach()
+    assert abs(p.mean().item()) < 0.05 and abs(p.std().item() - 1) < 0.05  # N(0, 1) as in the paper
+    u = unit.prototypes.detach()
+    assert torch.allclose(u.norm(dim=1), torch.ones(10))
+    assert torch.allclose(u, F.normalize(p, dim=1))  # same directions: same model at init
+    x = torch.randn(5, 256)
+    assert torch.allclose(paper(x), unit(x), atol=1e-6)
     assert torch.count_nonzero(IsoMaxHead(256, 10).prototypes) == 0
+    with pytest.raises(ValueError, match="prototype_init"):
+        IsoMaxPlusHead(4, 2, prototype_init="xavier")
 
 
 def test_unknown_head_and_bad_shapes_are_refused():

@@ -28,11 +28,15 @@ def build_model(
     mean: Sequence[float],
     std: Sequence[float],
     image_size: int = 28,
+    prototype_init: str = "unit",
 ) -> Classifier:
     if arch not in BACKBONES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(BACKBONES)}")
     backbone = BACKBONES[arch](in_channels, image_size)
-    return Classifier(backbone, make_head(head, backbone.num_features, num_classes), mean, std)  # type: ignore[arg-type]
+    num_features = int(backbone.num_features)  # type: ignore[arg-type]
+    return Classifier(
+        backbone, make_head(head, num_features, num_classes, prototype_init), mean, std
+    )
 
 
 __all__ = ["BACKBONES", "Classifier", "build_model"]
