@@ -284,12 +284,12 @@ def _write_samples(out: Path, fm_x, fm_y, mnist_x, n: int) -> None:
 
 
 def cmd_reproduce(a: argparse.Namespace) -> int:
-    from training.reproduce import HEADS, reproduce
+    from training.reproduce import HEADS, METHODS, reproduce
 
     heads = a.heads.split(",") if a.heads else list(HEADS)
-    unknown = sorted(set(heads) - set(HEADS))
+    unknown = sorted(set(heads) - set(METHODS))
     if unknown:
-        raise ValueError(f"unknown head(s) {unknown}; choose from {', '.join(HEADS)}")
+        raise ValueError(f"unknown head(s) {unknown}; choose from {', '.join(METHODS)}")
     result = reproduce(
         _config(a),
         _int_list(a.seeds),
@@ -368,7 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_train_args(p)
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--heads", default=None, help="default: softmax,isomax,isomaxplus")
+    p.add_argument(
+        "--heads",
+        default=None,
+        help="default: softmax,isomax,isomaxplus; also isomaxplus-paperinit",
+    )
     p.add_argument(
         "--open-set",
         default=None,

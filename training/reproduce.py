@@ -24,7 +24,31 @@ from training.scores import SCORES, entropic, scores_for
 log = logging.getLogger(__name__)
 
 HEADS = ("softmax", "isomax", "isomaxplus")
-NAMES = {"softmax": "SoftMax", "isomax": "IsoMax", "isomaxplus": "IsoMax+"}
+# Methods = heads, plus IsoMax+ with the paper's prototype initialization (training/head.py).
+METHODS = (*HEADS, "isomaxplus-paperinit")
+NAMES = {
+    "softmax": "SoftMax",
+    "isomax": "IsoMax",
+    "isomaxplus": "IsoMax+",
+    "isomaxplus-paperinit": "IsoMax+ (paper init)",
+}
+
+
+def method_config(
+    base: TrainConfig, method: str, seed: int, classes: list[int] | None
+) -> TrainConfig:
+    head, init = (
+        ("isomaxplus", "paper")
+        if method == "isomaxplus-paperinit"
+        else (method, base.prototype_init)
+    )
+    return dataclasses.replace(base, head=head, prototype_init=init, seed=seed, classes=classes)
+
+
+def _scores(method: str) -> list[str]:
+    return scores_for(method.removesuffix("-paperinit"))
+
+
 OPEN_SET_SET = "held-out-classes"
 
 
@@ -103,11 +127,11 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """`summary[<head>_<score>]` with seeds, accuracy and per-set AUROC / TNR@TPR95 mean +- std."""
     summary: dict[str, Any] = {}
-    for head in HEADS:
+    for head in METHODS:
         hr = [r for r in runs if r["head"] == head]
         if not hr:
             continue
-        for score in scores_for(head):
+        for score in _scores(head):
             per_set: dict[str, Any] = {}
             for s in hr[0]["ood"]:
                 au = [r["ood"][s][score]["auroc"] for r in hr]
@@ -258,9 +282,9 @@ def write_report(result: dict[str, Any], out_dir: Path, figures: dict[str, str])
         "| loss | accuracy |",
         "| --- | --- |",
         *[
-            f"| {NAMES[h]} | {_pm(s[f'{h}_{scores_for(h)[0]}']['accuracy_mean'], s[f'{h}_{scores_for(h)[0]}']['accuracy_std'])} |"
-            for h in HEADS
-            if f"{h}_{scores_for(h)[0]}" in s
+            f"| {NAMES[h]} | {_pm(s[f'{h}_{_scores(h)[0]}']['accuracy_mean'], s[f'{h}_{_scores(h)[0]}']['accuracy_std'])} |"
+            for h in METHODS
+            if f"{h}_{_scores(h)[0]}" in s
         ],
         "",
         "## Table 3: the seamless approaches (SoftMax<sub>ES</sub> / IsoMax<sub>ES</sub> / IsoMax+<sub>MDS</sub>)",
@@ -364,7 +388,7 @@ def reproduce(
     for seed in seeds:
         for head in heads:
             for classes in [None, list(open_set)] if open_set else [None]:
-                cfg = dataclasses.replace(base, head=head, seed=seed, classes=classes)
+                cfg = method_config(base, head, seed, classes)
                 run_dir = runs_dir / run_name(cfg)
                 if only_finished and not _finished(run_dir, cfg):
                     log.warning("skipping %s: not finished (--only-finished)", run_dir.name)
