@@ -250,6 +250,11 @@ def claims(summary: dict[str, Any]) -> list[str]:
         "isomaxplus_mds",
         "softmax_energy",
     )
+    claim(
+        "Unit-norm prototypes beat the paper's N(0, 1) initialization for MDS (this project's change)",
+        "isomaxplus_mds",
+        "isomaxplus-paperinit_mds",
+    )
     if "softmax_es" in summary and "isomaxplus_mds" in summary:
         d = summary["isomaxplus_mds"]["accuracy_mean"] - summary["softmax_es"]["accuracy_mean"]
         out.append(
