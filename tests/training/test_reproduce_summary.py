@@ -57,6 +57,7 @@ def test_summary_means_and_sample_stds():
     assert es["accuracy_mean"] == pytest.approx(0.91) and es["accuracy_std"] == pytest.approx(
         0.0141421, rel=1e-4
     )
+    assert summarize(RUNS[:1])["softmax_es"]["accuracy_std"] is None  # one seed: no spread
     assert es["per_set"]["a"]["auroc_mean"] == pytest.approx(0.82)
     assert es["per_set"]["a"]["auroc_std"] == pytest.approx(0.0282843, rel=1e-4)
     assert es["auroc_mean"] == pytest.approx((0.75 + 0.79) / 2)  # mean over sets, then over seeds
