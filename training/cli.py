@@ -284,7 +284,7 @@ def _write_samples(out: Path, fm_x, fm_y, mnist_x, n: int) -> None:
 
 
 def cmd_reproduce(a: argparse.Namespace) -> int:
-    from training.reproduce import HEADS, METHODS, reproduce
+    from training.reproduce import HEADS, METHODS, _pm, reproduce
 
     heads = a.heads.split(",") if a.heads else list(HEADS)
     unknown = sorted(set(heads) - set(METHODS))
@@ -302,7 +302,7 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
     )
     for k, v in sorted(result["summary"].items(), key=lambda kv: -kv[1]["auroc_mean"]):
         print(
-            f"{k:22s} accuracy {100 * v['accuracy_mean']:.2f}±{100 * v['accuracy_std']:.2f}  mean AUROC {100 * v['auroc_mean']:.1f}±{100 * v['auroc_std']:.1f}"
+            f"{k:26s} accuracy {_pm(v['accuracy_mean'], v['accuracy_std'])}  mean AUROC {_pm(v['auroc_mean'], v['auroc_std'])}"
         )
     print(f"report: {Path(a.out) / 'reproduction.md'}")
     return 0
