@@ -3,9 +3,11 @@
 Two knobs, as in BentoML and Triton: a batch runs as soon as it holds `max_batch_size` images,
 or when its oldest image has waited `max_wait_s`. One batch per model runs at a time, in a
 dedicated thread (onnxruntime releases the GIL while it computes, and parallelises inside the
-run with its own threads); while it runs, new requests queue up and form the next batch the
-moment it finishes, without waiting. So under load batches fill by themselves and `max_wait_s`
-only matters when the model is idle.
+run with its own threads); requests that arrive while it runs queue up, and when it finishes
+the next batch starts at once if it is full or its oldest image has already waited
+`max_wait_s`. Under load, when a run takes longer than `max_wait_s`, batches therefore run
+back to back and fill by themselves; `max_wait_s` is the latency a request may pay to share a
+run when the model is idle or fast.
 
 Batches are formed on the event loop (appending to a deque, one timer while idle); the thread is
 woken once per batch and answers with one `call_soon_threadsafe` per batch. An earlier version

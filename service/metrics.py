@@ -15,12 +15,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-# min_distance is a distance between unit vectors, so it lies in [0, 2]; thresholds of trained
-# models sit around 0.2-1.0, where the buckets are finest.
-DISTANCE_BUCKETS = (
-    0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8,
-    0.9, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0,
-)  # fmt: skip
+# min_distance is a distance between unit vectors, so it lies in [0, 2]; where a model's
+# in-distribution values and threshold fall depends on the model (the default bundle: median
+# 0.86, threshold 1.06), so the buckets are uniform, 0.05 wide, over the whole range.
+DISTANCE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 41))
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip

@@ -108,6 +108,11 @@ def to_uint8(img: Image.Image, spec: Preprocess) -> np.ndarray:
     """Decoded image -> uint8 array `[C, H, W]` exactly as the model was trained on."""
     if spec.exif_transpose:
         img = ImageOps.exif_transpose(img) or img
+    return _converted(img, spec)
+
+
+def _converted(img: Image.Image, spec: Preprocess) -> np.ndarray:
+    """`to_uint8` after the EXIF step."""
     img = _to_8bit(img)
     img = _flatten_alpha(img, spec.alpha_background)
     if img.mode != spec.color_mode:
@@ -129,7 +134,11 @@ def image_to_uint8(img: Image.Image, spec: Preprocess) -> np.ndarray:
     """An image from `open_header` -> uint8 `[C, H, W]`; every failure is an ImageDecodeError."""
     load_pixels(img)
     try:
-        return to_uint8(img, spec)
+        if spec.exif_transpose:
+            # The image is ours: transpose in place, sparing the copy exif_transpose makes of
+            # every image (same pixels as to_uint8).
+            ImageOps.exif_transpose(img, in_place=True)
+        return _converted(img, spec)
     except Exception as e:  # e.g. a mode Pillow cannot convert, a corrupt EXIF block
         raise ImageDecodeError(f"cannot convert {img.mode} image: {e}") from e
 

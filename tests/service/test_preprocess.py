@@ -21,6 +21,7 @@ from service.preprocess import (
     decode,
     decode_uint8,
     load_file_uint8,
+    to_uint8,
 )
 
 L28 = Preprocess(height=28, width=28, channels=1, color_mode="L")
@@ -188,3 +189,17 @@ def test_pixel_limit_is_checked_before_decoding(bomb: bytes) -> None:
 def test_pillow_bomb_guard_applies_without_a_limit(bomb: bytes) -> None:
     with pytest.raises(ImageTooLargeError):
         decode(bomb, L28)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_decodes_like_pillows_exif_transpose(orientation: int) -> None:
+    """decode_uint8 transposes in place; to_uint8 on an opened image uses Pillow's copy."""
+    stored = gray(20, 10) if orientation < 5 else gray(10, 20)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.fromarray(stored), "PNG", exif=exif.tobytes())
+    spec = Preprocess(height=20, width=10, channels=1, color_mode="L")
+    want = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))))
+    assert want.shape == (20, 10)
+    np.testing.assert_array_equal(decode_uint8(data, spec)[0], want)
+    np.testing.assert_array_equal(to_uint8(Image.open(io.BytesIO(data)), spec)[0], want)
