@@ -45,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--models", help="comma-separated 'name' or 'name:version' to serve (default: all)")
     a("--device", choices=["auto", "cpu", "cuda"], help="onnxruntime device (default auto)")
     a("--workers", type=int, help="uvicorn worker processes (default 1)")
-    a("--intra-op-threads", type=int, help="onnxruntime threads per model (0: cores / workers)")
+    a(
+        "--intra-op-threads",
+        type=int,
+        help="onnxruntime threads per model (0: (cores - workers) / workers, >= 1)",
+    )
     a("--max-batch-size", type=int, help="images per onnxruntime run at most (default 32)")
     a("--max-wait-ms", type=float, help="longest wait for a batch to fill (default 2 ms)")
     a("--max-queue-images", type=int, help="images waiting per model before 503 (default 1024)")
