@@ -38,6 +38,17 @@ def default_preprocess(
     )
 
 
+def _image_files(root: Path) -> list[Path]:
+    """Image files anywhere under `root`, sorted, skipping hidden files and folders."""
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
 def find_images(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
     """File paths, their int64 labels and the class names, without decoding anything.
 
@@ -62,13 +73,7 @@ def find_images(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
     paths: list[Path] = []
     labels: list[int] = []
     for label, class_dir in enumerate(class_dirs):
-        files = sorted(
-            p
-            for p in class_dir.rglob("*")
-            if p.is_file()
-            and p.suffix.lower() in IMAGE_EXTENSIONS
-            and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
-        )
+        files = _image_files(class_dir)
         if not files:
             raise FileNotFoundError(
                 f"class directory {class_dir} has no images "
@@ -114,13 +119,7 @@ def load_ood_folder(root: Path, spec: Preprocess) -> np.ndarray:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"OOD image folder {root} does not exist")
-    paths = sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
+    paths = _image_files(root)
     if not paths:
         raise FileNotFoundError(
             f"no images in {root} (accepted extensions: {' '.join(sorted(IMAGE_EXTENSIONS))})"
