@@ -93,7 +93,7 @@ def main(argv: list[str]) -> int:
     except ValidationError as e:
         print(f"isomax serve: invalid settings:\n{e}", file=sys.stderr)
         return 2
-    from service.app import configure_logging, create_app
+    from service.app import configure_logging, configure_process, create_app
 
     configure_logging(settings.log_level)
     for name in unknown_env():
@@ -115,6 +115,7 @@ def main(argv: list[str]) -> int:
         timeout_graceful_shutdown=settings.graceful_timeout_s,
     )
     if settings.workers == 1:
+        configure_process(settings.log_level)
         uvicorn.run(create_app(settings), **common)
         return 0
     # Several processes: each loads the models; metrics go through prometheus_client's
