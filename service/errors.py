@@ -6,7 +6,7 @@ place that knows their status codes, and `error_body` the only place that format
 
 from __future__ import annotations
 
-import json
+import orjson
 
 from service.preprocess import ImageDecodeError, ImageTooLargeError
 
@@ -86,4 +86,4 @@ def error_detail(exc: Exception) -> str:
 
 
 def error_body(detail: str) -> bytes:
-    return json.dumps({"detail": detail}).encode()
+    return orjson.dumps({"detail": detail})
