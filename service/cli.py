@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from service.metrics import MULTIPROC_ENV, multiprocess_dir
-from service.models import ConfigError, discover
+from service.models import ConfigError, check_config, discover
 from service.settings import Settings, unknown_env
 
 log = logging.getLogger("service")
@@ -100,6 +100,7 @@ def main(argv: list[str]) -> int:
         log.warning("ignoring %s: not a setting (see isomax serve --help)", name)
     try:
         refs = discover(settings.models_dir, settings.models)
+        check_config(refs, settings)
     except ConfigError as e:
         print(f"isomax serve: {e}", file=sys.stderr)
         return 2

@@ -86,6 +86,16 @@ def discover(models_dir: Path, wanted: tuple[str, ...] = ()) -> list[BundleRef]:
     return refs
 
 
+def check_config(refs: list[BundleRef], settings: Settings) -> None:
+    """What only the discovered bundles can tell about the settings (ConfigError if wrong)."""
+    names = sorted({r.name for r in refs})
+    unknown = set(settings.target_tpr) - set(names)
+    if unknown:
+        raise ConfigError(
+            f"target_tpr names models that are not served: {sorted(unknown)} (serving {names})"
+        )
+
+
 def _providers(device: str) -> list[str]:
     available = ort.get_available_providers()
     if device == "cpu":
@@ -296,12 +306,7 @@ class ModelRegistry:
         self._by_name: dict[str, LoadedModel] = {}  # name -> newest ready version
         self._by_key: dict[str, LoadedModel] = {}  # name:version -> model
         self._loaded = threading.Event()
-        unknown = set(settings.target_tpr) - set(self._names)
-        if unknown:
-            raise ConfigError(
-                f"target_tpr names models that are not served: {sorted(unknown)} "
-                f"(serving {self._names})"
-            )
+        check_config(refs, settings)
         for name in self._names:
             metrics.add_model(name)
 

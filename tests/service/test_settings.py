@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from service.cli import build_parser, main, settings_from_args
 from service.settings import Settings, unknown_env
+from tests.service.bundles import write_bundle
 
 
 @pytest.fixture(autouse=True)
@@ -87,5 +88,8 @@ def test_serve_refuses_bad_flags_and_missing_models(
     assert "does not exist" in capsys.readouterr().err
     assert main(["--max-batch-size", "0", "--models-dir", str(tmp_path)]) == 2
     assert "max_batch_size" in capsys.readouterr().err
+    write_bundle(tmp_path, "m", "1")
+    assert main(["--models-dir", str(tmp_path), "--target-tpr", "other=0.9"]) == 2
+    assert "not served" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--device", "tpu"])
