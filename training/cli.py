@@ -308,6 +308,15 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_ood_folder_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ood-folder",
+        action="append",
+        metavar="NAME=DIR",
+        help="also score the images under DIR as OOD set NAME (repeatable)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="isomax", description="Train, evaluate and export IsoMax+ models."
@@ -329,12 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best.pt")
     p.add_argument("--ood", default=None, help="comma-separated OOD sets (default: all)")
     p.add_argument("--out", default=None, help="report directory (default RUN_DIR/eval)")
-    p.add_argument(
-        "--ood-folder",
-        action="append",
-        metavar="NAME=DIR",
-        help="also score the images under DIR as OOD set NAME (repeatable)",
-    )
+    _add_ood_folder_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -354,12 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated OOD sets for the manifest metrics (default: all)",
     )
     p.add_argument("--no-eval", action="store_true", help="skip test/OOD evaluation")
-    p.add_argument(
-        "--ood-folder",
-        action="append",
-        metavar="NAME=DIR",
-        help="also score the images under DIR as OOD set NAME (repeatable)",
-    )
+    _add_ood_folder_arg(p)
     p.add_argument("--description", default=None)
     p.set_defaults(func=cmd_export)
 

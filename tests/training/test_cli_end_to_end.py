@@ -16,22 +16,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+# A few hundred images, one epoch: every train call in this module uses the same config.
+TINY_TRAIN = ["train", "--limit-train", "300", "--val-size", "200", "--epochs", "1"]
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "r"
-    args = [
-        "train",
-        "--limit-train",
-        "300",
-        "--val-size",
-        "200",
-        "--epochs",
-        "1",
-        "--out",
-        str(out),
-        "--quiet",
-    ]
-    assert main(args) == 0
+    assert main([*TINY_TRAIN, "--out", str(out), "--quiet"]) == 0
     return out
 
 
@@ -44,37 +36,10 @@ def test_train_writes_checkpoints_and_history(run_dir):
 
 def test_second_train_into_same_dir_is_refused_and_resume_is_a_no_op(run_dir, capsys):
     before = (run_dir / "best.pt").read_bytes()
-    assert (
-        main(
-            [
-                "train",
-                "--limit-train",
-                "300",
-                "--val-size",
-                "200",
-                "--epochs",
-                "1",
-                "--out",
-                str(run_dir),
-            ]
-        )
-        == 2
-    )
+    assert main([*TINY_TRAIN, "--out", str(run_dir)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (run_dir / "best.pt").read_bytes() == before
-    resume = [
-        "train",
-        "--limit-train",
-        "300",
-        "--val-size",
-        "200",
-        "--epochs",
-        "1",
-        "--out",
-        str(run_dir),
-        "--resume",
-        "--quiet",
-    ]
+    resume = [*TINY_TRAIN, "--out", str(run_dir), "--resume", "--quiet"]
     assert main(resume) == 0  # already finished: nothing more to do
     assert len((run_dir / "history.jsonl").read_text().splitlines()) == 1
 
