@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -198,8 +199,6 @@ def train(
         }
         if hasattr(model.head, "distance_scale"):
             record["distance_scale"] = float(model.head.distance_scale.detach().abs())  # type: ignore[operator]
-        with open(run_dir / "history.jsonl", "a") as history:
-            history.write(json.dumps(record) + "\n")
         log.info(
             "%s epoch %d: loss %.4f val acc %.4f (%.0fs)",
             run_dir.name,
@@ -217,8 +216,8 @@ def train(
         }
         if val_acc > best_acc:
             best_acc, best_epoch = val_acc, epoch + 1
-            torch.save({**state, "val_accuracy": val_acc}, best_path)
-        torch.save(
+            _save_atomic({**state, "val_accuracy": val_acc}, best_path)
+        _save_atomic(
             {
                 **state,
                 "optimizer": opt.state_dict(),
@@ -230,7 +229,18 @@ def train(
             },
             last_path,
         )
+        # History last: a line in it always has its checkpoint on disk, so a run killed at
+        # any point resumes from the epoch its history ends with.
+        with open(run_dir / "history.jsonl", "a") as history:
+            history.write(json.dumps(record) + "\n")
     return RunResult(run_dir, best_acc, best_epoch, elapsed)
+
+
+def _save_atomic(obj: dict[str, Any], path: Path) -> None:
+    """Write next to `path`, then rename: a kill mid-write leaves the previous file intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def load_checkpoint(
