@@ -46,7 +46,8 @@ Image classification with an out-of-distribution verdict from the same forward p
 
 Every result carries `min_distance`, the distance of the image's feature to the nearest class
 prototype of an IsoMax+ model, and `is_ood` = `min_distance > threshold`, where the threshold
-was calibrated on held-out in-distribution images to keep `target_tpr` of them.
+was calibrated on held-out in-distribution images to keep `target_tpr` of them: of the images
+predicted as that class when the model has class thresholds, else of all of them.
 """
 
 
@@ -133,6 +134,8 @@ def _model_info(st: ModelStatus) -> ModelInfo:
     info.labels = list(m.labels)
     info.input = m.manifest.preprocess.model_dump(mode="json")
     info.threshold = m.threshold
+    if m.class_thresholds is not None:
+        info.class_thresholds = dict(zip(m.labels, m.class_thresholds, strict=True))
     info.target_tpr = m.target_tpr
     info.calibration = CalibrationSummary(
         split=cal.split,
@@ -140,6 +143,7 @@ def _model_info(st: ModelStatus) -> ModelInfo:
         target_tpr=cal.target_tpr,
         threshold=cal.threshold,
         quantile_range=(cal.quantiles[0].q, cal.quantiles[-1].q),
+        per_class=cal.per_class is not None,
     )
     info.metrics = m.manifest.metrics.model_dump(mode="json")
     info.created = m.manifest.created.isoformat()

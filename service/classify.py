@@ -277,6 +277,7 @@ def results_json(
     """
     labels = model.labels
     threshold = model.threshold
+    per_class = model.class_thresholds
     n_ood = 0
     results = []
     for up, row, d in zip(uploads, logits.tolist(), distance.tolist(), strict=True):
@@ -284,7 +285,8 @@ def results_json(
         e = [math.exp(v - top) for v in row]
         total = sum(e)
         best = sorted(range(len(e)), key=e.__getitem__, reverse=True)[:top_k]
-        is_ood = d > threshold
+        t = threshold if per_class is None else per_class[best[0]]
+        is_ood = d > t
         n_ood += is_ood
         results.append(
             {
@@ -294,7 +296,7 @@ def results_json(
                 "probability": e[best[0]] / total,
                 "top_k": [{"label": labels[j], "probability": e[j] / total} for j in best],
                 "min_distance": d,
-                "threshold": threshold,
+                "threshold": t,
                 "is_ood": is_ood,
             }
         )

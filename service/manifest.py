@@ -91,8 +91,67 @@ class QuantilePoint(_Strict):
     value: float
 
 
+def _check_quantiles(v: tuple[QuantilePoint, ...]) -> tuple[QuantilePoint, ...]:
+    qs = [p.q for p in v]
+    vals = [p.value for p in v]
+    if qs != sorted(qs) or len(set(qs)) != len(qs):
+        raise ValueError("quantiles must be strictly increasing in q")
+    if vals != sorted(vals):
+        raise ValueError("quantile values must be non-decreasing in q")
+    return v
+
+
+def _read_off(
+    quantiles: tuple[QuantilePoint, ...], target_tpr: float, exact: tuple[float, float]
+) -> float:
+    """Threshold keeping `target_tpr`, by linear interpolation in a quantile table.
+
+    `exact` is the (target, threshold) pair calibrated directly, returned as is. Targets outside
+    the table are refused rather than extrapolated: the tails are where a guess is most wrong.
+    """
+    if abs(target_tpr - exact[0]) < 1e-12:
+        return exact[1]
+    qs = [p.q for p in quantiles]
+    if not qs[0] <= target_tpr <= qs[-1]:
+        raise ValueError(
+            f"target_tpr {target_tpr} is outside the calibrated range [{qs[0]}, {qs[-1]}]"
+        )
+    i = bisect.bisect_left(qs, target_tpr)
+    if qs[i] == target_tpr:
+        return quantiles[i].value
+    lo, hi = quantiles[i - 1], quantiles[i]
+    t = (target_tpr - lo.q) / (hi.q - lo.q)
+    return lo.value + t * (hi.value - lo.value)
+
+
+class ClassCalibration(_Strict):
+    """Threshold for the images *predicted* as one class (class-conditional calibration).
+
+    In-distribution distances differ by class (on the default bundle the validation median is
+    0.75 for sandals and 0.96 for shirts), so one global threshold flags too many shirts and too
+    few sandal look-alikes. Calibrating each predicted class on its own validation images keeps
+    `target_tpr` of every class (Mondrian split-conformal prediction) and still uses no OOD data.
+    `pooled`: fewer than `Calibration.min_class_size` validation images were predicted as this
+    class, so the global threshold and table stand in for it.
+    """
+
+    size: int = Field(ge=0)
+    pooled: bool
+    threshold: float
+    quantiles: tuple[QuantilePoint, ...] = Field(min_length=2)
+
+    @field_validator("quantiles")
+    @classmethod
+    def _sorted(cls, v: tuple[QuantilePoint, ...]) -> tuple[QuantilePoint, ...]:
+        return _check_quantiles(v)
+
+
 class Calibration(_Strict):
-    """Threshold on min_distance chosen on held-out in-distribution data only (no OOD data)."""
+    """Threshold on min_distance chosen on held-out in-distribution data only (no OOD data).
+
+    `per_class` (optional, one entry per label in label order) holds class-conditional
+    thresholds; bundles without it are served with the global threshold.
+    """
 
     score: Literal["min_distance"] = "min_distance"
     split: str
@@ -100,37 +159,39 @@ class Calibration(_Strict):
     target_tpr: float = Field(gt=0.0, lt=1.0)
     threshold: float
     quantiles: tuple[QuantilePoint, ...] = Field(min_length=2)
+    min_class_size: int | None = Field(default=None, ge=1)
+    per_class: tuple[ClassCalibration, ...] | None = None
 
     @field_validator("quantiles")
     @classmethod
     def _sorted(cls, v: tuple[QuantilePoint, ...]) -> tuple[QuantilePoint, ...]:
-        qs = [p.q for p in v]
-        vals = [p.value for p in v]
-        if qs != sorted(qs) or len(set(qs)) != len(qs):
-            raise ValueError("quantiles must be strictly increasing in q")
-        if vals != sorted(vals):
-            raise ValueError("quantile values must be non-decreasing in q")
-        return v
+        return _check_quantiles(v)
+
+    @model_validator(mode="after")
+    def _per_class_consistent(self) -> Calibration:
+        if (self.per_class is None) != (self.min_class_size is None):
+            raise ValueError("per_class and min_class_size come together")
+        if self.per_class is not None:
+            grid = [p.q for p in self.quantiles]
+            for i, c in enumerate(self.per_class):
+                if [p.q for p in c.quantiles] != grid:
+                    raise ValueError(f"per_class[{i}] quantiles must use the global q grid")
+            if sum(c.size for c in self.per_class) != self.size:
+                raise ValueError("per_class sizes must add up to the calibration size")
+        return self
 
     def threshold_for(self, target_tpr: float) -> float:
-        """Threshold that keeps `target_tpr` of in-distribution images, read off the table.
+        """The global threshold that keeps `target_tpr` of in-distribution images."""
+        return _read_off(self.quantiles, target_tpr, (self.target_tpr, self.threshold))
 
-        Linear interpolation between stored quantiles; targets outside the table are refused
-        rather than extrapolated, because the tails are where a guess would be most wrong.
-        """
-        if abs(target_tpr - self.target_tpr) < 1e-12:
-            return self.threshold
-        qs = [p.q for p in self.quantiles]
-        if not qs[0] <= target_tpr <= qs[-1]:
-            raise ValueError(
-                f"target_tpr {target_tpr} is outside the calibrated range [{qs[0]}, {qs[-1]}]"
-            )
-        i = bisect.bisect_left(qs, target_tpr)
-        if qs[i] == target_tpr:
-            return self.quantiles[i].value
-        lo, hi = self.quantiles[i - 1], self.quantiles[i]
-        t = (target_tpr - lo.q) / (hi.q - lo.q)
-        return lo.value + t * (hi.value - lo.value)
+    def class_thresholds_for(self, target_tpr: float) -> tuple[float, ...] | None:
+        """Per predicted class, the threshold keeping `target_tpr` of that class; None without."""
+        if self.per_class is None:
+            return None
+        return tuple(
+            _read_off(c.quantiles, target_tpr, (self.target_tpr, c.threshold))
+            for c in self.per_class
+        )
 
 
 class OODMetrics(_Strict):
@@ -171,6 +232,15 @@ class Manifest(_Strict):
         if len(set(v)) != len(v):
             raise ValueError("labels must be unique")
         return v
+
+    @model_validator(mode="after")
+    def _one_calibration_per_label(self) -> Manifest:
+        per_class = self.calibration.per_class
+        if per_class is not None and len(per_class) != len(self.labels):
+            raise ValueError(
+                f"calibration.per_class has {len(per_class)} entries for {len(self.labels)} labels"
+            )
+        return self
 
     @classmethod
     def read(cls, bundle_dir: Path) -> Manifest:

@@ -63,6 +63,11 @@ class Metrics:
             "isomax_ood_threshold", "min_distance above which an image is OOD.", ["model"],
             registry=r, multiprocess_mode="max",
         )  # fmt: skip
+        self.class_threshold = Gauge(
+            "isomax_ood_class_threshold",
+            "min_distance above which an image predicted as this class is OOD (class thresholds).",
+            ["model", "label"], registry=r, multiprocess_mode="max",
+        )  # fmt: skip
         self.requests = Counter(
             "isomax_requests_total", "HTTP requests answered.", ["endpoint", "status"], registry=r
         )

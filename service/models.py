@@ -142,8 +142,10 @@ class LoadedModel:
     manifest: Manifest
     session: ort.InferenceSession
     provider: str  # what onnxruntime actually runs, e.g. CPUExecutionProvider
-    threshold: float
+    threshold: float  # global: used for every image unless class_thresholds is set
     target_tpr: float
+    # One per label (manifest order): the threshold for images predicted as that class.
+    class_thresholds: tuple[float, ...] | None
     batcher: Batcher
     # One onnxruntime run: x [B, C, H, W] float32 -> (logits [B, K], min_distance [B]).
     run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -188,6 +190,11 @@ def load_model(ref: BundleRef, settings: Settings, metrics: Metrics) -> LoadedMo
     target_tpr = settings.target_tpr.get(ref.name, manifest.calibration.target_tpr)
     try:
         threshold = manifest.calibration.threshold_for(target_tpr)
+        class_thresholds = (
+            manifest.calibration.class_thresholds_for(target_tpr)
+            if settings.class_thresholds
+            else None
+        )
     except ValueError as e:
         raise ModelLoadError(f"{ref.key}: {e}") from e
 
@@ -253,6 +260,7 @@ def load_model(ref: BundleRef, settings: Settings, metrics: Metrics) -> LoadedMo
         provider=provider,
         threshold=float(threshold),
         target_tpr=float(target_tpr),
+        class_thresholds=class_thresholds,
         batcher=batcher,
         run=run,
         load_seconds=time.perf_counter() - t0,
@@ -349,12 +357,15 @@ class ModelRegistry:
             self._by_name[model.name] = model
         m = self.metrics
         m.threshold.labels(model.name).set(model.threshold)
+        for label, t in zip(model.labels, model.class_thresholds or (), strict=False):
+            m.class_threshold.labels(model.name, label).set(t)
         m.model_info.labels(model.name, model.version, model.provider).set(1)
         m.model_ready.labels(model.name).set(1)
         log.info(
-            "model %s ready on %s in %.2f s: threshold %.4f (target_tpr %.3f), %d labels, "
+            "model %s ready on %s in %.2f s: threshold %.4f%s (target_tpr %.3f), %d labels, "
             "warmed up batch sizes 1-%d",
             model.ref.key, model.provider, model.load_seconds, model.threshold,
+            "" if model.class_thresholds is None else " and one per class",
             model.target_tpr, len(model.labels), self.settings.max_batch_size,
         )  # fmt: skip
 

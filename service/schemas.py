@@ -24,7 +24,10 @@ class ImageResult(BaseModel):
         ge=0.0,
         description="Distance of the feature to the nearest class prototype; larger = more OOD.",
     )
-    threshold: float = Field(description="min_distance above which the image is OOD.")
+    threshold: float = Field(
+        description="min_distance above which the image is OOD: the threshold of the predicted "
+        "class when the model has class thresholds, else the global one."
+    )
     is_ood: bool = Field(description="min_distance > threshold.")
 
 
@@ -93,6 +96,7 @@ class CalibrationSummary(BaseModel):
     quantile_range: tuple[float, float] = Field(
         description="The target_tpr values the quantile table can serve."
     )
+    per_class: bool = Field(default=False, description="The manifest has class thresholds.")
 
 
 class ModelInfo(BaseModel):
@@ -107,7 +111,12 @@ class ModelInfo(BaseModel):
     input: dict[str, Any] | None = Field(
         default=None, description="The preprocessing, from the manifest."
     )
-    threshold: float | None = Field(default=None, description="The threshold in use.")
+    threshold: float | None = Field(default=None, description="The global threshold in use.")
+    class_thresholds: dict[str, float] | None = Field(
+        default=None,
+        description="Label -> threshold in use for images predicted as that label; null when "
+        "one global threshold judges every image.",
+    )
     target_tpr: float | None = Field(
         default=None, description="The target_tpr in use (ISOMAX_TARGET_TPR or the manifest's)."
     )

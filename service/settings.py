@@ -53,6 +53,9 @@ class Settings(BaseSettings):
 
     # Per-model operating point: {"<name>": target_tpr}, read off the manifest's quantile table.
     target_tpr: dict[str, float] = Field(default_factory=dict)
+    # Judge each image against the threshold of its predicted class when the manifest has
+    # class thresholds (service.manifest.ClassCalibration says why); false: one global threshold.
+    class_thresholds: bool = True
 
     # Server (used by `isomax serve`).
     host: str = "127.0.0.1"

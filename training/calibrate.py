@@ -13,9 +13,13 @@ import math
 
 import numpy as np
 
-from service.manifest import Calibration, QuantilePoint
+from service.manifest import Calibration, ClassCalibration, QuantilePoint
 
 log = logging.getLogger(__name__)
+
+# A predicted class needs this many validation images for thresholds of its own; with fewer, the
+# 0.95 quantile rests on a couple of images, and the global threshold stands in (`pooled`).
+MIN_CLASS_SIZE = 50
 
 # Coarse where operators rarely go, fine where they do (0.9-0.999 of ID kept).
 QUANTILE_GRID: tuple[float, ...] = (
@@ -38,13 +42,25 @@ def keep_quantile(sorted_values: np.ndarray, q: float) -> float:
     return float(sorted_values[k - 1])
 
 
+def _table(sorted_d: np.ndarray, qs: list[float]) -> tuple[QuantilePoint, ...]:
+    return tuple(QuantilePoint(q=q, value=keep_quantile(sorted_d, q)) for q in qs)
+
+
 def calibrate(
-    val_min_distance: np.ndarray, target_tpr: float = 0.95, split: str = "val"
+    val_min_distance: np.ndarray,
+    target_tpr: float = 0.95,
+    split: str = "val",
+    val_classes: np.ndarray | None = None,
+    num_classes: int | None = None,
+    min_class_size: int = MIN_CLASS_SIZE,
 ) -> Calibration:
     """Threshold keeping `target_tpr` of the validation distances, plus the quantile table.
 
     `val_min_distance` are the model's `min_distance` outputs (larger = more OOD) on a split
     held out of the training data, never the test set and never OOD data.
+    With `val_classes` (the *predicted* class of each of those images, as the service will
+    know it) and `num_classes`, each class also gets its own threshold and table
+    (`ClassCalibration` says why).
     """
     d = np.asarray(val_min_distance, dtype=np.float64)
     if d.ndim != 1 or d.shape[0] == 0:
@@ -59,10 +75,12 @@ def calibrate(
         )
     if not 0.0 < target_tpr < 1.0:
         raise ValueError(f"target_tpr must be in (0, 1), got {target_tpr}")
-    d = np.sort(d)
+    if (val_classes is None) != (num_classes is None):
+        raise ValueError("val_classes and num_classes come together")
     qs = sorted(set(QUANTILE_GRID) | {float(target_tpr)})
-    table = tuple(QuantilePoint(q=q, value=keep_quantile(d, q)) for q in qs)
-    threshold = keep_quantile(d, target_tpr)
+    d_sorted = np.sort(d)
+    table = _table(d_sorted, qs)
+    threshold = keep_quantile(d_sorted, target_tpr)
     kept = float(np.mean(d <= threshold))
     log.info(
         "calibrated on %s (%d images): threshold %.6g keeps %.4f of ID (target %.4f)",
@@ -72,6 +90,64 @@ def calibrate(
         kept,
         target_tpr,
     )
+    per_class = None
+    if val_classes is not None and num_classes is not None:
+        pooled = ClassCalibration(size=0, pooled=True, threshold=threshold, quantiles=table)
+        per_class = _per_class(
+            d, np.asarray(val_classes), num_classes, qs, target_tpr, min_class_size, pooled
+        )
     return Calibration(
-        split=split, size=len(d), target_tpr=target_tpr, threshold=threshold, quantiles=table
+        split=split,
+        size=len(d),
+        target_tpr=target_tpr,
+        threshold=threshold,
+        quantiles=table,
+        min_class_size=None if per_class is None else min_class_size,
+        per_class=per_class,
     )
+
+
+def _per_class(
+    d: np.ndarray,
+    classes: np.ndarray,
+    num_classes: int,
+    qs: list[float],
+    target_tpr: float,
+    min_class_size: int,
+    pooled: ClassCalibration,
+) -> tuple[ClassCalibration, ...]:
+    """Thresholds per predicted class; a class under `min_class_size` gets `pooled` (the global
+    threshold and table) with its own size."""
+    if classes.shape != d.shape:
+        raise ValueError(f"val_classes has shape {classes.shape}, distances {d.shape}")
+    if num_classes < 1 or classes.min() < 0 or classes.max() >= num_classes:
+        raise ValueError(f"val_classes must be class indices in [0, {num_classes})")
+    if min_class_size < 1:
+        raise ValueError(f"min_class_size must be >= 1, got {min_class_size}")
+    out = []
+    for c in range(num_classes):
+        dc = np.sort(d[classes == c])
+        if len(dc) < min_class_size:
+            out.append(pooled.model_copy(update={"size": len(dc)}))
+            continue
+        out.append(
+            ClassCalibration(
+                size=len(dc),
+                pooled=False,
+                threshold=keep_quantile(dc, target_tpr),
+                quantiles=_table(dc, qs),
+            )
+        )
+    small = [c for c, entry in enumerate(out) if entry.pooled]
+    if small:
+        log.info("classes %s have < %d validation images: global threshold", small, min_class_size)
+    return tuple(out)
+
+
+def flags_ood(logits: np.ndarray, min_distance: np.ndarray, cal: Calibration) -> np.ndarray:
+    """The service's verdict `is_ood` per image: `min_distance` above the threshold of the
+    predicted class when `cal` has class thresholds, else above the global one."""
+    per_class = cal.class_thresholds_for(cal.target_tpr)
+    if per_class is None:
+        return np.asarray(min_distance) > cal.threshold
+    return np.asarray(min_distance) > np.asarray(per_class)[np.argmax(logits, axis=1)]

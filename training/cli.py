@@ -186,7 +186,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    import numpy as np
+
     from service.manifest import Metrics
+    from training.calibrate import flags_ood
     from training.evaluate import evaluate, markdown_table
     from training.export import export_bundle
 
@@ -203,11 +206,19 @@ def cmd_export(a: argparse.Namespace) -> int:
         if splits.test_x is None or a.no_eval:
             return Metrics(accuracy=acc)
         sets = _ood_sets(a.ood, splits, a.ood_folder, preprocess_for(meta, cfg))
-        r, outputs = evaluate(predictor, cfg.head, splits.test_x, splits.test_y, sets)
+        per_class = cal.class_thresholds_for(cal.target_tpr)
+        r, outputs = evaluate(
+            predictor,
+            cfg.head,
+            splits.test_x,
+            splits.test_y,
+            sets,
+            class_thresholds=None if per_class is None else np.asarray(per_class),
+        )
         report.update(r)
-        # Share of each set the calibrated threshold flags: ~1 - target_tpr on "test" by design.
+        # Share of each set the served verdict flags: ~1 - target_tpr on "test" by design.
         flagged = {
-            ("test" if k == "in" else k): float((o[1] > cal.threshold).mean())
+            ("test" if k == "in" else k): float(flags_ood(o[0], o[1], cal).mean())
             for k, o in outputs.items()
             if o[1] is not None
         }
@@ -232,6 +243,7 @@ def cmd_export(a: argparse.Namespace) -> int:
             "train_seconds": round(_seconds(a.run_dir), 1),
         },
         evaluate=evaluate_graph,
+        class_thresholds=not a.global_threshold,
         description=a.description
         or f"{cfg.arch} trained with the {cfg.head} loss on {cfg.dataset}",
     )
@@ -358,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated OOD sets for the manifest metrics (default: all)",
     )
     p.add_argument("--no-eval", action="store_true", help="skip test/OOD evaluation")
+    p.add_argument(
+        "--global-threshold",
+        action="store_true",
+        help="calibrate one threshold for all classes (default: one per predicted class too)",
+    )
     _add_ood_folder_arg(p)
     p.add_argument("--description", default=None)
     p.set_defaults(func=cmd_export)

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from training.calibrate import calibrate
 from training.metrics import accuracy, ood_metrics
-from training.scores import SCORES, entropic, scores_for
+from training.scores import CALIBRATED, ScoreFn, entropic, score_fn, scores_for
 
 log = logging.getLogger(__name__)
 
@@ -31,28 +32,48 @@ def evaluate(
     id_labels: np.ndarray,
     ood_sets: Mapping[str, np.ndarray],
     val: tuple[np.ndarray, np.ndarray] | None = None,
+    class_thresholds: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], dict[str, Outputs]]:
-    """-> (report, raw outputs by set name incl. 'in') for plots and further analysis."""
+    """-> (report, raw outputs by set name incl. 'in') for plots and further analysis.
+
+    Scores that rank against class thresholds (`mds_class`) use `class_thresholds` or, without
+    them, thresholds calibrated here on `val` (target TPR 0.95); with neither they are skipped.
+    The thresholds used are kept in `report["class_thresholds"]`.
+    """
     outputs: dict[str, Outputs] = {"in": predict(id_images)}
+    scores = scores_for(head)
+    val_outputs = predict(val[0]) if val is not None else None
+    if class_thresholds is None and val_outputs is not None and val_outputs[1] is not None:
+        logits, dist = val_outputs[0], val_outputs[1]
+        cal = calibrate(dist, val_classes=logits.argmax(1), num_classes=logits.shape[1])
+        class_thresholds = np.asarray(cal.class_thresholds_for(cal.target_tpr))
+    if class_thresholds is None:
+        scores = [s for s in scores if s not in CALIBRATED]
     report: dict[str, Any] = {
         "head": head,
-        "scores": scores_for(head),
+        "scores": scores,
         "accuracy": {},
         "ood": {},
         "sizes": {"test": len(id_labels)},
     }
+    if class_thresholds is not None and any(s in CALIBRATED for s in scores):
+        report["class_thresholds"] = [float(t) for t in class_thresholds]
     report["accuracy"]["test"] = accuracy(outputs["in"][0], id_labels)
-    if val is not None:
-        report["accuracy"]["val"] = accuracy(predict(val[0])[0], val[1])
+    if val is not None and val_outputs is not None:
+        report["accuracy"]["val"] = accuracy(val_outputs[0], val[1])
         report["sizes"]["val"] = len(val[1])
-    s_in = {s: SCORES[s](*outputs["in"]) for s in report["scores"]}
+    fns = {s: score_fn(s, class_thresholds) for s in scores}
+    s_in = {s: fns[s](*outputs["in"]) for s in scores}
     for name, images in ood_sets.items():
         outputs[name] = predict(images)
         report["sizes"][name] = len(images)
-        report["ood"][name] = {
-            s: ood_metrics(s_in[s], SCORES[s](*outputs[name])) for s in report["scores"]
-        }
+        report["ood"][name] = {s: ood_metrics(s_in[s], fns[s](*outputs[name])) for s in scores}
     return report, outputs
+
+
+def report_score_fn(report: Mapping[str, Any], name: str) -> ScoreFn:
+    """The score `name` as `report` computed it (with its class thresholds, if it has any)."""
+    return score_fn(name, report.get("class_thresholds"))
 
 
 def markdown_table(
@@ -101,11 +122,11 @@ def write_report(
             )
         )
     for s in report["scores"]:
-        s_in = SCORES[s](*outputs["in"])
+        score = report_score_fn(report, s)
         written.append(
             plot_roc_curves(
-                s_in,
-                {n: SCORES[s](*outputs[n]) for n in ood_names},
+                score(*outputs["in"]),
+                {n: score(*outputs[n]) for n in ood_names},
                 f"{title}: {s.upper()}",
                 out_dir / f"roc_{s}.png",
             )

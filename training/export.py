@@ -200,6 +200,7 @@ def export_bundle(
     metrics: Metrics | dict[str, Any] | None = None,
     evaluate: Callable[[OnnxPredictor, Calibration], Metrics] | None = None,
     description: str = "",
+    class_thresholds: bool = True,
 ) -> Path:
     """Write `models_dir/name/version/{model.onnx, manifest.json}` and return that directory.
 
@@ -207,7 +208,8 @@ def export_bundle(
     [0, 1]), never OOD data and never the test set; the threshold keeps `target_tpr` of them.
     `parity_images` default to the first calibration images. `evaluate`, if given, scores
     the exported graph itself (what will be served) with the calibration just made, and its
-    metrics go into the manifest.
+    metrics go into the manifest. `class_thresholds`: also calibrate one threshold per
+    predicted class (`service.manifest.ClassCalibration`), which the service then uses.
     """
     models_dir = Path(models_dir)
     version = version or next_version(models_dir, name)
@@ -239,7 +241,13 @@ def export_bundle(
             raise ValueError(
                 f"model gives {logits.shape[1]} logits but {n_classes} labels were given"
             )
-        cal: Calibration = calibrate(dist, target_tpr=target_tpr, split=calibration_split)
+        cal: Calibration = calibrate(
+            dist,
+            target_tpr=target_tpr,
+            split=calibration_split,
+            val_classes=logits.argmax(1) if class_thresholds else None,
+            num_classes=n_classes if class_thresholds else None,
+        )
         if evaluate is not None:
             m = evaluate(OnnxPredictor(onnx_path), cal)
         else:

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from training.config import TrainConfig
-from training.evaluate import Outputs, evaluate
-from training.scores import SCORES, entropic, scores_for
+from training.evaluate import Outputs, evaluate, report_score_fn
+from training.scores import entropic, scores_for
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ def ensure_evaluated(
     mpath, opath = eval_dir / "metrics.json", eval_dir / "outputs.npz"
     if mpath.is_file() and opath.is_file():
         report = json.loads(mpath.read_text())
-        if set(report["ood"]) == set(ood_sets) | ({OPEN_SET_SET} if cfg.classes else set()):
+        same_sets = set(report["ood"]) == set(ood_sets) | ({OPEN_SET_SET} if cfg.classes else set())
+        if same_sets and report.get("scores") == scores_for(cfg.head):  # else: re-score
             with np.load(opath) as z:
                 arrays = {k: z[k] for k in z.files}
             names = [k.removesuffix(".logits") for k in arrays if k.endswith(".logits")]
@@ -132,7 +133,9 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         hr = [r for r in runs if r["head"] == head]
         if not hr:
             continue
-        for score in _scores(head):
+        # Scores every run of this method has (runs scored before a score existed lack it).
+        scored = [sc for sc in _scores(head) if all(sc in v for r in hr for v in r["ood"].values())]
+        for score in scored:
             per_set: dict[str, Any] = {}
             for s in hr[0]["ood"]:
                 au = [r["ood"][s][score]["auroc"] for r in hr]
@@ -200,9 +203,13 @@ def _table(summary: dict[str, Any], methods: Sequence[str], sets: Iterable[str])
     return lines
 
 
+# mds_class: MDS against the predicted class's own validation threshold (training/scores.py).
+SCORE_LABELS = {"mds_class": "MDS/class"}
+
+
 def _label(method: str) -> str:
     head, score = method.split("_", 1)
-    return f"{NAMES[head]}<sub>{score.upper()}</sub>"
+    return f"{NAMES[head]}<sub>{SCORE_LABELS.get(score, score.upper())}</sub>"
 
 
 def claims(summary: dict[str, Any]) -> list[str]:
@@ -252,6 +259,16 @@ def claims(summary: dict[str, Any]) -> list[str]:
         "softmax_energy",
     )
     claim(
+        "Class thresholds beat the global one for MDS on IsoMax+ (this project's change)",
+        "isomaxplus_mds_class",
+        "isomaxplus_mds",
+    )
+    claim(
+        "IsoMax+ with MDS/class beats SoftMax with the energy score (not in the paper)",
+        "isomaxplus_mds_class",
+        "softmax_energy",
+    )
+    claim(
         "Unit-norm prototypes beat the paper's N(0, 1) initialization for MDS (this project's change)",
         "isomaxplus_mds",
         "isomaxplus-paperinit_mds",
@@ -295,7 +312,7 @@ def write_report(result: dict[str, Any], out_dir: Path, figures: dict[str, str])
         "",
         "## Table 3: the seamless approaches (SoftMax<sub>ES</sub> / IsoMax<sub>ES</sub> / IsoMax+<sub>MDS</sub>)",
         "",
-        *_table(s, ["softmax_es", "isomax_es", "isomaxplus_mds"], sets),
+        *_table(s, ["softmax_es", "isomax_es", "isomaxplus_mds", "isomaxplus_mds_class"], sets),
         "",
         "## Table 6: IsoMax variants and scores",
         "",
@@ -306,6 +323,7 @@ def write_report(result: dict[str, Any], out_dir: Path, figures: dict[str, str])
                 "isomax_mds",
                 "isomaxplus_es",
                 "isomaxplus_mds",
+                "isomaxplus_mds_class",
                 "isomaxplus-paperinit_es",
                 "isomaxplus-paperinit_mds",
             ],
@@ -316,7 +334,14 @@ def write_report(result: dict[str, Any], out_dir: Path, figures: dict[str, str])
         "",
         *_table(
             s,
-            ["softmax_es", "softmax_mps", "softmax_energy", "softmax_max_logit", "isomaxplus_mds"],
+            [
+                "softmax_es",
+                "softmax_mps",
+                "softmax_energy",
+                "softmax_max_logit",
+                "isomaxplus_mds",
+                "isomaxplus_mds_class",
+            ],
             sets,
         ),
         "",
@@ -340,7 +365,10 @@ def write_report(result: dict[str, Any], out_dir: Path, figures: dict[str, str])
 
 
 def make_figures(
-    outputs_by_head: dict[str, dict[str, Outputs]], out_dir: Path, ood_for_fig1: str = "mnist"
+    outputs_by_head: dict[str, dict[str, Outputs]],
+    out_dir: Path,
+    ood_for_fig1: str = "mnist",
+    reports_by_head: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, str]:
     from training.plots import plot_fig1_grid, plot_roc_curves
 
@@ -365,19 +393,21 @@ def make_figures(
         figs["Fig. 1 analog"] = p.name
     for head, score in (
         ("isomaxplus", "mds"),
+        ("isomaxplus", "mds_class"),
         ("isomaxplus", "es"),
         ("softmax", "es"),
         ("softmax", "energy"),
         ("isomax", "es"),
     ):
-        if head not in outputs_by_head:
+        report = (reports_by_head or {}).get(head, {})
+        if head not in outputs_by_head or score not in report.get("scores", [score]):
             continue
         o = outputs_by_head[head]
-        fn = SCORES[score]
+        fn = report_score_fn(report, score)
         p = plot_roc_curves(
             fn(*o["in"]),
             {k: fn(*v) for k, v in o.items() if k != "in"},
-            f"{NAMES[head]} {score.upper()} (seed 0)",
+            f"{NAMES[head]} {SCORE_LABELS.get(score, score.upper())} (seed 0)",
             out_dir / f"roc_{head}_{score}.png",
         )
         figs[f"ROC {NAMES[head]} {score.upper()}"] = p.name
@@ -401,6 +431,7 @@ def reproduce(
     runs: list[dict[str, Any]] = []
     open_runs: list[dict[str, Any]] = []
     first_outputs: dict[str, dict[str, Outputs]] = {}
+    first_reports: dict[str, dict[str, Any]] = {}
     train_seconds = 0.0
     for seed in seeds:
         for head in heads:
@@ -421,7 +452,7 @@ def reproduce(
                 }
                 (open_runs if classes else runs).append(entry)
                 if head not in first_outputs and not classes:
-                    first_outputs[head] = outputs
+                    first_outputs[head], first_reports[head] = outputs, report
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(runs)
     if open_runs:
@@ -439,7 +470,7 @@ def reproduce(
         "runs": runs + [{**r, "open_set": True} for r in open_runs],
         "summary": summary,
     }
-    figures = make_figures(first_outputs, out_dir)
+    figures = make_figures(first_outputs, out_dir, reports_by_head=first_reports)
     result["wall_seconds"] = train_seconds + (time.perf_counter() - t0)
     prior = out_dir / "reproduction.json"
     if prior.is_file():  # hand-written findings survive a re-run

@@ -116,6 +116,23 @@ def _mds(logits: np.ndarray, min_distance: np.ndarray | None) -> np.ndarray:
     return min_distance_score(d)
 
 
+def class_margin(class_thresholds: np.ndarray) -> ScoreFn:
+    """MDS against the predicted class's own threshold: `threshold[argmax logits] − min_distance`.
+
+    Positive exactly when the service answers `is_ood: false` with class-conditional
+    calibration, so its AUROC is that of the verdict users get. The thresholds come from the
+    validation split (`training.calibrate`), never from OOD data.
+    """
+    t = np.asarray(class_thresholds, dtype=np.float64)
+
+    def score(logits: np.ndarray, min_distance: np.ndarray | None = None) -> np.ndarray:
+        if np.shape(logits)[-1] != t.shape[0]:
+            raise ValueError(f"{t.shape[0]} class thresholds for {np.shape(logits)[-1]} logits")
+        return t[np.argmax(logits, axis=1)] + _mds(logits, min_distance)
+
+    return score
+
+
 def _logit_score(fn: Callable[[np.ndarray], np.ndarray]) -> ScoreFn:
     def score(logits: np.ndarray, min_distance: np.ndarray | None = None) -> np.ndarray:
         return fn(logits)
@@ -137,8 +154,20 @@ SCORES: dict[str, ScoreFn] = {
 _HEAD_SCORES = {
     "softmax": ("es", "mps", "energy", "max_logit"),
     "isomax": ("es", "mps", "mds"),  # mds from min_distance_from_logits: the paper's Table 6
-    "isomaxplus": ("mds", "es", "mps"),  # the method's own score first
+    "isomaxplus": ("mds", "mds_class", "es", "mps"),  # the method's own score first
 }
+
+# Scores that need the validation split's class thresholds (`score_fn` builds them).
+CALIBRATED = {"mds_class": class_margin}
+
+
+def score_fn(name: str, class_thresholds: np.ndarray | None = None) -> ScoreFn:
+    """The score called `name`; calibrated ones need the class thresholds they rank against."""
+    if name in CALIBRATED:
+        if class_thresholds is None:
+            raise ValueError(f"score {name!r} needs class thresholds from the validation split")
+        return CALIBRATED[name](class_thresholds)
+    return SCORES[name]
 
 
 def scores_for(head: str) -> list[str]:

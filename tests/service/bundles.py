@@ -26,6 +26,7 @@ from PIL import Image
 
 from service.manifest import (
     Calibration,
+    ClassCalibration,
     Manifest,
     Metrics,
     OnnxSpec,
@@ -128,8 +129,12 @@ def write_bundle(
     target_tpr: float = 0.95,
     seed: int = 0,
     labels: tuple[str, ...] = LABELS,
+    class_thresholds: bool = False,
 ) -> Path:
-    """Write `root/name/version/{model.onnx, manifest.json}` and return the bundle directory."""
+    """Write `root/name/version/{model.onnx, manifest.json}` and return the bundle directory.
+
+    `class_thresholds`: the calibration also holds one threshold and table per predicted class.
+    """
     bundle = Path(root) / name / version
     bundle.mkdir(parents=True, exist_ok=True)
     model = tiny_graph(channels=channels, num_classes=len(labels), seed=seed)
@@ -140,11 +145,26 @@ def write_bundle(
     rng = np.random.default_rng(seed + 2)
     t = templates(len(labels), channels, 28, seed)
     cal = np.stack([noisy(t[i % len(labels)], rng) for i in range(500)])
-    _, dist = run_graph(onnx_path, cal.astype(np.float32) / np.float32(255.0))
+    logits, dist = run_graph(onnx_path, cal.astype(np.float32) / np.float32(255.0))
     qs = [round(q, 3) for q in np.linspace(0.5, 0.99, 50)] + [0.995, 0.999]
-    values = np.quantile(dist.astype(np.float64), qs)
-    values = np.maximum.accumulate(values)
+
+    def table(d: np.ndarray) -> tuple[QuantilePoint, ...]:
+        values = np.maximum.accumulate(np.quantile(d.astype(np.float64), qs))
+        return tuple(QuantilePoint(q=q, value=float(v)) for q, v in zip(qs, values, strict=True))
+
     threshold = float(np.quantile(dist.astype(np.float64), target_tpr))
+    per_class = None
+    if class_thresholds:
+        predicted = logits.argmax(1)
+        per_class = tuple(
+            ClassCalibration(
+                size=int((predicted == c).sum()),
+                pooled=False,
+                threshold=float(np.quantile(dist[predicted == c].astype(np.float64), target_tpr)),
+                quantiles=table(dist[predicted == c]),
+            )
+            for c in range(len(labels))
+        )
     ood = OODMetrics(auroc=0.99, tnr_at_tpr95=0.97, dtacc=0.96, aupr_in=0.99, aupr_out=0.98)
     manifest = Manifest(
         name=name,
@@ -170,9 +190,9 @@ def write_bundle(
             size=len(cal),
             target_tpr=target_tpr,
             threshold=threshold,
-            quantiles=tuple(
-                QuantilePoint(q=q, value=float(v)) for q, v in zip(qs, values, strict=True)
-            ),
+            quantiles=table(dist),
+            min_class_size=None if per_class is None else 1,
+            per_class=per_class,
         ),
     )
     manifest.write(bundle)

@@ -18,10 +18,17 @@ def expected_results(
     images: list[tuple[str | None, bytes]],
     top_k: int = 3,
     threshold: float | None = None,
+    class_thresholds: bool = True,
 ) -> list[dict[str, Any]]:
-    """One result dict per image, as the contract defines it, from a batch-of-1 ORT run each."""
+    """One result dict per image, as the contract defines it, from a batch-of-1 ORT run each.
+
+    The threshold is the predicted class's when the manifest has class thresholds (and
+    `class_thresholds`), else `threshold` or the manifest's global one.
+    """
     manifest = Manifest.read(bundle)
-    thr = manifest.calibration.threshold if threshold is None else threshold
+    cal = manifest.calibration
+    per_class = cal.class_thresholds_for(cal.target_tpr) if class_thresholds else None
+    global_thr = cal.threshold if threshold is None else threshold
     out = []
     for name, data in images:
         x = decode(data, manifest.preprocess)[None]
@@ -31,6 +38,7 @@ def expected_results(
         p /= p.sum()
         order = sorted(range(len(p)), key=lambda j: -p[j])[:top_k]
         d = float(dist[0])
+        thr = global_thr if per_class is None else per_class[order[0]]
         out.append(
             {
                 "filename": name,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from service.manifest import Calibration
-from training.calibrate import QUANTILE_GRID, calibrate, keep_quantile
+from training.calibrate import QUANTILE_GRID, calibrate, flags_ood, keep_quantile
 
 
 def _brute_force(d: np.ndarray, q: float) -> float:
@@ -81,3 +81,86 @@ def test_ties_keep_everything_tied() -> None:
 def test_bad_inputs_are_refused(d: np.ndarray, target: float, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
         calibrate(d, target_tpr=target)
+
+
+def _two_classes(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Class 0 sits tight (distances ~0.3), class 1 loose (~0.9), plus 10 images of class 2."""
+    d = np.r_[rng.uniform(0.2, 0.4, 800), rng.uniform(0.6, 1.2, 1200), rng.uniform(0, 1, 10)]
+    classes = np.r_[np.zeros(800, int), np.ones(1200, int), np.full(10, 2)]
+    return d, classes
+
+
+@pytest.mark.parametrize("target", [0.9, 0.95, 0.99])
+def test_class_thresholds_keep_the_target_of_every_class(target: float) -> None:
+    d, classes = _two_classes(np.random.default_rng(1))
+    cal = calibrate(d, target_tpr=target, val_classes=classes, num_classes=4, min_class_size=50)
+    assert cal.per_class is not None and cal.min_class_size == 50
+    for c in (0, 1):
+        entry = cal.per_class[c]
+        kept = np.mean(d[classes == c] <= entry.threshold)
+        assert not entry.pooled and entry.size == int((classes == c).sum())
+        assert target - 1e-12 <= kept < target + 1.0 / entry.size + 1e-12
+    # The global threshold over-keeps the tight class and under-keeps the loose one.
+    assert np.mean(d[classes == 0] <= cal.threshold) == 1.0
+    assert np.mean(d[classes == 1] <= cal.threshold) < target
+    # Too few (10) or no images: the global threshold and table stand in, sizes stay true.
+    for c, size in ((2, 10), (3, 0)):
+        entry = cal.per_class[c]
+        assert entry.pooled and entry.size == size
+        assert entry.threshold == cal.threshold and entry.quantiles == cal.quantiles
+    assert cal.class_thresholds_for(target) == tuple(e.threshold for e in cal.per_class)
+
+
+def test_class_thresholds_move_along_their_own_tables() -> None:
+    d, classes = _two_classes(np.random.default_rng(2))
+    cal = calibrate(d, val_classes=classes, num_classes=3)
+    assert cal.per_class is not None
+    at_90 = cal.class_thresholds_for(0.9)
+    assert at_90 is not None
+    for c in (0, 1):
+        kept = np.mean(d[classes == c] <= at_90[c])
+        assert abs(kept - 0.9) < 0.01
+    assert at_90[2] == pytest.approx(cal.threshold_for(0.9))  # pooled class: global table
+    with pytest.raises(ValueError, match="outside the calibrated range"):
+        cal.class_thresholds_for(0.3)
+    assert calibrate(d).class_thresholds_for(0.9) is None  # no classes given: none
+
+
+def test_flags_ood_is_the_served_verdict() -> None:
+    d, classes = _two_classes(np.random.default_rng(3))
+    logits = np.eye(3)[classes]  # argmax = the class
+    per_class = calibrate(d, val_classes=classes, num_classes=3)
+    flags = flags_ood(logits, d, per_class)
+    thresholds = np.array(per_class.class_thresholds_for(0.95))
+    np.testing.assert_array_equal(flags, d > thresholds[classes])
+    global_only = calibrate(d)
+    np.testing.assert_array_equal(flags_ood(logits, d, global_only), d > global_only.threshold)
+
+
+@pytest.mark.parametrize(
+    ("classes", "num_classes", "pattern"),
+    [
+        (np.zeros(5, int), None, "come together"),
+        (np.zeros(4, int), 2, "shape"),
+        (np.array([0, 1, 2, 3, 5]), 5, r"class indices in \[0, 5\)"),
+        (np.array([0, -1, 0, 0, 0]), 2, "class indices"),
+    ],
+)
+def test_bad_class_inputs_are_refused(classes, num_classes, pattern) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        calibrate(np.linspace(0.1, 1, 5), val_classes=classes, num_classes=num_classes)
+
+
+def test_manifest_refuses_inconsistent_class_calibration() -> None:
+    d, classes = _two_classes(np.random.default_rng(4))
+    cal = calibrate(d, val_classes=classes, num_classes=3).model_dump()
+    with pytest.raises(ValueError, match="come together"):
+        Calibration.model_validate({**cal, "min_class_size": None})
+    with pytest.raises(ValueError, match="add up"):
+        bad = [dict(e) for e in cal["per_class"]]
+        bad[0]["size"] += 1
+        Calibration.model_validate({**cal, "per_class": bad})
+    with pytest.raises(ValueError, match="global q grid"):
+        bad = [dict(e) for e in cal["per_class"]]
+        bad[0]["quantiles"] = bad[0]["quantiles"][1:]
+        Calibration.model_validate({**cal, "per_class": bad})

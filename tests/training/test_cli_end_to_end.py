@@ -66,10 +66,19 @@ def test_export_produces_a_bundle_the_manifest_schema_accepts(run_dir, tmp_path,
     assert 0.0 <= m.metrics.flagged["test"] <= 1.0
     assert set(m.metrics.ood) == {"mnist", "uniform-noise"} and set(m.metrics.ood["mnist"]) == {
         "mds",
+        "mds_class",
         "es",
         "mps",
     }
     assert m.calibration.size == 200 and m.calibration.threshold > 0
+    # One threshold per predicted class; 200 images over 10 classes is under the 50-image
+    # minimum for most of them, which then fall back to the global threshold.
+    per_class = m.calibration.per_class
+    assert per_class is not None and len(per_class) == 10
+    assert sum(c.size for c in per_class) == 200
+    for c in per_class:
+        assert c.pooled == (c.size < 50)
+        assert c.pooled or c.threshold != m.calibration.threshold
     # A second export of the same version is refused and overwrites nothing.
     before = (models / "tiny" / "1" / "manifest.json").read_text()
     assert main([*args, "--version", "1"]) == 2

@@ -63,6 +63,7 @@ def test_summary_means_and_sample_stds():
     assert es["auroc_mean"] == pytest.approx((0.75 + 0.79) / 2)  # mean over sets, then over seeds
     assert s["isomaxplus_mds"]["per_set"]["b"]["tnr_at_tpr95_mean"] == pytest.approx(0.61)
     assert "isomax_es" not in s  # no IsoMax runs given
+    assert "isomaxplus_mds_class" not in s  # a score the runs do not have is left out
 
 
 def test_claims_report_what_holds_and_where_not():

@@ -16,6 +16,7 @@ from training.scores import (
     max_probability,
     min_distance_from_logits,
     min_distance_score,
+    score_fn,
     scores_for,
 )
 
@@ -26,11 +27,27 @@ def test_score_registry_names_and_heads() -> None:
     assert set(SCORES) == {"mds", "es", "mps", "energy", "max_logit"}
     assert scores_for("softmax") == ["es", "mps", "energy", "max_logit"]
     assert scores_for("isomax") == ["es", "mps", "mds"]
-    assert scores_for("isomaxplus") == ["mds", "es", "mps"]
+    assert scores_for("isomaxplus") == ["mds", "mds_class", "es", "mps"]
     scores_for("softmax").append("x")  # callers get a copy
     assert scores_for("softmax") == ["es", "mps", "energy", "max_logit"]
     with pytest.raises(ValueError, match=r"unknown head 'linear'.*isomaxplus"):
         scores_for("linear")
+
+
+def test_class_margin_ranks_against_the_predicted_class_threshold() -> None:
+    thresholds = np.array([0.5, 1.0])
+    logits = np.array([[0.0, -1.0], [-1.0, 0.0], [0.0, -1.0]])  # predicted 0, 1, 0
+    dist = np.array([0.6, 0.6, 0.4])
+    margin = score_fn("mds_class", thresholds)(logits, dist)
+    np.testing.assert_allclose(margin, [-0.1, 0.4, 0.1])
+    # Positive exactly when the service answers is_ood = false.
+    assert list(margin > 0) == [False, True, True]
+    # The same distance ranks differently by class: the global MDS cannot tell them apart.
+    assert min_distance_score(dist)[0] == min_distance_score(dist)[1]
+    with pytest.raises(ValueError, match="needs class thresholds"):
+        score_fn("mds_class")
+    with pytest.raises(ValueError, match="3 class thresholds for 2 logits"):
+        score_fn("mds_class", np.ones(3))(logits, dist)
 
 
 def test_formulas_on_a_hand_computed_row() -> None:
