@@ -144,6 +144,32 @@ def _per_class(
     return tuple(out)
 
 
+def class_thresholds(
+    ood_values: np.ndarray,
+    classes: np.ndarray,
+    num_classes: int,
+    target_tpr: float = 0.95,
+    min_class_size: int = MIN_CLASS_SIZE,
+) -> np.ndarray:
+    """Per predicted class, the value keeping `target_tpr` of that class (larger = more OOD).
+
+    The thresholds of `calibrate(...).per_class` for any score, e.g. the entropy: `ood_values`
+    are `−score` on the validation split, `classes` the predicted classes. Classes with fewer
+    than `min_class_size` images get the global threshold, as in `calibrate`.
+    """
+    v = np.asarray(ood_values, dtype=np.float64)
+    c = np.asarray(classes)
+    if v.ndim != 1 or v.shape != c.shape or len(v) == 0:
+        raise ValueError(f"ood_values {v.shape} and classes {c.shape} must be the same (N,)")
+    global_t = keep_quantile(np.sort(v), target_tpr)
+    out = np.full(num_classes, global_t)
+    for k in range(num_classes):
+        vk = v[c == k]
+        if len(vk) >= min_class_size:
+            out[k] = keep_quantile(np.sort(vk), target_tpr)
+    return out
+
+
 def flags_ood(logits: np.ndarray, min_distance: np.ndarray, cal: Calibration) -> np.ndarray:
     """The service's verdict `is_ood` per image: `min_distance` above the threshold of the
     predicted class when `cal` has class thresholds, else above the global one."""

@@ -213,7 +213,8 @@ def cmd_export(a: argparse.Namespace) -> int:
             splits.test_x,
             splits.test_y,
             sets,
-            class_thresholds=None if per_class is None else np.asarray(per_class),
+            val=(splits.val_x, splits.val_y),
+            class_thresholds=None if per_class is None else {"mds_class": np.asarray(per_class)},
         )
         report.update(r)
         # Share of each set the served verdict flags: ~1 - target_tpr on "test" by design.

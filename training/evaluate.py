@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from training.calibrate import calibrate
+from training.calibrate import class_thresholds as per_class_thresholds
 from training.metrics import accuracy, ood_metrics
-from training.scores import CALIBRATED, ScoreFn, entropic, score_fn, scores_for
+from training.scores import CALIBRATED, SCORES, ScoreFn, entropic, score_fn, scores_for
 
 log = logging.getLogger(__name__)
 
@@ -32,23 +32,28 @@ def evaluate(
     id_labels: np.ndarray,
     ood_sets: Mapping[str, np.ndarray],
     val: tuple[np.ndarray, np.ndarray] | None = None,
-    class_thresholds: np.ndarray | None = None,
+    class_thresholds: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Outputs]]:
     """-> (report, raw outputs by set name incl. 'in') for plots and further analysis.
 
-    Scores that rank against class thresholds (`mds_class`) use `class_thresholds` or, without
-    them, thresholds calibrated here on `val` (target TPR 0.95); with neither they are skipped.
-    The thresholds used are kept in `report["class_thresholds"]`.
+    Class-conditional scores (`mds_class`, `es_class`) rank against per-class thresholds
+    ("larger = more OOD" units): those in `class_thresholds` (e.g. the bundle's own), else
+    calibrated here on `val` at target TPR 0.95; without either they are skipped. The
+    thresholds used are kept in `report["class_thresholds"]`.
     """
     outputs: dict[str, Outputs] = {"in": predict(id_images)}
-    scores = scores_for(head)
     val_outputs = predict(val[0]) if val is not None else None
-    if class_thresholds is None and val_outputs is not None and val_outputs[1] is not None:
-        logits, dist = val_outputs[0], val_outputs[1]
-        cal = calibrate(dist, val_classes=logits.argmax(1), num_classes=logits.shape[1])
-        class_thresholds = np.asarray(cal.class_thresholds_for(cal.target_tpr))
-    if class_thresholds is None:
-        scores = [s for s in scores if s not in CALIBRATED]
+    thresholds = {k: np.asarray(v) for k, v in (class_thresholds or {}).items()}
+    scores = scores_for(head)
+    for s in scores:
+        if s in CALIBRATED and s not in thresholds and val_outputs is not None:
+            logits = val_outputs[0]
+            if CALIBRATED[s] == "mds" and val_outputs[1] is None:
+                continue
+            thresholds[s] = per_class_thresholds(
+                -SCORES[CALIBRATED[s]](*val_outputs), logits.argmax(1), logits.shape[1]
+            )
+    scores = [s for s in scores if s not in CALIBRATED or s in thresholds]
     report: dict[str, Any] = {
         "head": head,
         "scores": scores,
@@ -56,13 +61,14 @@ def evaluate(
         "ood": {},
         "sizes": {"test": len(id_labels)},
     }
-    if class_thresholds is not None and any(s in CALIBRATED for s in scores):
-        report["class_thresholds"] = [float(t) for t in class_thresholds]
+    used = {s: [float(t) for t in thresholds[s]] for s in scores if s in CALIBRATED}
+    if used:
+        report["class_thresholds"] = used
     report["accuracy"]["test"] = accuracy(outputs["in"][0], id_labels)
     if val is not None and val_outputs is not None:
         report["accuracy"]["val"] = accuracy(val_outputs[0], val[1])
         report["sizes"]["val"] = len(val[1])
-    fns = {s: score_fn(s, class_thresholds) for s in scores}
+    fns = {s: score_fn(s, thresholds.get(s)) for s in scores}
     s_in = {s: fns[s](*outputs["in"]) for s in scores}
     for name, images in ood_sets.items():
         outputs[name] = predict(images)
@@ -73,7 +79,7 @@ def evaluate(
 
 def report_score_fn(report: Mapping[str, Any], name: str) -> ScoreFn:
     """The score `name` as `report` computed it (with its class thresholds, if it has any)."""
-    return score_fn(name, report.get("class_thresholds"))
+    return score_fn(name, report.get("class_thresholds", {}).get(name))
 
 
 def markdown_table(

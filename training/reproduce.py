@@ -204,7 +204,7 @@ def _table(summary: dict[str, Any], methods: Sequence[str], sets: Iterable[str])
 
 
 # mds_class: MDS against the predicted class's own validation threshold (training/scores.py).
-SCORE_LABELS = {"mds_class": "MDS/class"}
+SCORE_LABELS = {"mds_class": "MDS/class", "es_class": "ES/class"}
 
 
 def _label(method: str) -> str:
@@ -262,6 +262,11 @@ def claims(summary: dict[str, Any]) -> list[str]:
         "Class thresholds beat the global one for MDS on IsoMax+ (this project's change)",
         "isomaxplus_mds_class",
         "isomaxplus_mds",
+    )
+    claim(
+        "On IsoMax+ with class thresholds, MDS beats the entropic score (this project's change)",
+        "isomaxplus_mds_class",
+        "isomaxplus_es_class",
     )
     claim(
         "IsoMax+ with MDS/class beats SoftMax with the energy score (not in the paper)",
@@ -324,6 +329,7 @@ def write_report(result: dict[str, Any], out_dir: Path, figures: dict[str, str])
                 "isomaxplus_es",
                 "isomaxplus_mds",
                 "isomaxplus_mds_class",
+                "isomaxplus_es_class",
                 "isomaxplus-paperinit_es",
                 "isomaxplus-paperinit_mds",
             ],

@@ -116,23 +116,6 @@ def _mds(logits: np.ndarray, min_distance: np.ndarray | None) -> np.ndarray:
     return min_distance_score(d)
 
 
-def class_margin(class_thresholds: np.ndarray) -> ScoreFn:
-    """MDS against the predicted class's own threshold: `threshold[argmax logits] − min_distance`.
-
-    Positive exactly when the service answers `is_ood: false` with class-conditional
-    calibration, so its AUROC is that of the verdict users get. The thresholds come from the
-    validation split (`training.calibrate`), never from OOD data.
-    """
-    t = np.asarray(class_thresholds, dtype=np.float64)
-
-    def score(logits: np.ndarray, min_distance: np.ndarray | None = None) -> np.ndarray:
-        if np.shape(logits)[-1] != t.shape[0]:
-            raise ValueError(f"{t.shape[0]} class thresholds for {np.shape(logits)[-1]} logits")
-        return t[np.argmax(logits, axis=1)] + _mds(logits, min_distance)
-
-    return score
-
-
 def _logit_score(fn: Callable[[np.ndarray], np.ndarray]) -> ScoreFn:
     def score(logits: np.ndarray, min_distance: np.ndarray | None = None) -> np.ndarray:
         return fn(logits)
@@ -154,19 +137,38 @@ SCORES: dict[str, ScoreFn] = {
 _HEAD_SCORES = {
     "softmax": ("es", "mps", "energy", "max_logit"),
     "isomax": ("es", "mps", "mds"),  # mds from min_distance_from_logits: the paper's Table 6
-    "isomaxplus": ("mds", "mds_class", "es", "mps"),  # the method's own score first
+    "isomaxplus": ("mds", "mds_class", "es", "es_class", "mps"),  # the method's own score first
 }
 
-# Scores that need the validation split's class thresholds (`score_fn` builds them).
-CALIBRATED = {"mds_class": class_margin}
+# Class-conditional scores -> the score they are built on. `<score>_class` ranks an image by its
+# score against the threshold of its predicted class, calibrated on the validation split
+# (`class_thresholds`); `mds_class` is what the service's `is_ood` does with class thresholds.
+CALIBRATED = {"mds_class": "mds", "es_class": "es"}
+
+
+def class_margin(base: ScoreFn, class_thresholds: np.ndarray) -> ScoreFn:
+    """`base` score minus the threshold of the predicted class: > 0 means "in-distribution".
+
+    `class_thresholds` are in "larger = more OOD" units, like `min_distance` (`−score`), so the
+    margin is `base + threshold[argmax logits]`; for MDS, `threshold[class] − min_distance`.
+    """
+    t = np.asarray(class_thresholds, dtype=np.float64)
+
+    def score(logits: np.ndarray, min_distance: np.ndarray | None = None) -> np.ndarray:
+        if np.shape(logits)[-1] != t.shape[0]:
+            raise ValueError(f"{t.shape[0]} class thresholds for {np.shape(logits)[-1]} logits")
+        return base(logits, min_distance) + t[np.argmax(logits, axis=1)]
+
+    score.__doc__ = f"Class-conditional {base.__name__}: " + (class_margin.__doc__ or "")
+    return score
 
 
 def score_fn(name: str, class_thresholds: np.ndarray | None = None) -> ScoreFn:
-    """The score called `name`; calibrated ones need the class thresholds they rank against."""
+    """The score called `name`; class-conditional ones need the thresholds they rank against."""
     if name in CALIBRATED:
         if class_thresholds is None:
             raise ValueError(f"score {name!r} needs class thresholds from the validation split")
-        return CALIBRATED[name](class_thresholds)
+        return class_margin(SCORES[CALIBRATED[name]], class_thresholds)
     return SCORES[name]
 
 

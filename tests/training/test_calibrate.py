@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from service.manifest import Calibration
-from training.calibrate import QUANTILE_GRID, calibrate, flags_ood, keep_quantile
+from training.calibrate import (
+    QUANTILE_GRID,
+    calibrate,
+    class_thresholds,
+    flags_ood,
+    keep_quantile,
+)
 
 
 def _brute_force(d: np.ndarray, q: float) -> float:
@@ -109,6 +115,16 @@ def test_class_thresholds_keep_the_target_of_every_class(target: float) -> None:
         assert entry.pooled and entry.size == size
         assert entry.threshold == cal.threshold and entry.quantiles == cal.quantiles
     assert cal.class_thresholds_for(target) == tuple(e.threshold for e in cal.per_class)
+
+
+def test_class_thresholds_of_any_score_match_the_manifest_calibration() -> None:
+    d, classes = _two_classes(np.random.default_rng(5))
+    cal = calibrate(d, val_classes=classes, num_classes=4)
+    np.testing.assert_array_equal(
+        class_thresholds(d, classes, 4), cal.class_thresholds_for(cal.target_tpr)
+    )
+    with pytest.raises(ValueError, match="same"):
+        class_thresholds(d, classes[:-1], 4)
 
 
 def test_class_thresholds_move_along_their_own_tables() -> None:

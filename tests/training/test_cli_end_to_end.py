@@ -68,6 +68,7 @@ def test_export_produces_a_bundle_the_manifest_schema_accepts(run_dir, tmp_path,
         "mds",
         "mds_class",
         "es",
+        "es_class",
         "mps",
     }
     assert m.calibration.size == 200 and m.calibration.threshold > 0

@@ -39,10 +39,10 @@ def test_class_thresholds_catch_what_one_threshold_cannot() -> None:
     ood = _images(np.zeros(200, int), rng.uniform(0.55, 0.65, 200))
     report, outputs = evaluate(_predict, "isomaxplus", test_x, test_y, {"ood": ood}, val=val)
 
-    assert report["scores"] == ["mds", "mds_class", "es", "mps"]
+    assert report["scores"] == ["mds", "mds_class", "es", "es_class", "mps"]
     assert report["accuracy"] == {"test": 1.0, "val": 1.0}
     assert report["sizes"] == {"test": 400, "val": 400, "ood": 200}
-    t0, t1 = report["class_thresholds"]
+    t0, t1 = report["class_thresholds"]["mds_class"]
     # 95% of each class on validation (distances stored in hundredths, as float32)
     assert 0.375 <= t0 <= 0.4 + 1e-6 and 0.975 <= t1 <= 1.0 + 1e-6
     assert report["ood"]["ood"]["mds_class"]["auroc"] == pytest.approx(1.0)
@@ -57,14 +57,25 @@ def test_given_thresholds_are_used_and_without_any_the_score_is_left_out() -> No
     test_x, test_y = _split(rng, 200)
     ood = _images(np.zeros(50, int), np.full(50, 0.6))
     report, _ = evaluate(
-        _predict, "isomaxplus", test_x, test_y, {"ood": ood}, class_thresholds=np.array([0.5, 1.0])
+        _predict,
+        "isomaxplus",
+        test_x,
+        test_y,
+        {"ood": ood},
+        class_thresholds={"mds_class": np.array([0.5, 1.0])},
     )
-    assert report["class_thresholds"] == [0.5, 1.0]
+    assert report["class_thresholds"] == {"mds_class": [0.5, 1.0]}
+    assert "es_class" not in report["scores"]  # no thresholds given, no validation split
     # Margins: ID 0.1-0.3 (class 0) and 0-0.2 (class 1), OOD 0.5 - 0.6 < 0: all separated.
     assert report["ood"]["ood"]["mds_class"]["auroc"] == pytest.approx(1.0)
     # Thresholds that sit too high: OOD margin 0.7 - 0.6 = 0.1 ranks among class 1's 0-0.2.
     loose, _ = evaluate(
-        _predict, "isomaxplus", test_x, test_y, {"ood": ood}, class_thresholds=np.array([0.7, 1.0])
+        _predict,
+        "isomaxplus",
+        test_x,
+        test_y,
+        {"ood": ood},
+        class_thresholds={"mds_class": np.array([0.7, 1.0])},
     )
     assert loose["ood"]["ood"]["mds_class"]["auroc"] == pytest.approx(0.75, abs=0.02)
     bare, _ = evaluate(_predict, "isomaxplus", test_x, test_y, {"ood": ood})
