@@ -125,14 +125,18 @@ def _read_off(
 
 
 class ClassCalibration(_Strict):
-    """Threshold for the images *predicted* as one class (class-conditional calibration).
+    """Threshold for the images *predicted* as one class (class thresholds).
 
     In-distribution distances differ by class (on the default bundle the validation median is
-    0.75 for sandals and 0.96 for shirts), so one global threshold flags too many shirts and too
-    few sandal look-alikes. Calibrating each predicted class on its own validation images keeps
-    `target_tpr` of every class (Mondrian split-conformal prediction) and still uses no OOD data.
+    0.75 for sandals and 0.96 for shirts), so one global threshold passes distant look-alikes
+    of tight classes. The rule, all on validation images, no OOD data: at a level `q`, each
+    class's threshold is the `q` quantile of its own distances, capped by the `q` quantile of
+    all distances (so that inputs far from everything, like noise, stay flagged even when they
+    land in a loose class); `q` is the smallest level at which `target_tpr` of all validation
+    images are kept. `threshold` is at the manifest's `target_tpr`; `quantiles` maps other
+    overall targets (`q` = target) to this class's threshold, on the global table's grid.
     `pooled`: fewer than `Calibration.min_class_size` validation images were predicted as this
-    class, so the global threshold and table stand in for it.
+    class, so it takes the global level-`q` threshold.
     """
 
     size: int = Field(ge=0)

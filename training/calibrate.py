@@ -92,9 +92,8 @@ def calibrate(
     )
     per_class = None
     if val_classes is not None and num_classes is not None:
-        pooled = ClassCalibration(size=0, pooled=True, threshold=threshold, quantiles=table)
         per_class = _per_class(
-            d, np.asarray(val_classes), num_classes, qs, target_tpr, min_class_size, pooled
+            d, np.asarray(val_classes), num_classes, qs, target_tpr, min_class_size
         )
     return Calibration(
         split=split,
@@ -107,6 +106,48 @@ def calibrate(
     )
 
 
+class _ClassDistances:
+    """Validation distances sorted per predicted class, for thresholds at any level `q`."""
+
+    def __init__(
+        self, d: np.ndarray, classes: np.ndarray, num_classes: int, min_class_size: int
+    ) -> None:
+        if classes.shape != d.shape:
+            raise ValueError(f"val_classes has shape {classes.shape}, distances {d.shape}")
+        if num_classes < 1 or classes.min() < 0 or classes.max() >= num_classes:
+            raise ValueError(f"val_classes must be class indices in [0, {num_classes})")
+        if min_class_size < 1:
+            raise ValueError(f"min_class_size must be >= 1, got {min_class_size}")
+        self.d, self.classes = d, classes
+        self.all = np.sort(d)
+        self.per_class = [np.sort(d[classes == c]) for c in range(num_classes)]
+        self.own = [len(dc) >= min_class_size for dc in self.per_class]
+
+    def at(self, q: float) -> np.ndarray:
+        """Each class's own level-q threshold, capped by the global level-q one."""
+        t_all = keep_quantile(self.all, q)
+        return np.array(
+            [min(keep_quantile(dc, q), t_all) if own else t_all
+             for dc, own in zip(self.per_class, self.own, strict=True)]
+        )  # fmt: skip
+
+    def for_target(self, target_tpr: float) -> np.ndarray:
+        """Class thresholds at the smallest level q that keeps `target_tpr` of all images."""
+        lo, hi = target_tpr, 1.0  # keeps < target at lo (capping only lowers), all at 1.0
+        if self.kept(self.at(lo)) >= target_tpr:
+            return self.at(lo)
+        for _ in range(40):  # the level is found to 1e-12; each step halves the interval
+            mid = (lo + hi) / 2
+            if self.kept(self.at(mid)) >= target_tpr:
+                hi = mid
+            else:
+                lo = mid
+        return self.at(hi)
+
+    def kept(self, thresholds: np.ndarray) -> float:
+        return float(np.mean(self.d <= thresholds[self.classes]))
+
+
 def _per_class(
     d: np.ndarray,
     classes: np.ndarray,
@@ -114,34 +155,31 @@ def _per_class(
     qs: list[float],
     target_tpr: float,
     min_class_size: int,
-    pooled: ClassCalibration,
 ) -> tuple[ClassCalibration, ...]:
-    """Thresholds per predicted class; a class under `min_class_size` gets `pooled` (the global
-    threshold and table) with its own size."""
-    if classes.shape != d.shape:
-        raise ValueError(f"val_classes has shape {classes.shape}, distances {d.shape}")
-    if num_classes < 1 or classes.min() < 0 or classes.max() >= num_classes:
-        raise ValueError(f"val_classes must be class indices in [0, {num_classes})")
-    if min_class_size < 1:
-        raise ValueError(f"min_class_size must be >= 1, got {min_class_size}")
-    out = []
-    for c in range(num_classes):
-        dc = np.sort(d[classes == c])
-        if len(dc) < min_class_size:
-            out.append(pooled.model_copy(update={"size": len(dc)}))
-            continue
-        out.append(
-            ClassCalibration(
-                size=len(dc),
-                pooled=False,
-                threshold=keep_quantile(dc, target_tpr),
-                quantiles=_table(dc, qs),
-            )
-        )
-    small = [c for c, entry in enumerate(out) if entry.pooled]
+    """One `ClassCalibration` per class: its threshold at `target_tpr` and at every grid target."""
+    cd = _ClassDistances(d, classes, num_classes, min_class_size)
+    at_target = cd.for_target(target_tpr)
+    grid = np.stack([cd.for_target(q) for q in qs])  # (len(qs), K), non-decreasing down columns
+    small = [c for c in range(num_classes) if not cd.own[c]]
     if small:
         log.info("classes %s have < %d validation images: global threshold", small, min_class_size)
-    return tuple(out)
+    log.info(
+        "class thresholds keep %.4f of %d validation images (target %.4f)",
+        cd.kept(at_target),
+        len(d),
+        target_tpr,
+    )
+    return tuple(
+        ClassCalibration(
+            size=len(cd.per_class[c]),
+            pooled=not cd.own[c],
+            threshold=float(at_target[c]),
+            quantiles=tuple(
+                QuantilePoint(q=q, value=float(v)) for q, v in zip(qs, grid[:, c], strict=True)
+            ),
+        )
+        for c in range(num_classes)
+    )
 
 
 def class_thresholds(
@@ -151,23 +189,16 @@ def class_thresholds(
     target_tpr: float = 0.95,
     min_class_size: int = MIN_CLASS_SIZE,
 ) -> np.ndarray:
-    """Per predicted class, the value keeping `target_tpr` of that class (larger = more OOD).
+    """The class thresholds of `calibrate(...).per_class` for any score (larger = more OOD).
 
-    The thresholds of `calibrate(...).per_class` for any score, e.g. the entropy: `ood_values`
-    are `−score` on the validation split, `classes` the predicted classes. Classes with fewer
-    than `min_class_size` images get the global threshold, as in `calibrate`.
+    `ood_values` are `−score` on the validation split (for MDS: `min_distance`), `classes` the
+    predicted classes. `ClassCalibration` describes the rule.
     """
     v = np.asarray(ood_values, dtype=np.float64)
     c = np.asarray(classes)
     if v.ndim != 1 or v.shape != c.shape or len(v) == 0:
         raise ValueError(f"ood_values {v.shape} and classes {c.shape} must be the same (N,)")
-    global_t = keep_quantile(np.sort(v), target_tpr)
-    out = np.full(num_classes, global_t)
-    for k in range(num_classes):
-        vk = v[c == k]
-        if len(vk) >= min_class_size:
-            out[k] = keep_quantile(np.sort(vk), target_tpr)
-    return out
+    return _ClassDistances(v, c, num_classes, min_class_size).for_target(target_tpr)
 
 
 def flags_ood(logits: np.ndarray, min_distance: np.ndarray, cal: Calibration) -> np.ndarray:
