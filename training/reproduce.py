@@ -416,7 +416,7 @@ def make_figures(
             f"{NAMES[head]} {SCORE_LABELS.get(score, score.upper())} (seed 0)",
             out_dir / f"roc_{head}_{score}.png",
         )
-        figs[f"ROC {NAMES[head]} {score.upper()}"] = p.name
+        figs[f"ROC {NAMES[head]} {SCORE_LABELS.get(score, score.upper())}"] = p.name
     return figs
 
 
