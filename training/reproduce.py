@@ -172,6 +172,8 @@ def _pm(m: float, s: float | None) -> str:
 
 def _table(summary: dict[str, Any], methods: Sequence[str], sets: Iterable[str]) -> list[str]:
     present = [m for m in methods if m in summary]
+    if not present:  # e.g. a study of other heads only
+        return ["(no run of these methods in this study)"]
     lines = [
         "| OOD set | "
         + " | ".join(f"{_label(m)} TNR@TPR95" for m in present)

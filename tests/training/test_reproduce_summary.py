@@ -80,3 +80,14 @@ def test_claims_report_what_holds_and_where_not():
         in text
     )
     assert "**holds** (IsoMax+ − SoftMax = +0.00 points)" in text
+
+
+def test_tables_of_methods_not_in_the_study_say_so():
+    from training.reproduce import _table
+
+    only_isomaxplus = summarize(RUNS[2:])
+    assert _table(only_isomaxplus, ["softmax_es", "isomax_es"], ["a", "b"]) == [
+        "(no run of these methods in this study)"
+    ]
+    lines = _table(only_isomaxplus, ["softmax_es", "isomaxplus_mds"], ["a", "b"])
+    assert len(lines) == 4 and "IsoMax+<sub>MDS</sub>" in lines[0] and "SoftMax" not in lines[0]
