@@ -183,26 +183,27 @@ def _table(summary: dict[str, Any], methods: Sequence[str], sets: Iterable[str])
     ]
     lines.append("|" + " --- |" * (1 + 2 * len(present)))
     for s in sets:
-        cells = [
-            _pm(
-                summary[m]["per_set"][s]["tnr_at_tpr95_mean"],
-                summary[m]["per_set"][s]["tnr_at_tpr95_std"],
-            )
-            for m in present
+        # A method without runs on this set (e.g. no open-set runs of it) shows a dash.
+        aurocs = [
+            summary[m]["per_set"][s]["auroc_mean"] for m in present if s in summary[m]["per_set"]
         ]
-        best = max(summary[m]["per_set"][s]["auroc_mean"] for m in present)
-        au = [
-            (
-                "**"
-                + _pm(summary[m]["per_set"][s]["auroc_mean"], summary[m]["per_set"][s]["auroc_std"])
-                + "**"
-            )
-            if summary[m]["per_set"][s]["auroc_mean"] == best
-            else _pm(summary[m]["per_set"][s]["auroc_mean"], summary[m]["per_set"][s]["auroc_std"])
-            for m in present
-        ]
-        lines.append(f"| {s} | " + " | ".join(cells + au) + " |")
+        best = max(aurocs, default=None)
+        cells = [_cell(summary[m]["per_set"].get(s), "tnr_at_tpr95", best) for m in present]
+        cells += [_cell(summary[m]["per_set"].get(s), "auroc", best) for m in present]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _cell(v: dict[str, Any] | None, metric: str, best_auroc: float | None) -> str:
+    if v is None:
+        return "–"
+    text = _pm(v[f"{metric}_mean"], v[f"{metric}_std"])
+    return f"**{text}**" if metric == "auroc" and v["auroc_mean"] == best_auroc else text
+
+
+def _all_sets(summary: dict[str, Any]) -> list[str]:
+    """Every OOD set of any method, in the order they first appear."""
+    return list(dict.fromkeys(s for v in summary.values() for s in v["per_set"]))
 
 
 # mds_class: MDS against the predicted class's own validation threshold (training/scores.py).
@@ -217,18 +218,12 @@ def _label(method: str) -> str:
 def claims(summary: dict[str, Any]) -> list[str]:
     """The paper's claims, each checked on this data: 'holds' or 'does not hold', with counts."""
     out: list[str] = []
-    sets = list(next(iter(summary.values()))["per_set"])
-
-    def wins(a: str, b: str) -> list[str]:
-        return [
-            s
-            for s in sets
-            if summary[a]["per_set"][s]["auroc_mean"] > summary[b]["per_set"][s]["auroc_mean"]
-        ]
 
     def claim(text: str, a: str, b: str) -> None:
         if a in summary and b in summary:
-            w = wins(a, b)
+            pa, pb = summary[a]["per_set"], summary[b]["per_set"]
+            sets = [s for s in pa if s in pb]  # the sets both were scored on
+            w = [s for s in sets if pa[s]["auroc_mean"] > pb[s]["auroc_mean"]]
             verdict = (
                 "holds"
                 if len(w) == len(sets)
@@ -290,7 +285,7 @@ def claims(summary: dict[str, Any]) -> list[str]:
 
 def write_report(result: dict[str, Any], out_dir: Path, figures: dict[str, str]) -> Path:
     s = result["summary"]
-    sets = list(next(iter(s.values()))["per_set"])
+    sets = _all_sets(s)
     cfg = result["recipe"]
     lines = [
         "# Reproduction: IsoMax+ vs IsoMax vs SoftMax on Fashion-MNIST"

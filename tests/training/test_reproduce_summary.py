@@ -91,3 +91,18 @@ def test_tables_of_methods_not_in_the_study_say_so():
     ]
     lines = _table(only_isomaxplus, ["softmax_es", "isomaxplus_mds"], ["a", "b"])
     assert len(lines) == 4 and "IsoMax+<sub>MDS</sub>" in lines[0] and "SoftMax" not in lines[0]
+
+
+def test_a_method_without_some_set_gets_dashes_and_claims_compare_shared_sets():
+    from training.reproduce import _table
+
+    runs = [*RUNS[:2], *RUNS[2:]]
+    open_only = run("isomaxplus", 0, 0.91, {"a": {"mds": 0.5, "es": 0.9, "mps": 0.9}})
+    s = summarize(runs)
+    s["isomaxplus_mds"]["per_set"]["held-out"] = summarize([open_only])["isomaxplus_mds"][
+        "per_set"
+    ]["a"]
+    lines = _table(s, ["softmax_es", "isomaxplus_mds"], ["a", "held-out"])
+    assert lines[-1] == "| held-out | – | 50.0 | – | **50.0** |"
+    text = "\n".join(claims(s))  # held-out is only on one side: compared over a and b
+    assert "(Table 3): **does not hold** (higher mean AUROC on 1/2 sets; not on b)" in text
