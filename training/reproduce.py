@@ -398,6 +398,7 @@ def make_figures(
         ("isomaxplus", "mds"),
         ("isomaxplus", "mds_class"),
         ("isomaxplus", "es"),
+        ("isomaxplus", "es_class"),
         ("softmax", "es"),
         ("softmax", "energy"),
         ("isomax", "es"),
