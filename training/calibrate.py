@@ -158,8 +158,8 @@ def _per_class(
 ) -> tuple[ClassCalibration, ...]:
     """One `ClassCalibration` per class: its threshold at `target_tpr` and at every grid target."""
     cd = _ClassDistances(d, classes, num_classes, min_class_size)
-    at_target = cd.for_target(target_tpr)
     grid = np.stack([cd.for_target(q) for q in qs])  # (len(qs), K), non-decreasing down columns
+    at_target = grid[qs.index(target_tpr)]  # the grid holds the target (calibrate adds it)
     small = [c for c in range(num_classes) if not cd.own[c]]
     if small:
         log.info("classes %s have < %d validation images: global threshold", small, min_class_size)

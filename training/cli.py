@@ -202,9 +202,9 @@ def cmd_export(a: argparse.Namespace) -> int:
     report: dict = {}
 
     def evaluate_graph(predictor, cal) -> Metrics:
-        acc = {"val": float((predictor(splits.val_x)[0].argmax(1) == splits.val_y).mean())}
         if splits.test_x is None or a.no_eval:
-            return Metrics(accuracy=acc)
+            val_logits = predictor(splits.val_x)[0]
+            return Metrics(accuracy={"val": float((val_logits.argmax(1) == splits.val_y).mean())})
         sets = _ood_sets(a.ood, splits, a.ood_folder, preprocess_for(meta, cfg))
         per_class = cal.class_thresholds_for(cal.target_tpr)
         r, outputs = evaluate(
@@ -224,9 +224,8 @@ def cmd_export(a: argparse.Namespace) -> int:
             if o[1] is not None
         }
         report["flagged_at_threshold"] = flagged
-        return Metrics(
-            accuracy={**acc, "test": r["accuracy"]["test"]}, ood=r["ood"], flagged=flagged
-        )
+        # r["accuracy"] holds val and test: evaluate() ran the graph on the validation split.
+        return Metrics(accuracy=r["accuracy"], ood=r["ood"], flagged=flagged)
 
     bundle = export_bundle(
         model,

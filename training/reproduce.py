@@ -210,9 +210,13 @@ def _all_sets(summary: dict[str, Any]) -> list[str]:
 SCORE_LABELS = {"mds_class": "MDS/class", "es_class": "ES/class"}
 
 
+def _score_label(score: str) -> str:
+    return SCORE_LABELS.get(score, score.upper())
+
+
 def _label(method: str) -> str:
     head, score = method.split("_", 1)
-    return f"{NAMES[head]}<sub>{SCORE_LABELS.get(score, score.upper())}</sub>"
+    return f"{NAMES[head]}<sub>{_score_label(score)}</sub>"
 
 
 def claims(summary: dict[str, Any]) -> list[str]:
@@ -411,10 +415,10 @@ def make_figures(
         p = plot_roc_curves(
             fn(*o["in"]),
             {k: fn(*v) for k, v in o.items() if k != "in"},
-            f"{NAMES[head]} {SCORE_LABELS.get(score, score.upper())} (seed 0)",
+            f"{NAMES[head]} {_score_label(score)} (seed 0)",
             out_dir / f"roc_{head}_{score}.png",
         )
-        figs[f"ROC {NAMES[head]} {SCORE_LABELS.get(score, score.upper())}"] = p.name
+        figs[f"ROC {NAMES[head]} {_score_label(score)}"] = p.name
     return figs
 
 
