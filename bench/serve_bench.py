@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager, suppress
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.standin_model import write_standin  # noqa: E402
-from service.manifest import Manifest  # noqa: E402
+from isomax.contract.manifest import Manifest  # noqa: E402
 
 OUT = REPO / "bench" / "out"
 RESULTS = REPO / "bench" / "results"
@@ -394,7 +394,7 @@ def main() -> int:
         )
 
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
             "cpu": next(
                 (

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.manifest import (
+from isomax.contract.manifest import (
     Calibration,
     Manifest,
     OnnxSpec,
@@ -123,7 +123,7 @@ def write_standin(models_dir: Path, name: str = "fmnist-standin", version: str =
     Manifest(
         name=name,
         version=version,
-        created=datetime.now(timezone.utc),
+        created=datetime.now(UTC),
         description="benchmark stand-in: smallcnn + IsoMax+ shape, random weights",
         onnx=OnnxSpec(sha256=sha256_file(bundle / "model.onnx"), opset=OPSET),
         preprocess=Preprocess(

@@ -21,8 +21,8 @@ _EXPORTS = {
     "IsoMaxHead": "training.head",
     "IsoMaxPlusLoss": "training.loss",
     "export_bundle": "training.export",
-    "Preprocess": "service.manifest",
-    "Manifest": "service.manifest",
+    "Preprocess": "isomax.contract.manifest",
+    "Manifest": "isomax.contract.manifest",
 }
 
 __all__ = sorted(_EXPORTS)

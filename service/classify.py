@@ -3,9 +3,10 @@
 Why a plain ASGI callable rather than a FastAPI route function: on the 2-core development
 machine FastAPI's per-request machinery (request/response wrappers, dependency solving, the
 route's exception and exit-stack layers) cost ~100-150 us of CPU per request, more than the
-rest of the work for a 28x28 image (docs/serving.md has the measurements). The route is still
-declared in FastAPI, with its parameters, body and responses, so OpenAPI documents it; its
-ASGI app is this endpoint, and `ServiceApp` (app.py) sends POST /classify here directly.
+rest of the work for a 28x28 image (docs/serving.md has the measurements). `ServiceApp`
+(app.py) sends POST /classify here before FastAPI's middleware and router; the query is
+validated by one pydantic declaration (`ClassifyQuery`), from which `openapi_operation` also
+documents it. The endpoint catches its own errors (one JSON body per error, service/errors.py).
 
 Multipart bodies are parsed with python-multipart's streaming parser (the library Starlette
 uses), collecting parts in memory with our limits, instead of `Request.form()`: that spools
@@ -24,10 +25,18 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.json_schema import models_json_schema
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import Message, Receive, Scope, Send
 
+from isomax.contract.decode import (
+    ImageDecodeError,
+    ImageTooLargeError,
+    image_to_uint8,
+    open_header,
+)
 from service.errors import (
     RETRY_AFTER,
     BadImageError,
@@ -38,15 +47,11 @@ from service.errors import (
     error_body,
     error_detail,
     error_status,
+    validation_detail,
 )
 from service.metrics import Metrics
 from service.models import LoadedModel, ModelRegistry
-from service.preprocess import (
-    ImageDecodeError,
-    ImageTooLargeError,
-    image_to_uint8,
-    open_header,
-)
+from service.schemas import ClassifyResponse, ErrorResponse
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,25 +71,43 @@ def _is_image_type(ctype: bytes) -> bool:
     return ctype.startswith(b"image/") or ctype == b"application/octet-stream"
 
 
-def parse_query(query_string: bytes) -> tuple[str | None, int]:
-    """`?model=...&top_k=...` -> (model or None, top_k); the top_k upper bound is per model."""
-    model: str | None = None
-    top_k = DEFAULT_TOP_K
-    if not query_string:
-        return model, top_k
-    for key, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
-        if key == "model":
-            model = value or None
-        elif key == "top_k":
-            try:
-                top_k = int(value)
-            except ValueError:
-                raise InvalidParameterError(
-                    f"top_k must be an integer, got {value[:40]!r}"
-                ) from None
-            if top_k < 1:
-                raise InvalidParameterError(f"top_k must be at least 1, got {top_k}")
-    return model, top_k
+class ClassifyQuery(BaseModel):
+    """The query of POST /classify: the one declaration that validates it and documents it.
+
+    The endpoint validates the query string with this model, and `openapi_operation` builds the
+    OpenAPI parameters from its JSON schema, so the two cannot drift apart. The upper bound of
+    `top_k` is the model's number of labels, checked once the model is known.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    model: str | None = Field(
+        default=None,
+        description="`name` (newest version) or `name:version`; optional when one model is served.",
+        examples=["fmnist-isomaxplus"],
+    )
+    top_k: int = Field(
+        default=DEFAULT_TOP_K,
+        ge=1,
+        description="How many classes to list per image (at most the model's number of labels).",
+        examples=[3],
+    )
+
+    @classmethod
+    def parse(cls, query_string: bytes) -> ClassifyQuery:
+        """Validate a raw query string (the last value of a repeated key wins)."""
+        if not query_string:
+            return _DEFAULT_QUERY
+        raw = dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
+        if raw.get("model") == "":
+            raw.pop("model")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            raise InvalidParameterError(validation_detail(e.errors())) from None
+
+
+_DEFAULT_QUERY = ClassifyQuery()
 
 
 class _MultipartCollector:
@@ -273,21 +296,20 @@ def results_json(
 
     Plain Python over `.tolist()` rows: for the usual handful of images per request it is ~2x
     cheaper than vectorised numpy, whose per-call overhead dominates on [1, 10] arrays.
-    probability = softmax(logits) in float64; ties keep the lower class index first.
+    probability = softmax(logits) in float64; ties keep the lower class index first (as argmax).
+    The verdict is `Thresholds.judge`, the rule training's evaluation uses too.
     """
     labels = model.labels
-    threshold = model.threshold
-    per_class = model.class_thresholds
-    n_ood = 0
+    thresholds, flags = model.thresholds.judge(np.argmax(logits, axis=1), distance)
+    n_ood = int(flags.sum())
     results = []
-    for up, row, d in zip(uploads, logits.tolist(), distance.tolist(), strict=True):
+    columns = (uploads, logits.tolist(), distance.tolist(), thresholds.tolist(), flags.tolist())
+    rows = zip(*columns, strict=True)
+    for up, row, d, t, is_ood in rows:
         top = max(row)
         e = [math.exp(v - top) for v in row]
         total = sum(e)
         best = sorted(range(len(e)), key=e.__getitem__, reverse=True)[:top_k]
-        t = threshold if per_class is None else per_class[best[0]]
-        is_ood = d > t
-        n_ood += is_ood
         results.append(
             {
                 "filename": up.filename,
@@ -342,8 +364,8 @@ class ClassifyEndpoint:
 
     async def classify(self, scope: Scope, receive: Receive) -> bytes:
         registry: ModelRegistry = self.state.registry
-        name, top_k = parse_query(scope["query_string"])
-        model = registry.resolve(name)
+        query = ClassifyQuery.parse(scope["query_string"])
+        model, top_k = registry.resolve(query.model), query.top_k
         k = len(model.labels)
         if top_k > k:
             raise InvalidParameterError(f"top_k must be between 1 and {k} for {model.name}")
@@ -361,3 +383,87 @@ async def _respond(
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+# -- OpenAPI -----------------------------------------------------------------------------------
+
+_ERROR_RESPONSES = {
+    400: "An image could not be decoded.",
+    404: "Unknown model.",
+    413: "Too many bytes, pixels or images.",
+    415: "The body is not an image type.",
+    422: "Bad parameters or form fields.",
+    503: "Not ready, or the queue is full; see the Retry-After header.",
+}
+
+
+def openapi_operation() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the OpenAPI operation of POST /classify, the component schemas it refers to).
+
+    Built from the same declarations the endpoint runs on: `ClassifyQuery` for the parameters,
+    the response models of service/schemas.py for the answers.
+    """
+    _, top = models_json_schema(
+        [(ClassifyResponse, "serialization"), (ErrorResponse, "serialization")],
+        ref_template="#/components/schemas/{model}",
+    )
+    query = ClassifyQuery.model_json_schema()
+    parameters = []
+    for name, prop in query["properties"].items():
+        prop = dict(prop)
+        description = prop.pop("description", "")
+        examples = prop.pop("examples", None)
+        prop.pop("title", None)
+        param: dict[str, Any] = {
+            "name": name,
+            "in": "query",
+            "required": name in query.get("required", ()),
+            "description": description,
+            "schema": prop,
+        }
+        if examples:
+            param["example"] = examples[0]
+        parameters.append(param)
+
+    def ref(model: type[BaseModel]) -> dict[str, Any]:
+        return {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+
+    responses: dict[str, Any] = {
+        "200": {
+            "description": "One result per image, in request order.",
+            "content": ref(ClassifyResponse),
+        }
+    }
+    for status, description in _ERROR_RESPONSES.items():
+        responses[str(status)] = {"description": description, "content": ref(ErrorResponse)}
+    operation = {
+        "summary": "Classify images and say whether each is out of distribution.",
+        "operationId": "classify",
+        "parameters": parameters,
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": [FORM_FIELD],
+                        "properties": {
+                            FORM_FIELD: {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {"type": "string", "format": "binary"},
+                                "description": "One part per image, all named `file`; results "
+                                "come back in the same order.",
+                            }
+                        },
+                    }
+                },
+                "image/*": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": "One image as the raw body (PNG, JPEG, WebP, BMP, GIF, ...).",
+                },
+            },
+        },
+        "responses": responses,
+    }
+    return operation, top["$defs"]

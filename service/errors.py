@@ -6,9 +6,12 @@ place that knows their status codes, and `error_body` the only place that format
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import orjson
 
-from service.preprocess import ImageDecodeError, ImageTooLargeError
+from isomax.contract.decode import ImageDecodeError, ImageTooLargeError
 
 
 class ServiceError(Exception):
@@ -87,3 +90,13 @@ def error_detail(exc: Exception) -> str:
 
 def error_body(detail: str) -> bytes:
     return orjson.dumps({"detail": detail})
+
+
+def validation_detail(errors: Sequence[Any]) -> str:
+    """pydantic / FastAPI validation errors -> one line naming each bad field, for a 422."""
+    parts = []
+    for err in errors:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("query", "body"))
+        msg = err.get("msg", "invalid")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts) or "invalid request"

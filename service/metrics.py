@@ -1,6 +1,6 @@
 """Prometheus metrics, in a registry owned by one app (so tests and apps never share series).
 
-Names and labels follow CONTRACT.md. Labels only take values from a small fixed set (model names,
+Names and labels: docs/metrics.md. Labels only take values from a small fixed set (model names,
 route templates, status codes), never per-request values.
 """
 
@@ -148,6 +148,13 @@ class Metrics:
             mark_process_dead(os.getpid())
 
 
+def route_path(scope: Scope) -> str:
+    """The request's path as the app's routes see it: without the root_path a proxy mounts it at."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 class RequestMetricsMiddleware:
     """Pure ASGI middleware counting every HTTP response by route template and status.
 
@@ -165,7 +172,7 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        path = scope["path"]
+        path = route_path(scope)
         endpoint = path if path in self._known else OTHER_ENDPOINT
         status = 500
 

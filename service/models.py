@@ -22,9 +22,16 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
+from isomax.contract.manifest import (
+    MANIFEST_FILE,
+    NAME_PATTERN,
+    VERSION_PATTERN,
+    Manifest,
+    sha256_file,
+)
+from isomax.contract.verdict import Thresholds
 from service.batching import Batcher
 from service.errors import InvalidParameterError, NotReadyError, UnknownModelError
-from service.manifest import MANIFEST_FILE, NAME_PATTERN, VERSION_PATTERN, Manifest, sha256_file
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -142,10 +149,7 @@ class LoadedModel:
     manifest: Manifest
     session: ort.InferenceSession
     provider: str  # what onnxruntime actually runs, e.g. CPUExecutionProvider
-    threshold: float  # global: used for every image unless class_thresholds is set
-    target_tpr: float
-    # One per label (manifest order): the threshold for images predicted as that class.
-    class_thresholds: tuple[float, ...] | None
+    thresholds: Thresholds  # at the served target_tpr; the verdict rule lives there
     batcher: Batcher
     # One onnxruntime run: x [B, C, H, W] float32 -> (logits [B, K], min_distance [B]).
     run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -187,13 +191,11 @@ def load_model(ref: BundleRef, settings: Settings, metrics: Metrics) -> LoadedMo
             f"{onnx_path}: sha256 {digest} does not match the manifest's {manifest.onnx.sha256}"
         )
 
-    target_tpr = settings.target_tpr.get(ref.name, manifest.calibration.target_tpr)
     try:
-        threshold = manifest.calibration.threshold_for(target_tpr)
-        class_thresholds = (
-            manifest.calibration.class_thresholds_for(target_tpr)
-            if settings.class_thresholds
-            else None
+        thresholds = Thresholds.lookup(
+            manifest.calibration,
+            settings.target_tpr.get(ref.name),
+            per_class=settings.class_thresholds,
         )
     except ValueError as e:
         raise ModelLoadError(f"{ref.key}: {e}") from e
@@ -258,9 +260,7 @@ def load_model(ref: BundleRef, settings: Settings, metrics: Metrics) -> LoadedMo
         manifest=manifest,
         session=session,
         provider=provider,
-        threshold=float(threshold),
-        target_tpr=float(target_tpr),
-        class_thresholds=class_thresholds,
+        thresholds=thresholds,
         batcher=batcher,
         run=run,
         load_seconds=time.perf_counter() - t0,
@@ -356,17 +356,18 @@ class ModelRegistry:
         if newest is None or int(model.version) > int(newest.version):
             self._by_name[model.name] = model
         m = self.metrics
-        m.threshold.labels(model.name).set(model.threshold)
-        for label, t in zip(model.labels, model.class_thresholds or (), strict=False):
-            m.class_threshold.labels(model.name, label).set(t)
+        t = model.thresholds
+        m.threshold.labels(model.name).set(t.overall)
+        for label, value in zip(model.labels, t.per_class or (), strict=False):
+            m.class_threshold.labels(model.name, label).set(value)
         m.model_info.labels(model.name, model.version, model.provider).set(1)
         m.model_ready.labels(model.name).set(1)
         log.info(
             "model %s ready on %s in %.2f s: threshold %.4f%s (target_tpr %.3f), %d labels, "
             "warmed up batch sizes 1-%d",
-            model.ref.key, model.provider, model.load_seconds, model.threshold,
-            "" if model.class_thresholds is None else " and one per class",
-            model.target_tpr, len(model.labels), self.settings.max_batch_size,
+            model.ref.key, model.provider, model.load_seconds, t.overall,
+            "" if t.per_class is None else " and one per class",
+            t.target_tpr, len(model.labels), self.settings.max_batch_size,
         )  # fmt: skip
 
     def resolve(self, model: str | None) -> LoadedModel:

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.manifest import NAME_PATTERN, VERSION_PATTERN
+from isomax.contract.manifest import NAME_PATTERN, VERSION_PATTERN
 
 MiB = 1024 * 1024
 _MODEL_REF = re.compile(NAME_PATTERN[:-1] + r"(:" + VERSION_PATTERN[1:-1] + r")?$")
@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     # Per-model operating point: {"<name>": target_tpr}, read off the manifest's quantile table.
     target_tpr: dict[str, float] = Field(default_factory=dict)
     # Judge each image against the threshold of its predicted class when the manifest has
-    # class thresholds (service.manifest.ClassCalibration says why); false: one global threshold.
+    # class thresholds (isomax.contract.manifest.ClassCalibration says why); false: one global threshold.
     class_thresholds: bool = True
 
     # Server (used by `isomax serve`).

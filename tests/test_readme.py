@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from service.manifest import Manifest
+from isomax.contract.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 

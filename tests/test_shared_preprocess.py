@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from isomax.contract.manifest import Preprocess
 from service.classify import Upload, decode_uploads
-from service.manifest import Preprocess
 from service.settings import Settings
 from training.data.folders import load_image_folder
 

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from service.manifest import Calibration, ClassCalibration, QuantilePoint
+from isomax.contract.manifest import Calibration, ClassCalibration, QuantilePoint
 
 log = logging.getLogger(__name__)
 
@@ -199,12 +199,3 @@ def class_thresholds(
     if v.ndim != 1 or v.shape != c.shape or len(v) == 0:
         raise ValueError(f"ood_values {v.shape} and classes {c.shape} must be the same (N,)")
     return _ClassDistances(v, c, num_classes, min_class_size).for_target(target_tpr)
-
-
-def flags_ood(logits: np.ndarray, min_distance: np.ndarray, cal: Calibration) -> np.ndarray:
-    """The service's verdict `is_ood` per image: `min_distance` above the threshold of the
-    predicted class when `cal` has class thresholds, else above the global one."""
-    per_class = cal.class_thresholds_for(cal.target_tpr)
-    if per_class is None:
-        return np.asarray(min_distance) > cal.threshold
-    return np.asarray(min_distance) > np.asarray(per_class)[np.argmax(logits, axis=1)]

@@ -113,7 +113,7 @@ def _load_run(run_dir: str, checkpoint: str):
 
 def preprocess_for(meta: dict, cfg: TrainConfig):
     """The serving preprocessing of a run: its input geometry, as its images were made."""
-    from service.manifest import Preprocess
+    from isomax.contract.manifest import Preprocess
 
     if cfg.dataset == "folder" and cfg.data_dir:
         from training.data.datasets import folder_preprocess
@@ -188,8 +188,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     import numpy as np
 
-    from service.manifest import Metrics
-    from training.calibrate import flags_ood
+    from isomax.contract.manifest import Metrics
+    from isomax.contract.verdict import Thresholds
     from training.evaluate import evaluate, markdown_table
     from training.export import export_bundle
 
@@ -206,7 +206,8 @@ def cmd_export(a: argparse.Namespace) -> int:
             val_logits = predictor(splits.val_x)[0]
             return Metrics(accuracy={"val": float((val_logits.argmax(1) == splits.val_y).mean())})
         sets = _ood_sets(a.ood, splits, a.ood_folder, preprocess_for(meta, cfg))
-        per_class = cal.class_thresholds_for(cal.target_tpr)
+        served = Thresholds.lookup(cal)
+        per_class = served.per_class
         r, outputs = evaluate(
             predictor,
             cfg.head,
@@ -219,7 +220,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         report.update(r)
         # Share of each set the served verdict flags: ~1 - target_tpr on "test" by design.
         flagged = {
-            ("test" if k == "in" else k): float(flags_ood(o[0], o[1], cal).mean())
+            ("test" if k == "in" else k): float(served.judge(o[0].argmax(1), o[1])[1].mean())
             for k, o in outputs.items()
             if o[1] is not None
         }

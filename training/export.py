@@ -1,7 +1,7 @@
 """Torch model -> ONNX graph with `logits` and `min_distance` -> checked, calibrated bundle.
 
 The graph takes `[0, 1]` pixels, normalizes inside, and returns the inference logits and the
-minimum distance from one forward pass (CONTRACT.md). A bundle is written only after the ONNX
+minimum distance from one forward pass (docs/bundle-format.md). A bundle is written only after the ONNX
 graph matches torch (max abs difference <= 1e-4 at batch 1 and 7 on real images), into a
 temporary directory renamed into place at the end, so a failed export leaves nothing behind
 and an existing version is never overwritten.
@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,14 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from service.manifest import Calibration, Manifest, Metrics, OnnxSpec, Preprocess, sha256_file
+from isomax.contract.manifest import (
+    Calibration,
+    Manifest,
+    Metrics,
+    OnnxSpec,
+    Preprocess,
+    sha256_file,
+)
 from training.calibrate import calibrate
 from training.head import IsoMaxHead, IsoMaxPlusHead
 
@@ -209,7 +216,7 @@ def export_bundle(
     `parity_images` default to the first calibration images. `evaluate`, if given, scores
     the exported graph itself (what will be served) with the calibration just made, and its
     metrics go into the manifest. `class_thresholds`: also calibrate one threshold per
-    predicted class (`service.manifest.ClassCalibration`), which the service then uses.
+    predicted class (`isomax.contract.manifest.ClassCalibration`), which the service then uses.
     """
     models_dir = Path(models_dir)
     version = version or next_version(models_dir, name)
@@ -255,7 +262,7 @@ def export_bundle(
         manifest = Manifest(
             name=name,
             version=version,
-            created=datetime.now(timezone.utc),
+            created=datetime.now(UTC),
             source_commit=source_commit(),
             description=description,
             onnx=OnnxSpec(file="model.onnx", sha256=sha256_file(onnx_path), opset=OPSET),

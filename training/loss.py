@@ -35,8 +35,5 @@ class IsoMaxPlusLoss(nn.Module):
         return F.cross_entropy(self.entropic_scale * logits, targets)
 
 
-IsoMaxLoss = IsoMaxPlusLoss  # the same loss; the heads differ
-
-
 def make_loss(head: str) -> nn.Module:
     return nn.CrossEntropyLoss() if head == "softmax" else IsoMaxPlusLoss()

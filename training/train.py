@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from training.config import TrainConfig
 from training.data.batches import BatchLoader
-from training.data.datasets import Splits, load_dataset
+from training.data.datasets import load_dataset
 from training.loss import make_loss
 from training.models import Classifier, build_model
 
@@ -253,7 +253,3 @@ def load_checkpoint(
     model = model_from_config(cfg, len(meta["labels"]), meta["shape"], meta["mean"], meta["std"])
     model.load_state_dict(ck["model"])
     return model.eval(), cfg, meta
-
-
-def splits_for(cfg: TrainConfig) -> Splits:
-    return load_dataset(cfg)

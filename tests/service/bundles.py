@@ -15,7 +15,7 @@ unrelated image is out-of-distribution. The calibration table comes from noisy t
 from __future__ import annotations
 
 import io
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from service.manifest import (
+from isomax.contract.manifest import (
     Calibration,
     ClassCalibration,
     Manifest,
@@ -169,7 +169,7 @@ def write_bundle(
     manifest = Manifest(
         name=name,
         version=version,
-        created=datetime(2026, 1, 1, tzinfo=timezone.utc),
+        created=datetime(2026, 1, 1, tzinfo=UTC),
         source_commit="0" * 40,
         description="tiny test bundle",
         onnx=OnnxSpec(sha256=sha256_file(onnx_path), opset=OPSET),

@@ -117,7 +117,13 @@ def bad_requests() -> list[Bad]:
         Bad(
             "top_k-1e9", 422, "top_k must be between 1 and 10", params={"top_k": 10**9}, files=[png]
         ),
-        Bad("top_k-text", 422, "top_k must be an integer", params={"top_k": "abc"}, files=[png]),
+        Bad(
+            "top_k-text",
+            422,
+            "top_k: Input should be a valid integer",
+            params={"top_k": "abc"},
+            files=[png],
+        ),
         Bad(
             "text-plain",
             415,

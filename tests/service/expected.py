@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from service.manifest import Manifest
-from service.preprocess import decode
+from isomax.contract.decode import decode
+from isomax.contract.manifest import Manifest
 from tests.service.bundles import run_graph
 
 

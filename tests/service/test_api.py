@@ -12,11 +12,14 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.manifest import Manifest
+from isomax.contract.manifest import Manifest
+from service.app import create_app
+from service.errors import UnknownModelError
 from service.metrics import DISTANCE_BUCKETS
+from service.settings import Settings
 from tests.service.bundles import sample_images, write_bundle
 from tests.service.cases import BAD, PNG, TEST_LIMITS, Bad
-from tests.service.conftest import app_client, wait_ready
+from tests.service.conftest import REPO, app_client, wait_ready
 from tests.service.expected import assert_results_equal, expected_results
 
 IMAGES = sample_images()  # 6 in-distribution-like, 4 out-of-distribution-like
@@ -265,10 +268,10 @@ def test_requests_larger_than_a_batch_are_split_and_reassembled(
         assert registry.get_sample_value("isomax_batch_size_count", {"model": "tiny"}) == 3
 
 
-def test_the_documented_route_runs_the_same_endpoint(client: TestClient, models_dir: Path) -> None:
-    """Without the ServiceApp shortcut (e.g. under a root_path) the FastAPI route answers."""
-    shortcut = client.app.classify_app  # type: ignore[attr-defined]
-    client.app.classify_app = None  # type: ignore[attr-defined]
+def test_the_routed_classify_runs_the_same_endpoint(client: TestClient, models_dir: Path) -> None:
+    """Without the direct shortcut, the router's POST /classify route answers the same way."""
+    direct = dict(client.app.direct_posts)  # type: ignore[attr-defined]
+    client.app.direct_posts.clear()  # type: ignore[attr-defined]
     try:
         data = IMAGES[0][1]
         r = raw(client, data)
@@ -280,5 +283,36 @@ def test_the_documented_route_runs_the_same_endpoint(client: TestClient, models_
         assert bad.status_code == 422 and "top_k" in bad.json()["detail"]
         text = client.get("/metrics").text
         assert 'isomax_requests_total{endpoint="/classify",status="422"} 1.0' in text
+        assert client.get("/classify").status_code == 405
     finally:
-        client.app.classify_app = shortcut  # type: ignore[attr-defined]
+        client.app.direct_posts.update(direct)  # type: ignore[attr-defined]
+
+
+def test_classify_under_a_root_path_takes_the_direct_route(models_dir: Path) -> None:
+    """Behind a proxy that strips a prefix (uvicorn --root-path), /classify is still direct."""
+    app = create_app(Settings(models_dir=models_dir, max_wait_ms=1, **TEST_LIMITS))  # type: ignore[arg-type]
+    with TestClient(app, root_path="/api") as c:
+        wait_ready(c)
+        r = c.post("/api/classify", content=IMAGES[0][1], headers={"content-type": "image/png"})
+        assert r.status_code == 200 and len(r.json()["results"]) == 1
+        counted = app.state.metrics.registry.get_sample_value(
+            "isomax_requests_total", {"endpoint": "/classify", "status": "200"}
+        )
+        assert counted == 1.0
+
+
+def test_bad_parameters_on_routed_endpoints_get_the_json_error() -> None:
+    """The app's handlers format FastAPI's own validation and domain errors as {"detail": ...}."""
+    app = create_app(Settings(models_dir=REPO / "models"))
+
+    @app.get("/probe")
+    async def probe(n: int) -> dict[str, int]:
+        if n == 0:
+            raise UnknownModelError("unknown model 'x'")
+        return {"n": n}
+
+    with TestClient(app) as c:
+        r = c.get("/probe", params={"n": "abc"})
+        assert r.status_code == 422 and r.json()["detail"].startswith("n: ")
+        r = c.get("/probe", params={"n": 0})
+        assert r.status_code == 404 and r.json() == {"detail": "unknown model 'x'"}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.manifest import Manifest
+from isomax.contract.manifest import Manifest
 from tests.service.bundles import sample_images, write_bundle
 from tests.service.conftest import app_client, wait_ready
 from tests.service.expected import assert_results_equal, expected_results

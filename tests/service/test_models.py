@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from service.manifest import Manifest, sha256_file
+from isomax.contract.manifest import Manifest, sha256_file
 from service.metrics import Metrics
 from service.models import BundleRef, ConfigError, ModelLoadError, discover, load_model
 from service.settings import Settings
@@ -54,7 +54,7 @@ def test_a_good_bundle_loads_with_its_threshold(tmp_path: Path) -> None:
     bundle = write_bundle(tmp_path)
     model = load(bundle)
     manifest = Manifest.read(bundle)
-    assert model.threshold == manifest.calibration.threshold  # type: ignore[attr-defined]
+    assert model.thresholds.overall == manifest.calibration.threshold  # type: ignore[attr-defined]
     assert model.provider == "CPUExecutionProvider"  # type: ignore[attr-defined]
 
 

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from service.manifest import Preprocess
-from service.preprocess import (
+from isomax.contract.decode import (
     ImageDecodeError,
     ImageTooLargeError,
     decode,
@@ -23,6 +22,7 @@ from service.preprocess import (
     load_file_uint8,
     to_uint8,
 )
+from isomax.contract.manifest import Preprocess
 
 L28 = Preprocess(height=28, width=28, channels=1, color_mode="L")
 RGB28 = Preprocess(height=28, width=28, channels=3, color_mode="RGB")

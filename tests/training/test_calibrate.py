@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.manifest import Calibration
+from isomax.contract.manifest import Calibration
+from isomax.contract.verdict import Thresholds
 from training.calibrate import (
     QUANTILE_GRID,
     calibrate,
     class_thresholds,
-    flags_ood,
     keep_quantile,
 )
 
@@ -155,15 +155,23 @@ def test_class_thresholds_move_along_their_own_tables() -> None:
     assert calibrate(d).class_thresholds_for(0.9) is None  # no classes given: none
 
 
-def test_flags_ood_is_the_served_verdict() -> None:
+def test_the_verdict_judges_by_the_predicted_class_threshold() -> None:
     d, classes = _two_classes(np.random.default_rng(3))
-    logits = np.eye(3)[classes]  # argmax = the class
     per_class = calibrate(d, val_classes=classes, num_classes=3)
-    flags = flags_ood(logits, d, per_class)
-    thresholds = np.array(per_class.class_thresholds_for(0.95))
-    np.testing.assert_array_equal(flags, d > thresholds[classes])
+    thresholds, flags = Thresholds.lookup(per_class).judge(classes, d)
+    want = np.array(per_class.class_thresholds_for(0.95))[classes]
+    np.testing.assert_array_equal(thresholds, want)
+    np.testing.assert_array_equal(flags, d > want)
     global_only = calibrate(d)
-    np.testing.assert_array_equal(flags_ood(logits, d, global_only), d > global_only.threshold)
+    thresholds, flags = Thresholds.lookup(global_only).judge(classes, d)
+    np.testing.assert_array_equal(flags, d > global_only.threshold)
+    # Class thresholds turned off: the global one, whatever the bundle holds.
+    _, flags = Thresholds.lookup(per_class, per_class=False).judge(classes, d)
+    np.testing.assert_array_equal(flags, d > per_class.threshold)
+    # Another operating point: the tables' reading at that target.
+    moved = Thresholds.lookup(per_class, 0.9)
+    assert moved.per_class == per_class.class_thresholds_for(0.9)
+    assert moved.overall == per_class.threshold_for(0.9)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from service.manifest import Manifest
+from isomax.contract.manifest import Manifest
 from training.cli import main
 from training.data import fmnist
 

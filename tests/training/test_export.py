@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from service.manifest import Manifest, Preprocess, sha256_file
+from isomax.contract.manifest import Manifest, Preprocess, sha256_file
 from training.export import (
     OnnxPredictor,
     ParityError,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.preprocess import decode_uint8
+from isomax.contract.decode import decode_uint8
 from training.data.folders import default_preprocess, find_images, load_image_folder
 
 

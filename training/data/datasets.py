@@ -79,7 +79,7 @@ def _folder(cfg: TrainConfig):
 
 def folder_preprocess(root: Path):
     """Geometry for an image folder: `preprocess.json` beside the classes, else 32x32 RGB."""
-    from service.manifest import Preprocess
+    from isomax.contract.manifest import Preprocess
 
     p = root / "preprocess.json"
     if p.is_file():

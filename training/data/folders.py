@@ -1,6 +1,6 @@
 """Users' own images in the image-folder layout `root/<class>/<image>`, as one uint8 array.
 
-Every file is decoded by `service.preprocess.load_file_uint8`, the function the service applies
+Every file is decoded by `isomax.contract.decode.load_file_uint8`, the function the service applies
 to uploads, so a picture becomes the same array when training reads it and when it is served;
 a second decoder here (or torchvision's) would drift in resize, EXIF, alpha or color handling.
 """
@@ -13,8 +13,8 @@ from typing import Literal
 
 import numpy as np
 
-from service.manifest import Preprocess
-from service.preprocess import ImageDecodeError, load_file_uint8
+from isomax.contract.decode import ImageDecodeError, load_file_uint8
+from isomax.contract.manifest import Preprocess
 
 log = logging.getLogger(__name__)
 

@@ -199,7 +199,7 @@ class Calibration(_Strict):
 
 
 class OODMetrics(_Strict):
-    """One score on one OOD set; in-distribution is the positive class (METHOD.md)."""
+    """One score on one OOD set; in-distribution is the positive class (docs/bundle-format.md)."""
 
     auroc: float = Field(ge=0.0, le=1.0)
     tnr_at_tpr95: float = Field(ge=0.0, le=1.0)

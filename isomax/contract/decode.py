@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.manifest import Preprocess
+from isomax.contract.manifest import Preprocess
 
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
@@ -73,11 +73,6 @@ def load_pixels(img: Image.Image) -> Image.Image:
     except Exception as e:  # truncated data and the like
         raise ImageDecodeError(f"cannot decode image: {e}") from e
     return img
-
-
-def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
-    """Open and fully decode `data`, checking the declared size before pixels are decoded."""
-    return load_pixels(open_header(data, max_pixels))
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
