@@ -11,6 +11,7 @@ USAGE = """usage: isomax <command> [options]
 
 serving (no torch needed):
   serve        run the HTTP service over a models directory
+  capture      list the inputs the service captured, export them as a folder to label
 
 training (needs the [train] extra):
   data         check and describe the data sets (Fashion-MNIST, OOD sets)
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         from service.cli import main as serve_main
 
         return serve_main(args[1:])
+    if args[0] == "capture":
+        from service.capture_cli import main as capture_main
+
+        return capture_main(args[1:])
     try:
         from training.cli import main as training_main
 

@@ -9,11 +9,13 @@ in-flight requests) stops the batchers.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import signal
 import sys
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
@@ -23,6 +25,7 @@ from fastapi.routing import APIRoute
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.capture import CaptureWriter
 from service.classify import ClassifyEndpoint, openapi_operation
 from service.errors import (
     RETRY_AFTER,
@@ -32,9 +35,10 @@ from service.errors import (
     validation_detail,
 )
 from service.metrics import Metrics, RequestMetricsMiddleware, route_path
-from service.models import ModelRegistry, ModelStatus, discover
+from service.models import ModelRegistry, ModelStatus, configured
 from service.schemas import (
     CalibrationSummary,
+    ErrorResponse,
     HealthResponse,
     ModelInfo,
     ModelsResponse,
@@ -42,6 +46,7 @@ from service.schemas import (
     ReadyResponse,
 )
 from service.settings import Settings
+from service.workers import WorkerBoard, merge_entries, merge_models
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +101,10 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
 def _model_info(st: ModelStatus) -> ModelInfo:
-    info = ModelInfo(name=st.ref.name, version=st.ref.version, status=st.status, error=st.error)
+    info = ModelInfo(
+        name=st.ref.name, version=st.ref.version, status=st.status, error=st.error,
+        default=st.default,
+    )  # fmt: skip
     m = st.model
     if m is None:
         return info
@@ -123,6 +131,15 @@ def _model_info(st: ModelStatus) -> ModelInfo:
     return info
 
 
+def worker_state(registry: ModelRegistry) -> dict[str, Any]:
+    """What this worker publishes on the board: readiness, entries, versions (JSON)."""
+    return {
+        "ready": registry.ready,
+        "entries": {k: asdict(e) for k, e in registry.entries.items()},
+        "models": [_model_info(st).model_dump(mode="json") for st in registry.statuses.values()],
+    }
+
+
 def _error_response(exc: ServiceError, retry_after_s: int) -> JSONResponse:
     headers = {"Retry-After": str(retry_after_s)} if isinstance(exc, RETRY_AFTER) else None
     return JSONResponse({"detail": error_detail(exc)}, error_status(exc), headers=headers)
@@ -135,18 +152,36 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        refs = discover(settings.models_dir, settings.models)
-        registry = ModelRegistry(refs, settings, metrics)
+        loop = asyncio.get_running_loop()
+        specs = configured(settings.models_dir, settings.models)
+        registry = ModelRegistry(specs, settings, metrics)
+        board = WorkerBoard(settings.state_dir, settings.workers)
         app.state.registry = registry
-        loader = threading.Thread(
-            target=registry.load_all, args=(asyncio.get_running_loop(),), name="model-loader"
-        )
-        loader.start()
+        app.state.board = board
+        capture = CaptureWriter(settings, metrics) if settings.capture_dir is not None else None
+        if capture is not None:
+            capture.start()
+        app.state.capture = capture
+
+        def publish() -> None:
+            board.publish(worker_state(registry))
+
+        publish()
+        registry.on_change(publish)
+        registry.start(loop)
+        hup = _install_sighup(loop, registry)
+        watcher = asyncio.ensure_future(_watch_reload(board, registry)) if board.shared else None
         try:
             yield
         finally:
-            await asyncio.get_running_loop().run_in_executor(None, loader.join)
-            registry.close()
+            if hup:
+                loop.remove_signal_handler(signal.SIGHUP)
+            if watcher is not None:
+                watcher.cancel()
+            await loop.run_in_executor(None, registry.close)
+            if capture is not None:
+                await loop.run_in_executor(None, capture.close)
+            board.close()
             metrics.close()
             log.info("stopped")
 
@@ -159,6 +194,8 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.board = WorkerBoard(None)
+    app.state.capture = None
 
     # For the routes that FastAPI runs (not the direct POST /classify, which answers its own
     # errors the same way): domain errors and bad parameters get the one JSON error body.
@@ -179,28 +216,78 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
         return HealthResponse()
 
     @app.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
-    async def readyz(registry: RegistryDep) -> Response:
-        """200 when every configured model is loaded and warmed up, else 503 with the reasons."""
-        models = {
-            key: ModelState(status=st.status, error=st.error)
-            for key, st in registry.statuses.items()
-        }
-        if registry.ready:
-            return JSONResponse(ReadyResponse(ready=True, models=models).model_dump())
+    async def readyz(request: Request) -> Response:
+        """200 when every configured model has a working version (in every worker), else 503.
+
+        503 carries Retry-After while something is still loading; a model that failed
+        permanently (no version of it loads) gets none: waiting will not fix it.
+        """
+        states = request.app.state.board.collect()
+        entries = merge_entries(states)
+        models = {key: ModelState(**e) for key, e in entries.items()}
+        workers = settings.workers if settings.workers > 1 else None
+        missing = max(0, settings.workers - len(states))
+        if states and not missing and all(s.get("ready") for s in states):
+            return JSONResponse(
+                ReadyResponse(ready=True, models=models, workers=workers).model_dump()
+            )
         reasons = [
-            f"{key}: {st.error}" if st.error else f"{key}: {st.status}"
-            for key, st in registry.statuses.items()
-            if st.status != "ready"
+            f"{key}: {e['detail']}" if e.get("detail") else f"{key}: {e['status']}"
+            for key, e in entries.items()
+            if e["status"] != "ready"
         ]
-        body = ReadyResponse(ready=False, detail="not ready: " + "; ".join(reasons), models=models)
-        return JSONResponse(
-            body.model_dump(), 503, headers={"Retry-After": str(settings.retry_after_s)}
+        if missing:
+            reasons.append(f"{missing} of {settings.workers} workers have not started")
+        loading = missing or not states or any(e["status"] == "loading" for e in entries.values())
+        body = ReadyResponse(
+            ready=False, detail="not ready: " + "; ".join(reasons), models=models, workers=workers
         )
+        headers = {"Retry-After": str(settings.retry_after_s)} if loading else None
+        return JSONResponse(body.model_dump(), 503, headers=headers)
 
     @app.get("/models", response_model=ModelsResponse)
-    async def list_models(registry: RegistryDep) -> ModelsResponse:
-        """Every configured model: status, provider, labels, threshold and manifest summary."""
-        return ModelsResponse(models=[_model_info(st) for st in registry.statuses.values()])
+    async def list_models(request: Request) -> ModelsResponse:
+        """Every loaded or tried version: status, provider, labels, threshold, manifest summary.
+
+        With several workers, a version reads `ready` only when every worker serves it.
+        """
+        infos = merge_models(request.app.state.board.collect())
+        return ModelsResponse(models=[ModelInfo.model_validate(i) for i in infos])
+
+    if settings.admin_token is not None:
+        token = settings.admin_token.get_secret_value().encode()
+
+        @app.post(
+            "/admin/reload",
+            response_model=ReadyResponse,
+            responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+        )
+        async def admin_reload(request: Request, registry: RegistryDep) -> Response:
+            """Rescan the models directory now (every worker); answers this worker's state.
+
+            Exists only when ISOMAX_ADMIN_TOKEN is set; needs `Authorization: Bearer <token>`.
+            """
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not given:
+                return JSONResponse(
+                    {"detail": "admin endpoint: send Authorization: Bearer <token>"},
+                    401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            if not hmac.compare_digest(given.strip().encode(), token):
+                return JSONResponse({"detail": "admin endpoint: wrong token"}, 403)
+            request.app.state.board.touch_reload()
+            n = registry.request_reload()
+            done = await asyncio.get_running_loop().run_in_executor(
+                None, registry.wait_reload, n, RELOAD_WAIT_S
+            )
+            models = {k: ModelState(**asdict(e)) for k, e in registry.entries.items()}
+            body = ReadyResponse(
+                ready=registry.ready,
+                detail=None if done else f"the rescan did not finish within {RELOAD_WAIT_S} s",
+                models=models,
+            )
+            return JSONResponse(body.model_dump(), 200 if done else 202)
 
     @app.get("/metrics", response_class=Response)
     async def prometheus_metrics(metrics: MetricsDep) -> Response:
@@ -235,6 +322,37 @@ def _document_classify(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+# How long POST /admin/reload waits for the rescan it asked for (loads included).
+RELOAD_WAIT_S = 120.0
+# How often each worker looks at the board's reload file (a stat; --workers N only).
+RELOAD_WATCH_S = 0.5
+
+
+def _install_sighup(loop: asyncio.AbstractEventLoop, registry: ModelRegistry) -> bool:
+    """SIGHUP -> rescan the models directory (where the platform and loop allow it)."""
+
+    def on_hup() -> None:
+        log.info("SIGHUP: rescanning the models directory")
+        registry.request_reload()
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+    except (AttributeError, NotImplementedError, RuntimeError, ValueError):
+        return False  # no SIGHUP (Windows) or not the main thread (TestClient)
+    return True
+
+
+async def _watch_reload(board: WorkerBoard, registry: ModelRegistry) -> None:
+    """Rescan when another worker's admin endpoint touched the board's reload file."""
+    seen = board.reload_stamp()
+    while True:
+        await asyncio.sleep(RELOAD_WATCH_S)
+        stamp = board.reload_stamp()  # one stat(): cheaper than a hand-off to a thread
+        if stamp != seen:
+            seen = stamp
+            registry.request_reload()
 
 
 # How long a thread waiting for the GIL lets the holder run before asking it to drop the GIL

@@ -83,8 +83,16 @@ class ClassifyQuery(BaseModel):
 
     model: str | None = Field(
         default=None,
-        description="`name` (newest version) or `name:version`; optional when one model is served.",
+        description="`name` (its default version: the highest that loaded) or `name:version`; "
+        "optional when one model is served.",
         examples=["fmnist-isomaxplus"],
+    )
+    version: str | None = Field(
+        default=None,
+        pattern=r"^[0-9]+$",
+        max_length=20,
+        description="Pin one loaded version of the model (the same as `model=name:version`).",
+        examples=["2"],
     )
     top_k: int = Field(
         default=DEFAULT_TOP_K,
@@ -99,8 +107,9 @@ class ClassifyQuery(BaseModel):
         if not query_string:
             return _DEFAULT_QUERY
         raw = dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
-        if raw.get("model") == "":
-            raw.pop("model")
+        for key in ("model", "version"):
+            if raw.get(key) == "":
+                raw.pop(key)
         try:
             return cls.model_validate(raw)
         except ValidationError as e:
@@ -292,7 +301,21 @@ async def decode_uploads(
 def results_json(
     model: LoadedModel, uploads: list[Upload], logits: np.ndarray, distance: np.ndarray, top_k: int
 ) -> tuple[bytes, int]:
-    """The response body and the number of OOD images.
+    """The response body and the number of OOD images."""
+    results, n_ood = result_rows(model, uploads, logits, distance, top_k)
+    return response_body(model, results), n_ood
+
+
+def response_body(model: LoadedModel, results: list[dict[str, Any]]) -> bytes:
+    body = {"model": model.name, "version": model.version, "results": results}
+    # orjson: the same bytes as json.dumps(separators=(",", ":")), 13 us -> 0.8 us here.
+    return orjson.dumps(body)
+
+
+def result_rows(
+    model: LoadedModel, uploads: list[Upload], logits: np.ndarray, distance: np.ndarray, top_k: int
+) -> tuple[list[dict[str, Any]], int]:
+    """One result per image and the number of OOD images.
 
     Plain Python over `.tolist()` rows: for the usual handful of images per request it is ~2x
     cheaper than vectorised numpy, whose per-call overhead dominates on [1, 10] arrays.
@@ -322,9 +345,7 @@ def results_json(
                 "is_ood": is_ood,
             }
         )
-    body = {"model": model.name, "version": model.version, "results": results}
-    # orjson: the same bytes as json.dumps(separators=(",", ":")), 13 us -> 0.8 us here.
-    return orjson.dumps(body), n_ood
+    return results, n_ood
 
 
 class ClassifyEndpoint:
@@ -365,16 +386,20 @@ class ClassifyEndpoint:
     async def classify(self, scope: Scope, receive: Receive) -> bytes:
         registry: ModelRegistry = self.state.registry
         query = ClassifyQuery.parse(scope["query_string"])
-        model, top_k = registry.resolve(query.model), query.top_k
-        k = len(model.labels)
-        if top_k > k:
-            raise InvalidParameterError(f"top_k must be between 1 and {k} for {model.name}")
-        uploads = await read_uploads(scope, receive, self.settings)
-        x = await decode_uploads(uploads, model, self.settings)
-        logits, distance = await model.batcher.submit(x)
-        body, n_ood = results_json(model, uploads, logits, distance, top_k)
+        model, top_k = registry.resolve(query.model, query.version), query.top_k
+        with model.lease():  # a hot swap retires this version only after the answer
+            k = len(model.labels)
+            if top_k > k:
+                raise InvalidParameterError(f"top_k must be between 1 and {k} for {model.name}")
+            uploads = await read_uploads(scope, receive, self.settings)
+            x = await decode_uploads(uploads, model, self.settings)
+            logits, distance = await model.batcher.submit(x)
+        results, n_ood = result_rows(model, uploads, logits, distance, top_k)
         self.metrics.observe_images(model.name, distance.tolist(), n_ood, len(uploads))
-        return body
+        capture = self.state.capture
+        if capture is not None:
+            capture.offer(model.name, model.version, [u.data for u in uploads], results)
+        return response_body(model, results)
 
 
 async def _respond(

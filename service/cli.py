@@ -9,9 +9,10 @@ import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from service.metrics import MULTIPROC_ENV, multiprocess_dir
 from service.models import ConfigError, check_config, discover
@@ -78,7 +79,12 @@ def _export(settings: Settings) -> None:
     """Put the effective settings into ISOMAX_* so that worker processes build the same ones."""
     for key, value in settings.model_dump(mode="json").items():
         env = f"ISOMAX_{key.upper()}"
-        if isinstance(value, dict):
+        secret = getattr(settings, key)
+        if isinstance(secret, SecretStr):
+            os.environ[env] = secret.get_secret_value()
+        elif value is None:
+            os.environ.pop(env, None)
+        elif isinstance(value, dict):
             os.environ[env] = json.dumps(value)
         elif isinstance(value, list):
             os.environ[env] = ",".join(value)
@@ -119,8 +125,15 @@ def main(argv: list[str]) -> int:
         configure_process(settings.log_level)
         uvicorn.run(create_app(settings), **common)
         return 0
-    # Several processes: each loads the models; metrics go through prometheus_client's
-    # multiprocess files, in a fresh directory unless PROMETHEUS_MULTIPROC_DIR is given.
+    # Several processes: each loads (and hot-reloads) the models; metrics go through
+    # prometheus_client's multiprocess files, in a fresh directory unless PROMETHEUS_MULTIPROC_DIR
+    # is given, and model state through the board (service.workers) in ISOMAX_STATE_DIR, also
+    # fresh unless given.
+    own_state = settings.state_dir is None
+    if own_state:
+        settings = settings.model_copy(
+            update={"state_dir": Path(tempfile.mkdtemp(prefix="isomax-state-"))}
+        )
     _export(settings)
     own_dir = multiprocess_dir() is None
     if own_dir:
@@ -130,4 +143,6 @@ def main(argv: list[str]) -> int:
     finally:
         if own_dir:
             shutil.rmtree(os.environ.pop(MULTIPROC_ENV), ignore_errors=True)
+        if own_state and settings.state_dir is not None:
+            shutil.rmtree(settings.state_dir, ignore_errors=True)
     return 0

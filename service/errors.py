@@ -51,6 +51,15 @@ class NotReadyError(ServiceError):
     default_detail = "the service is not ready"
 
 
+class ModelUnavailableError(ServiceError):
+    """The model (or version) failed to load and nothing will change that until its files do.
+
+    503 like NotReadyError, but without Retry-After: retrying the same request will not help.
+    """
+
+    default_detail = "the model failed permanently"
+
+
 class OverloadedError(ServiceError):
     default_detail = "the queue is full; retry later"
 
@@ -68,6 +77,7 @@ STATUS: dict[type[Exception], int] = {
     UnsupportedMediaTypeError: 415,
     InvalidParameterError: 422,
     NotReadyError: 503,
+    ModelUnavailableError: 503,
     OverloadedError: 503,
     InferenceError: 500,
 }

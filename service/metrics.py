@@ -88,12 +88,45 @@ class Metrics:
             ["model"], registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
         self.model_info = Gauge(
-            "isomax_model_info", "1 for each served model; labels say what runs it.",
-            ["model", "version", "provider"], registry=r, multiprocess_mode="max",
+            "isomax_model_info",
+            "1 for each loaded model version (0 once retired); labels say what runs it.",
+            ["model", "version", "provider"], registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         self.model_ready = Gauge(
             "isomax_model_ready", "1 when the model is loaded and warmed up, else 0.", ["model"],
             registry=r, multiprocess_mode="livemin",
+        )  # fmt: skip
+        self.default_version = Gauge(
+            "isomax_model_default_version",
+            "The version that answers ?model=<name> (per worker: workers reload on their own).",
+            ["model"], registry=r, multiprocess_mode="liveall",
+        )  # fmt: skip
+        self.loads = Counter(
+            "isomax_model_loads_total", "Model versions loaded and warmed up (start-up and reloads).",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.load_failures = Counter(
+            "isomax_model_load_failures_total",
+            "Model versions that failed to load (the reason is on /models and in the log).",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.capture_written = Counter(
+            "isomax_capture_written_total", "Captured inputs written to the capture directory.",
+            ["verdict"], registry=r,
+        )  # fmt: skip
+        self.capture_dropped = Counter(
+            "isomax_capture_dropped_total",
+            "Inputs sampled for capture but not written (queue_full: the writer lagged).",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.capture_evicted = Counter(
+            "isomax_capture_evicted_total",
+            "Captures deleted (oldest first) to stay within the size and file-count bounds.",
+            registry=r,
+        )
+        self.capture_bytes = Gauge(
+            "isomax_capture_bytes", "Bytes in the capture directory (as the writer last saw it).",
+            registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         # Label children resolved once: .labels() takes a lock and builds a key on every call.
         self._requests: dict[tuple[str, int], Counter] = {}
@@ -115,6 +148,8 @@ class Metrics:
         self.inference_duration.labels(name)
         self.queue_images.labels(name)
         self.model_ready.labels(name).set(0)
+        self.loads.labels(name)
+        self.load_failures.labels(name)
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         """`endpoint` is one of ENDPOINTS or OTHER_ENDPOINT."""

@@ -1,21 +1,34 @@
-"""Finding bundles, loading them into onnxruntime, and resolving `?model=` to a loaded model.
+"""The model registry: which bundle versions are loaded, which one answers, and hot reload.
 
-A bundle is loaded completely (manifest valid, sha256 matching, session on the requested
-device, input/output names and shapes checked, every batch size warmed up) or not at all:
-a bundle that fails is reported on /readyz and /models with the reason and never answers
-/classify.
+A bundle is loaded completely (inside the models directory, manifest valid, sha256 matching,
+session on the requested device, input/output names and shapes checked, every batch size
+warmed up) or not at all. Loading happens in one background thread per worker process (the
+"model manager"), never on the request path; a loaded version is published by replacing one
+immutable snapshot (`_View`), so a request sees either the old set of versions or the new one.
+
+Policy (docs/serving.md, "Model versions and hot reload"):
+- A configured `name` follows its newest versions: the registry keeps the `keep_versions`
+  highest versions that load, and `?model=name` gets the highest of them. A version that fails
+  never replaces a working one; its reason is reported and it is retried only when its files
+  change. A configured `name:version` pins exactly that version.
+- The manager rescans `models/<name>/` every `reload_interval_s` (0: never), on SIGHUP and on
+  `POST /admin/reload`; new version directories are loaded and swapped in, removed ones are
+  retired once the requests that hold them have finished.
+- A model is ready when it has a working version; one with none left and nothing loading has
+  failed permanently (503 without Retry-After) until its directory changes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -31,7 +44,12 @@ from isomax.contract.manifest import (
 )
 from isomax.contract.verdict import Thresholds
 from service.batching import Batcher
-from service.errors import InvalidParameterError, NotReadyError, UnknownModelError
+from service.errors import (
+    InvalidParameterError,
+    ModelUnavailableError,
+    NotReadyError,
+    UnknownModelError,
+)
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -40,13 +58,18 @@ log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
+# A retired version's batcher stops once nobody holds it, and not before this many seconds after
+# the swap: a request that read the old snapshot just before the swap takes its lease in the
+# same event-loop step, microseconds later.
+RETIRE_GRACE_S = 1.0
+
 
 class ConfigError(RuntimeError):
     """The configuration cannot serve anything (no models directory, unknown model name)."""
 
 
 class ModelLoadError(RuntimeError):
-    """One bundle cannot be served; the message says why."""
+    """One bundle cannot be served; the message says why (no server paths: clients see it)."""
 
 
 @dataclass(frozen=True)
@@ -59,41 +82,88 @@ class BundleRef:
     def key(self) -> str:
         return f"{self.name}:{self.version}"
 
+    @property
+    def where(self) -> str:
+        """The bundle's place inside the models directory, as messages show it."""
+        return f"{self.name}/{self.version}"
 
-def discover(models_dir: Path, wanted: tuple[str, ...] = ()) -> list[BundleRef]:
-    """Bundles to serve: newest version of every model, or those named in `wanted`."""
+
+def _is_version(name: str) -> bool:
+    return re.match(VERSION_PATTERN, name) is not None
+
+
+def version_dirs(models_dir: Path, name: str) -> dict[str, Path]:
+    """`models_dir/name/<version>` directories on disk now, by version (empty if none)."""
+    model_dir = models_dir / name
+    try:
+        entries = list(os.scandir(model_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    return {
+        e.name: Path(e.path)
+        for e in entries
+        if _is_version(e.name) and e.is_dir(follow_symlinks=True)
+    }
+
+
+def model_names(models_dir: Path) -> list[str]:
+    return sorted(
+        p.name for p in models_dir.iterdir() if p.is_dir() and re.match(NAME_PATTERN, p.name)
+    )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One configured entry: `name` (follows the newest versions) or `name:version` (pinned)."""
+
+    name: str
+    version: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.name if self.version is None else f"{self.name}:{self.version}"
+
+
+def configured(models_dir: Path, wanted: tuple[str, ...] = ()) -> list[ModelSpec]:
+    """The entries to serve: those in `wanted`, or every model found (ConfigError if none)."""
     if not models_dir.is_dir():
         raise ConfigError(f"models directory {models_dir} does not exist")
-    versions: dict[str, dict[str, Path]] = {}
-    for model_dir in sorted(models_dir.iterdir()):
-        if not model_dir.is_dir() or not re.match(NAME_PATTERN, model_dir.name):
-            continue
-        for vdir in model_dir.iterdir():
-            if vdir.is_dir() and re.match(VERSION_PATTERN, vdir.name):
-                versions.setdefault(model_dir.name, {})[vdir.name] = vdir
-    refs: list[BundleRef] = []
-    for want in wanted or tuple(versions):
+    found = {n: version_dirs(models_dir, n) for n in model_names(models_dir)}
+    found = {n: v for n, v in found.items() if v}
+    specs: list[ModelSpec] = []
+    for want in wanted or tuple(found):
         name, _, version = want.partition(":")
-        found = versions.get(name)
-        if not found:
+        if name not in found:
             raise ConfigError(
-                f"model {name!r} not found in {models_dir} (found: {sorted(versions) or 'none'})"
+                f"model {name!r} not found in {models_dir} (found: {sorted(found) or 'none'})"
             )
-        if not version:
-            version = max(found, key=int)
-        if version not in found:
-            raise ConfigError(f"model {name!r} has no version {version} (found: {sorted(found)})")
-        ref = BundleRef(name, version, found[version])
-        if ref not in refs:
-            refs.append(ref)
-    if not refs:
+        if version and version not in found[name]:
+            raise ConfigError(
+                f"model {name!r} has no version {version} (found: {sorted(found[name])})"
+            )
+        spec = ModelSpec(name, version or None)
+        if spec not in specs:
+            specs.append(spec)
+    if not specs:
         raise ConfigError(
             f"no bundles in {models_dir}: expected <name>/<version>/{{model.onnx, {MANIFEST_FILE}}}"
         )
+    return specs
+
+
+def discover(models_dir: Path, wanted: tuple[str, ...] = ()) -> list[BundleRef]:
+    """The bundles start-up tries first: newest version of every entry, or the pinned one."""
+    refs: list[BundleRef] = []
+    for spec in configured(models_dir, wanted):
+        versions = version_dirs(models_dir, spec.name)
+        version = spec.version or max(versions, key=int)
+        ref = BundleRef(spec.name, version, versions[version])
+        if ref not in refs:
+            refs.append(ref)
     return refs
 
 
-def check_config(refs: list[BundleRef], settings: Settings) -> None:
+def check_config(refs: list[BundleRef] | list[ModelSpec], settings: Settings) -> None:
     """What only the discovered bundles can tell about the settings (ConfigError if wrong)."""
     names = sorted({r.name for r in refs})
     unknown = set(settings.target_tpr) - set(names)
@@ -101,6 +171,28 @@ def check_config(refs: list[BundleRef], settings: Settings) -> None:
         raise ConfigError(
             f"target_tpr names models that are not served: {sorted(unknown)} (serving {names})"
         )
+
+
+def check_inside(ref: BundleRef, models_dir: Path, allow_symlinks: bool, *files: str) -> None:
+    """Refuse a bundle directory or file that resolves outside the models directory.
+
+    Symbolic links inside the directory are fine (resolved, they stay in it); one that leaves
+    it is refused unless `allow_symlinks`, so that whoever can write a link cannot make the
+    server load (and report on) a file elsewhere on the host.
+    """
+    if allow_symlinks:
+        return
+    root = models_dir.resolve()
+    for rel in ("", *files):
+        path = ref.path / rel if rel else ref.path
+        if not path.exists() and not path.is_symlink():
+            continue  # reported as missing by the caller
+        if not path.resolve().is_relative_to(root):
+            what = f"{ref.where}/{rel}" if rel else ref.where
+            raise ModelLoadError(
+                f"{what} is a symbolic link out of the models directory; refused "
+                "(ISOMAX_ALLOW_SYMLINKS=true allows it)"
+            )
 
 
 def _providers(device: str) -> list[str]:
@@ -154,6 +246,8 @@ class LoadedModel:
     # One onnxruntime run: x [B, C, H, W] float32 -> (logits [B, K], min_distance [B]).
     run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
     load_seconds: float
+    # Requests that resolved this version and have not answered yet (event loop only).
+    leases: int = 0
 
     @property
     def name(self) -> str:
@@ -167,28 +261,47 @@ class LoadedModel:
     def labels(self) -> tuple[str, ...]:
         return self.manifest.labels
 
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[LoadedModel]:
+        """Hold this version for one request: a hot swap retires it only after the release.
 
-def load_model(ref: BundleRef, settings: Settings, metrics: Metrics) -> LoadedModel:
+        Take it in the same event-loop step as `ModelRegistry.resolve` (no await between).
+        """
+        self.leases += 1
+        try:
+            yield self
+        finally:
+            self.leases -= 1
+
+
+def load_model(
+    ref: BundleRef, settings: Settings, metrics: Metrics, models_dir: Path | None = None
+) -> LoadedModel:
     """Load, check and warm up one bundle; raises ModelLoadError with the reason."""
     t0 = time.perf_counter()
+    onnx_file = "model.onnx"
+    check_inside(ref, models_dir or settings.models_dir, settings.allow_symlinks, MANIFEST_FILE)
     try:
         manifest = Manifest.read(ref.path)
     except FileNotFoundError as e:
-        raise ModelLoadError(f"{ref.path}: {MANIFEST_FILE} is missing") from e
+        raise ModelLoadError(f"{ref.where}: {MANIFEST_FILE} is missing") from e
     except ValueError as e:  # pydantic ValidationError, bad JSON
-        raise ModelLoadError(f"{ref.path / MANIFEST_FILE} is invalid: {e}") from e
+        raise ModelLoadError(f"{ref.where}/{MANIFEST_FILE} is invalid: {e}") from e
     if (manifest.name, manifest.version) != (ref.name, ref.version):
         raise ModelLoadError(
-            f"{ref.path}: manifest says {manifest.name}:{manifest.version}, directory says "
+            f"{ref.where}: manifest says {manifest.name}:{manifest.version}, directory says "
             f"{ref.key}"
         )
-    onnx_path = ref.path / manifest.onnx.file
+    onnx_file = manifest.onnx.file
+    check_inside(ref, models_dir or settings.models_dir, settings.allow_symlinks, onnx_file)
+    onnx_path = ref.path / onnx_file
     if not onnx_path.is_file():
-        raise ModelLoadError(f"{onnx_path} is missing")
+        raise ModelLoadError(f"{ref.where}/{onnx_file} is missing")
     digest = sha256_file(onnx_path)
     if digest != manifest.onnx.sha256:
         raise ModelLoadError(
-            f"{onnx_path}: sha256 {digest} does not match the manifest's {manifest.onnx.sha256}"
+            f"{ref.where}/{onnx_file}: sha256 {digest} does not match the manifest's "
+            f"{manifest.onnx.sha256}"
         )
 
     try:
@@ -206,7 +319,11 @@ def load_model(ref: BundleRef, settings: Settings, metrics: Metrics) -> LoadedMo
             str(onnx_path), sess_options=_session_options(settings), providers=providers
         )
     except Exception as e:  # onnxruntime raises its own types for bad graphs
-        raise ModelLoadError(f"{onnx_path}: onnxruntime cannot load it: {e}") from e
+        log.error("%s: onnxruntime cannot load %s: %s", ref.key, onnx_file, e)
+        raise ModelLoadError(
+            f"{ref.where}/{onnx_file}: onnxruntime cannot load it ({type(e).__name__}; "
+            "the server log has its message)"
+        ) from e
     provider = session.get_providers()[0]
     if settings.device == "cuda" and provider != CUDA:
         raise ModelLoadError(
@@ -232,7 +349,10 @@ def load_model(ref: BundleRef, settings: Settings, metrics: Metrics) -> LoadedMo
         try:
             logits, distance = run(x)
         except Exception as e:
-            raise ModelLoadError(f"{ref.key}: warm-up run with batch {b} failed: {e}") from e
+            log.error("%s: warm-up run with batch %d failed: %s", ref.key, b, e)
+            raise ModelLoadError(
+                f"{ref.key}: warm-up run with batch {b} failed ({type(e).__name__})"
+            ) from e
         if logits.shape != (b, k) or distance.shape != (b,):
             raise ModelLoadError(
                 f"{ref.key}: batch {b} gave logits {logits.shape} and min_distance "
@@ -293,107 +413,420 @@ def _check_io(session: ort.InferenceSession, manifest: Manifest, ref: BundleRef)
 
 
 Status = Literal["loading", "ready", "failed"]
+Fingerprint = tuple[tuple[int, int, int] | None, ...]
+
+
+def fingerprint(path: Path) -> Fingerprint:
+    """What changes when a bundle's files are replaced or finish copying (not their content)."""
+
+    def one(p: Path) -> tuple[int, int, int] | None:
+        try:
+            st = p.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    return (one(path), one(path / MANIFEST_FILE), one(path / "model.onnx"))
 
 
 @dataclass
 class ModelStatus:
+    """One version directory as the registry sees it (kept while the directory exists)."""
+
     ref: BundleRef
     status: Status = "loading"
     error: str | None = None
     model: LoadedModel | None = None
+    fingerprint: Fingerprint = ()
+    default: bool = False  # `?model=name` gets this version
+
+
+@dataclass(frozen=True)
+class EntryState:
+    """One configured entry (ModelSpec) for readiness: working, loading, or failed for good."""
+
+    status: Status
+    version: str | None = None  # the version `?model=` gets, when ready
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class _View:
+    """What requests read: replaced as a whole, never mutated (the atomic swap)."""
+
+    by_key: dict[str, LoadedModel] = field(default_factory=dict)  # name:version -> model
+    by_name: dict[str, LoadedModel] = field(default_factory=dict)  # name -> default version
+
+
+@dataclass
+class _Retiring:
+    model: LoadedModel
+    since: float
 
 
 class ModelRegistry:
-    """Every configured bundle with its status; resolves `?model=` for /classify."""
+    """Every configured entry with its versions; resolves `?model=` for /classify.
 
-    def __init__(self, refs: list[BundleRef], settings: Settings, metrics: Metrics) -> None:
+    Public reads (`resolve`, `statuses`, `entries`, `ready`) are safe from the event loop
+    while the manager thread loads: they read snapshots that the manager replaces whole.
+    """
+
+    def __init__(
+        self,
+        specs: list[ModelSpec] | list[BundleRef],
+        settings: Settings,
+        metrics: Metrics,
+        models_dir: Path | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.statuses: dict[str, ModelStatus] = {r.key: ModelStatus(r) for r in refs}
-        self._names = sorted({r.name for r in refs})
-        self._by_name: dict[str, LoadedModel] = {}  # name -> newest ready version
-        self._by_key: dict[str, LoadedModel] = {}  # name:version -> model
-        self._loaded = threading.Event()
-        check_config(refs, settings)
+        self.models_dir = Path(models_dir or settings.models_dir)
+        self.specs: list[ModelSpec] = [
+            s if isinstance(s, ModelSpec) else ModelSpec(s.name, s.version) for s in specs
+        ]
+        if specs and isinstance(specs[0], BundleRef) and not settings.models:
+            # Refs from discover() without ISOMAX_MODELS: follow the newest, as configured().
+            self.specs = list(dict.fromkeys(ModelSpec(s.name) for s in self.specs))
+        check_config(self.specs, settings)
+        self._names = sorted({s.name for s in self.specs})
+        self._view = _View()
+        # name:version -> status (a snapshot); first the versions start-up will try first, so
+        # that /models shows them as loading from the start.
+        self._statuses: dict[str, ModelStatus] = {}
+        for spec in self.specs:
+            on_disk = version_dirs(self.models_dir, spec.name)
+            first = spec.version or max(on_disk, key=int, default=None)
+            if first in on_disk:
+                ref = BundleRef(spec.name, first, on_disk[first])
+                self._statuses[ref.key] = ModelStatus(ref)
+        self._entries: dict[str, EntryState] = {s.key: EntryState("loading") for s in self.specs}
+        self._retiring: list[_Retiring] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loaded = threading.Event()  # the first pass is over
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._cond = threading.Condition()
+        self._requested = 0  # reload requests so far
+        self._served = 0  # the highest request number a finished pass started after
+        self._thread: threading.Thread | None = None
+        self._listeners: list[Callable[[], None]] = []
         for name in self._names:
             metrics.add_model(name)
 
+    # -- reads (event loop) -------------------------------------------------------------------
+
+    @property
+    def statuses(self) -> dict[str, ModelStatus]:
+        """Every version directory tried or loaded, by `name:version`."""
+        return self._statuses
+
+    @property
+    def entries(self) -> dict[str, EntryState]:
+        """Every configured entry (`name` or `name:version`) with its state."""
+        return self._entries
+
     @property
     def ready(self) -> bool:
-        return all(s.status == "ready" for s in self.statuses.values())
+        """Every configured entry has a working version."""
+        return all(e.status == "ready" for e in self._entries.values())
 
     @property
     def loaded(self) -> bool:
-        """Every bundle has been tried (each is ready or failed)."""
+        """The first pass is over: every entry has a working version or has failed."""
         return self._loaded.is_set()
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
         return self._loaded.wait(timeout)
 
-    def load_all(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Load every bundle (blocking; run it in a thread). Failures are recorded, not raised."""
-        try:
-            for st in self.statuses.values():
-                try:
-                    model = load_model(st.ref, self.settings, self.metrics)
-                except ModelLoadError as e:
-                    st.status, st.error = "failed", str(e)
-                    log.error("model %s failed to load: %s", st.ref.key, e)
-                    continue
-                except Exception as e:  # a bug, but one bundle must not take the others down
-                    st.status, st.error = "failed", f"{type(e).__name__}: {e}"
-                    log.exception("model %s failed to load", st.ref.key)
-                    continue
-                model.batcher.start(loop)
-                self._publish(st, model)
-        finally:
-            self._loaded.set()
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (in the manager thread) after every pass that changed something."""
+        self._listeners.append(listener)
 
-    def _publish(self, st: ModelStatus, model: LoadedModel) -> None:
-        st.model, st.status = model, "ready"
-        self._by_key[model.ref.key] = model
-        newest = self._by_name.get(model.name)
-        if newest is None or int(model.version) > int(newest.version):
-            self._by_name[model.name] = model
-        m = self.metrics
-        t = model.thresholds
-        m.threshold.labels(model.name).set(t.overall)
-        for label, value in zip(model.labels, t.per_class or (), strict=False):
-            m.class_threshold.labels(model.name, label).set(value)
-        m.model_info.labels(model.name, model.version, model.provider).set(1)
-        m.model_ready.labels(model.name).set(1)
-        log.info(
-            "model %s ready on %s in %.2f s: threshold %.4f%s (target_tpr %.3f), %d labels, "
-            "warmed up batch sizes 1-%d",
-            model.ref.key, model.provider, model.load_seconds, t.overall,
-            "" if t.per_class is None else " and one per class",
-            t.target_tpr, len(model.labels), self.settings.max_batch_size,
-        )  # fmt: skip
+    def resolve(self, model: str | None, version: str | None = None) -> LoadedModel:
+        """`name`, `name:version` or None (only when one model name is served); `version` pins.
 
-    def resolve(self, model: str | None) -> LoadedModel:
-        """`name`, `name:version` or None (only when one model name is served)."""
-        if model is None or model == "":
+        Unknown names and versions that are not served: UnknownModelError (404). A model or
+        version still loading: NotReadyError (503 + Retry-After). One that failed and will not
+        be retried until its files change: ModelUnavailableError (503, no Retry-After).
+        """
+        name, _, pinned = (model or "").partition(":")
+        if not name:  # `?version=` alone, or nothing: the one model served
             if len(self._names) != 1:
                 raise InvalidParameterError(
                     f"model is required: this service serves {', '.join(self._names)}"
                 )
-            name, version = self._names[0], ""
-        else:
-            name, _, version = model.partition(":")
-        found = self._by_key.get(f"{name}:{version}") if version else self._by_name.get(name)
+            name = self._names[0]
+        if version and pinned and version != pinned:
+            raise InvalidParameterError(
+                f"model {model!r} names version {pinned} but version={version!r}"
+            )
+        version = version or pinned
+        view = self._view
+        found = view.by_key.get(f"{name}:{version}") if version else view.by_name.get(name)
         if found is not None:
             return found
-        keys = [k for k, s in self.statuses.items() if s.ref.name == name]
-        if not keys or (version and f"{name}:{version}" not in keys):
-            served = ", ".join(self.statuses)
-            raise UnknownModelError(f"unknown model {model!r}; serving {served}")
-        key = f"{name}:{version}" if version else max(keys, key=lambda k: int(k.split(":")[1]))
-        st = self.statuses[key]
-        if st.status == "failed":
-            raise NotReadyError(f"model {st.ref.key} failed to load: {st.error}")
-        raise NotReadyError(f"model {st.ref.key} is loading")
+        if name not in self._names:
+            raise UnknownModelError(
+                f"unknown model {_short(name)!r}; serving {', '.join(self._names)}"
+            )
+        if version:
+            st = self._statuses.get(f"{name}:{version}")
+            if st is None or st.status == "ready":  # ready but not in the view: just retired
+                served = sorted(view_versions(view, name), key=int, reverse=True)
+                raise UnknownModelError(
+                    f"unknown model {_short(name + ':' + version)!r}: no version {_short(version)} "
+                    f"of {name} is loaded (serving {', '.join(served) or 'none'})"
+                )
+            if st.status == "loading":
+                raise NotReadyError(f"model {st.ref.key} is loading")
+            raise ModelUnavailableError(
+                f"model {st.ref.key} failed to load: {st.error}; it is not retried until "
+                "its files change"
+            )
+        mine = [st for st in self._statuses.values() if st.ref.name == name]
+        if not self.loaded or any(st.status == "loading" for st in mine):
+            raise NotReadyError(f"model {name} is loading")
+        reasons = "; ".join(
+            e.detail for k, e in self._entries.items() if k.split(":")[0] == name and e.detail
+        )
+        raise ModelUnavailableError(
+            f"model {name} failed permanently: {reasons or 'no working version'}; it is not "
+            "retried until its version directories change"
+        )
+
+    # -- the manager thread -------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the manager thread: first load, then rescans (interval, SIGHUP, admin)."""
+        self._loop = loop
+        self._thread = threading.Thread(target=self._manage, name="model-manager", daemon=True)
+        self._thread.start()
+
+    def load_all(self, loop: asyncio.AbstractEventLoop) -> None:
+        """One pass, blocking (tests and tools); start() runs it in the background instead."""
+        self._loop = loop
+        self._pass()
+        self._loaded.set()
+
+    def request_reload(self) -> int:
+        """Ask the manager for a rescan (SIGHUP, admin endpoint); returns the request number."""
+        with self._cond:
+            self._requested += 1
+            n = self._requested
+        self._wake.set()
+        return n
+
+    def wait_reload(self, n: int, timeout: float) -> bool:
+        """Block until a pass that started after request `n` has finished."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._served >= n, timeout)
+
+    def _manage(self) -> None:
+        interval = self.settings.reload_interval_s
+        while not self._stop.is_set():
+            with self._cond:
+                started_for = self._requested
+            try:
+                self._pass()
+            except Exception:  # a bug must not end reloading, nor crash the worker
+                log.exception("model registry: rescan failed")
+            finally:
+                self._loaded.set()
+                with self._cond:
+                    self._served = started_for
+                    self._cond.notify_all()
+            timeout = interval if interval > 0 else None
+            if self._retiring:
+                timeout = min(timeout or RETIRE_GRACE_S, RETIRE_GRACE_S / 2)
+            self._wake.wait(timeout)
+            self._wake.clear()
+            self._stop_retired()
+
+    def _pass(self) -> None:
+        """Scan the models directory once: per model, load, swap in, retire; then notify."""
+        changed = False
+        for name in self._names:
+            statuses = dict(self._statuses)
+            changed |= self._scan_model(name, statuses)
+            changed |= self._publish(statuses)
+        self._update_metrics()
+        if changed:
+            for listener in self._listeners:
+                try:
+                    listener()
+                except Exception:
+                    log.exception("model registry: change listener failed")
+
+    def _publish(self, statuses: dict[str, ModelStatus]) -> bool:
+        """Swap in the view `statuses` give; queue what left it for retirement."""
+        by_key: dict[str, LoadedModel] = {}
+        by_name: dict[str, LoadedModel] = {}
+        for st in statuses.values():
+            if st.model is not None and st.status == "ready":
+                by_key[st.ref.key] = st.model
+                best = by_name.get(st.ref.name)
+                if best is None or int(st.ref.version) > int(best.version):
+                    by_name[st.ref.name] = st.model
+        for st in statuses.values():
+            st.default = st.model is not None and by_name.get(st.ref.name) is st.model
+        old = self._view
+        changed = False
+        if by_key != old.by_key or by_name != old.by_name:
+            changed = True
+            self._view = _View(by_key, by_name)  # the swap: one reference assignment
+            now = time.monotonic()
+            for key, model in old.by_key.items():
+                if by_key.get(key) is not model:
+                    self._retiring.append(_Retiring(model, now))
+            for name, model in by_name.items():
+                if old.by_name.get(name) is not model:
+                    log.info("model %s: %s now answers ?model=%s", name, model.ref.key, name)
+        self._statuses = statuses
+        entries = {s.key: self._entry_state(s, statuses) for s in self.specs}
+        changed |= entries != self._entries
+        self._entries = entries
+        return changed
+
+    def _wanted(self, name: str) -> tuple[set[str], bool]:
+        """(versions pinned by the configuration, whether the newest versions are followed)."""
+        pinned = {s.version for s in self.specs if s.name == name and s.version is not None}
+        follow = any(s.name == name and s.version is None for s in self.specs)
+        return pinned, follow
+
+    def _scan_model(self, name: str, statuses: dict[str, ModelStatus]) -> bool:
+        """Bring one model's versions in line with its directory; True if anything changed."""
+        changed = False
+        on_disk = version_dirs(self.models_dir, name)
+        # Removed directories: drop their state (a loaded one is retired by the swap).
+        for key in [k for k, st in statuses.items() if st.ref.name == name]:
+            if statuses[key].ref.version not in on_disk:
+                log.info("model %s: version directory removed", key)
+                del statuses[key]
+                changed = True
+        pinned, follow = self._wanted(name)
+        keep = self.settings.keep_versions
+        working: list[str] = []
+        for version in sorted(on_disk, key=int, reverse=True):
+            wanted = version in pinned or (follow and len(working) < keep)
+            key = f"{name}:{version}"
+            st = statuses.get(key)
+            if not wanted:
+                if st is not None and st.status == "ready":  # pushed out by newer versions
+                    log.info("model %s: unloaded (newer versions serve)", key)
+                    del statuses[key]
+                    changed = True
+                continue
+            fp = fingerprint(on_disk[version])
+            if st is not None and st.status == "ready":
+                if st.fingerprint != fp and fp[0] is not None:
+                    log.warning(
+                        "model %s: files changed in place; versions are immutable, the loaded "
+                        "one keeps serving (put the change in a new version directory)",
+                        key,
+                    )
+                    st.fingerprint = fp
+                working.append(version)
+                continue
+            if st is not None and st.status == "failed" and st.fingerprint == fp:
+                continue  # same files as the failed attempt: not retried
+            ref = BundleRef(name, version, on_disk[version])
+            changed = True
+            if self._load(ref, fp, statuses):
+                working.append(version)
+        return changed
+
+    def _load(self, ref: BundleRef, fp: Fingerprint, statuses: dict[str, ModelStatus]) -> bool:
+        st = ModelStatus(ref, "loading", fingerprint=fp)
+        statuses[ref.key] = st
+        # Publish "loading" so that /models shows it while it warms up.
+        self._statuses = {**self._statuses, ref.key: st}
+        try:
+            model = load_model(ref, self.settings, self.metrics, self.models_dir)
+        except Exception as e:
+            error = (
+                str(e) if isinstance(e, ModelLoadError) else f"internal error ({type(e).__name__})"
+            )
+            if isinstance(e, ModelLoadError):
+                log.error("model %s failed to load: %s", ref.key, e)
+            else:  # a bug, but one bundle must not take the others down
+                log.exception("model %s failed to load", ref.key)
+            st.status, st.error = "failed", error
+            self.metrics.load_failures.labels(ref.name).inc()
+            return False
+        assert self._loop is not None
+        model.batcher.start(self._loop)
+        st.model, st.status = model, "ready"
+        self.metrics.loads.labels(ref.name).inc()
+        log.info(
+            "model %s ready on %s in %.2f s: threshold %.4f%s (target_tpr %.3f), %d labels, "
+            "warmed up batch sizes 1-%d",
+            ref.key, model.provider, model.load_seconds, model.thresholds.overall,
+            "" if model.thresholds.per_class is None else " and one per class",
+            model.thresholds.target_tpr, len(model.labels), self.settings.max_batch_size,
+        )  # fmt: skip
+        return True
+
+    def _entry_state(self, spec: ModelSpec, statuses: dict[str, ModelStatus]) -> EntryState:
+        if spec.version is not None:
+            st = statuses.get(f"{spec.name}:{spec.version}")
+            if st is None:
+                return EntryState("failed", None, f"{spec.key}: no version directory")
+            detail = st.error and f"{spec.key}: {st.error}"
+            return EntryState(st.status, spec.version if st.status == "ready" else None, detail)
+        default = self._view.by_name.get(spec.name)
+        if default is not None:
+            return EntryState("ready", default.version)
+        mine = [st for st in statuses.values() if st.ref.name == spec.name]
+        if any(st.status == "loading" for st in mine):
+            return EntryState("loading")
+        reasons = "; ".join(f"{st.ref.key}: {st.error}" for st in mine if st.error)
+        return EntryState("failed", None, reasons or f"{spec.name}: no version directory")
+
+    def _update_metrics(self) -> None:
+        m = self.metrics
+        view = self._view
+        for name in self._names:
+            m.model_ready.labels(name).set(int(name in view.by_name))
+            default = view.by_name.get(name)
+            if default is not None:
+                t = default.thresholds
+                m.threshold.labels(name).set(t.overall)
+                for label, value in zip(default.labels, t.per_class or (), strict=False):
+                    m.class_threshold.labels(name, label).set(value)
+                m.default_version.labels(name).set(int(default.version))
+        for model in view.by_key.values():
+            m.model_info.labels(model.name, model.version, model.provider).set(1)
+        for r in self._retiring:
+            if r.model.ref.key not in view.by_key:
+                m.model_info.labels(r.model.name, r.model.version, r.model.provider).set(0)
+
+    def _stop_retired(self, force: bool = False, timeout: float = 10.0) -> None:
+        """Stop the batchers of retired versions that nobody holds any more."""
+        now = time.monotonic()
+        keep: list[_Retiring] = []
+        for r in self._retiring:
+            idle = r.model.leases == 0 and r.model.batcher.pending == 0
+            if force or (idle and now - r.since >= RETIRE_GRACE_S):
+                r.model.batcher.stop(timeout)
+                log.info("model %s: retired", r.model.ref.key)
+            else:
+                keep.append(r)
+        self._retiring = keep
 
     def close(self, timeout: float = 10.0) -> None:
-        for st in self.statuses.values():
-            if st.model is not None:
-                st.model.batcher.stop(timeout)
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._stop_retired(force=True, timeout=timeout)
+        for model in self._view.by_key.values():
+            model.batcher.stop(timeout)
+
+
+def view_versions(view: _View, name: str) -> list[str]:
+    return [m.version for m in view.by_key.values() if m.name == name]
+
+
+def _short(value: str, limit: int = 64) -> str:
+    """A client's value, cut before it goes back in a message."""
+    return value if len(value) <= limit else value[:limit] + "..."

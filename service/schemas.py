@@ -72,20 +72,32 @@ class HealthResponse(BaseModel):
 
 
 class ModelState(BaseModel):
-    status: Literal["loading", "ready", "failed"]
-    error: str | None = None
+    """One configured entry (`name`, or `name:version` when pinned)."""
+
+    status: Literal["loading", "ready", "failed"] = Field(
+        description="ready: a working version serves it; loading: none yet; failed: no version "
+        "loads and none will until its files change (failed permanently)."
+    )
+    version: str | None = Field(default=None, description="The version `?model=` gets.")
+    detail: str | None = Field(default=None, description="Why it is not ready.")
 
 
 class ReadyResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
-            "example": {"ready": True, "models": {"fmnist-isomaxplus:1": {"status": "ready"}}}
+            "example": {
+                "ready": True,
+                "models": {"fmnist-isomaxplus": {"status": "ready", "version": "2"}},
+            }
         }
     )
 
     ready: bool
     detail: str | None = Field(default=None, description="Why the service is not ready.")
-    models: dict[str, ModelState] = Field(description="Per `name:version`.")
+    models: dict[str, ModelState] = Field(description="Per configured `name` or `name:version`.")
+    workers: int | None = Field(
+        default=None, description="Worker processes answered for (with several workers)."
+    )
 
 
 class CalibrationSummary(BaseModel):
@@ -104,6 +116,13 @@ class ModelInfo(BaseModel):
     version: str
     status: Literal["loading", "ready", "failed"]
     error: str | None = None
+    default: bool = Field(
+        default=False, description="This version answers `?model=<name>` without a version."
+    )
+    workers: int | None = Field(default=None, description="Workers (with several workers).")
+    workers_ready: int | None = Field(
+        default=None, description="Workers serving this version (with several workers)."
+    )
     provider: str | None = Field(
         default=None, description="The onnxruntime execution provider that actually runs it."
     )

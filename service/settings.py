@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from isomax.contract.manifest import NAME_PATTERN, VERSION_PATTERN
@@ -56,6 +56,28 @@ class Settings(BaseSettings):
     # Judge each image against the threshold of its predicted class when the manifest has
     # class thresholds (isomax.contract.manifest.ClassCalibration says why); false: one global threshold.
     class_thresholds: bool = True
+
+    # Hot reload (docs/serving.md "Model versions and hot reload"): rescan models_dir every
+    # reload_interval_s (0: only on SIGHUP or POST /admin/reload); keep the keep_versions
+    # highest working versions of each followed model loaded (the highest answers by default).
+    reload_interval_s: float = Field(default=5.0, ge=0.0, le=86400.0)
+    keep_versions: int = Field(default=1, ge=1, le=16)
+    # POST /admin/reload exists only when this is set (Authorization: Bearer <token>).
+    admin_token: SecretStr | None = None
+    # Bundles (or their files) that are symbolic links resolving outside models_dir are refused
+    # unless this is true.
+    allow_symlinks: bool = False
+    # With several workers: where each worker publishes its model state so that /readyz and
+    # /models answer for all of them (`isomax serve --workers N` makes a fresh one if unset).
+    state_dir: Path | None = None
+
+    # Capture of flagged inputs (docs/serving.md "Capture"): off unless capture_dir is set.
+    capture_dir: Path | None = None
+    capture_ood_share: float = Field(default=1.0, ge=0.0, le=1.0)
+    capture_id_share: float = Field(default=0.01, ge=0.0, le=1.0)
+    capture_max_bytes: int = Field(default=1024 * MiB, ge=1)
+    capture_max_files: int = Field(default=10_000, ge=1)
+    capture_queue: int = Field(default=256, ge=1, le=100_000)
 
     # Server (used by `isomax serve`).
     host: str = "127.0.0.1"

@@ -202,7 +202,7 @@ def test_health_and_readiness(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/readyz")
     assert r.status_code == 200 and r.json()["models"] == {
-        "tiny:2": {"status": "ready", "error": None}
+        "tiny": {"status": "ready", "version": "2", "detail": None}
     }
 
 
@@ -210,7 +210,7 @@ def test_openapi_documents_classify(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     op = spec["paths"]["/classify"]["post"]
     assert op["summary"].startswith("Classify images")
-    assert {p["name"] for p in op["parameters"]} == {"model", "top_k"}
+    assert {p["name"] for p in op["parameters"]} == {"model", "version", "top_k"}
     body = op["requestBody"]["content"]
     assert "multipart/form-data" in body and "image/*" in body
     assert {"200", "400", "404", "413", "415", "422", "503"} <= set(op["responses"])

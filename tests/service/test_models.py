@@ -130,11 +130,13 @@ def test_device_cuda_without_cuda_is_not_ready_with_a_clear_reason(tmp_path: Pat
     with app_client(models_dir=tmp_path, device="cuda") as c:
         c.app.state.registry.wait_loaded(30)  # type: ignore[attr-defined]
         r = c.get("/readyz")
-        assert r.status_code == 503 and r.headers["retry-after"]
+        # Failed for good (no version loads): 503 without Retry-After, waiting will not help.
+        assert r.status_code == 503 and "retry-after" not in r.headers
         assert "ISOMAX_DEVICE=cuda" in r.json()["detail"] and "CUDA provider" in r.json()["detail"]
-        assert r.json()["models"]["tiny:1"]["status"] == "failed"
+        assert r.json()["models"]["tiny"]["status"] == "failed"
         cls = c.post("/classify", content=PNG, headers={"content-type": "image/png"})
-        assert cls.status_code == 503 and "failed to load" in cls.json()["detail"]
+        assert cls.status_code == 503 and "retry-after" not in cls.headers
+        assert "failed permanently" in cls.json()["detail"]
         (info,) = c.get("/models").json()["models"]
         assert info["status"] == "failed" and info["provider"] is None
         assert c.get("/healthz").status_code == 200  # alive, just not ready
@@ -155,7 +157,8 @@ def test_one_broken_bundle_is_never_half_served(tmp_path: Path) -> None:
         c.app.state.registry.wait_loaded(30)  # type: ignore[attr-defined]
         ready = c.get("/readyz")
         assert ready.status_code == 503 and "bad:1: " in ready.json()["detail"]
-        assert ready.json()["models"]["good:1"]["status"] == "ready"
+        assert ready.json()["models"]["good"] == {"status": "ready", "version": "1", "detail": None}
+        assert ready.json()["models"]["bad"]["status"] == "failed"
         png = {"content": PNG, "headers": {"content-type": "image/png"}}
         assert c.post("/classify", params={"model": "good"}, **png).status_code == 200
         r = c.post("/classify", params={"model": "bad"}, **png)
