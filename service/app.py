@@ -34,7 +34,7 @@ from service.errors import (
     error_status,
     validation_detail,
 )
-from service.metrics import Metrics, RequestMetricsMiddleware, route_path
+from service.metrics import PrometheusMetrics, RequestMetricsMiddleware, route_path
 from service.models import ModelRegistry, ModelStatus, configured
 from service.schemas import (
     CalibrationSummary,
@@ -92,12 +92,12 @@ def get_registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def get_metrics(request: Request) -> Metrics:
+def get_metrics(request: Request) -> PrometheusMetrics:
     return request.app.state.metrics
 
 
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
-MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+MetricsDep = Annotated[PrometheusMetrics, Depends(get_metrics)]
 
 
 def _model_info(st: ModelStatus) -> ModelInfo:
@@ -148,7 +148,7 @@ def _error_response(exc: ServiceError, retry_after_s: int) -> JSONResponse:
 def create_app(settings: Settings | None = None) -> ServiceApp:
     """The service for `settings` (default: from ISOMAX_* environment variables)."""
     settings = settings if settings is not None else Settings()
-    metrics = Metrics()
+    metrics = PrometheusMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

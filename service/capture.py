@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.metrics import Metrics
+from service.metrics import PrometheusMetrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,9 @@ _STOP = object()
 class CaptureWriter:
     """The bounded queue and the background writer of one worker."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, seed: int | None = None) -> None:
+    def __init__(
+        self, settings: Settings, metrics: PrometheusMetrics, seed: int | None = None
+    ) -> None:
         assert settings.capture_dir is not None
         self.dir = Path(settings.capture_dir)
         self.ood_share = settings.capture_ood_share

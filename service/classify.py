@@ -49,7 +49,7 @@ from service.errors import (
     error_status,
     validation_detail,
 )
-from service.metrics import Metrics
+from service.metrics import PrometheusMetrics
 from service.models import LoadedModel, ModelRegistry
 from service.schemas import ClassifyResponse, ErrorResponse
 from service.settings import Settings
@@ -351,7 +351,7 @@ def result_rows(
 class ClassifyEndpoint:
     """The ASGI app of POST /classify. `state` is the app's state (registry set at start-up)."""
 
-    def __init__(self, state: Any, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, state: Any, settings: Settings, metrics: PrometheusMetrics) -> None:
         self.state = state
         self.settings = settings
         self.metrics = metrics

@@ -37,7 +37,7 @@ def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_ENV) or None
 
 
-class Metrics:
+class PrometheusMetrics:
     """All series of one app; `registry` is what /metrics exposes.
 
     With several uvicorn workers, prometheus_client's multiprocess mode is on
@@ -197,7 +197,7 @@ class RequestMetricsMiddleware:
     streaming, and it also sees the responses of the /classify fast path.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: PrometheusMetrics) -> None:
         self.app = app
         self.metrics = metrics
         self._known = frozenset(ENDPOINTS)

@@ -50,7 +50,7 @@ from service.errors import (
     NotReadyError,
     UnknownModelError,
 )
-from service.metrics import Metrics
+from service.metrics import PrometheusMetrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -275,7 +275,7 @@ class LoadedModel:
 
 
 def load_model(
-    ref: BundleRef, settings: Settings, metrics: Metrics, models_dir: Path | None = None
+    ref: BundleRef, settings: Settings, metrics: PrometheusMetrics, models_dir: Path | None = None
 ) -> LoadedModel:
     """Load, check and warm up one bundle; raises ModelLoadError with the reason."""
     t0 = time.perf_counter()
@@ -475,7 +475,7 @@ class ModelRegistry:
         self,
         specs: list[ModelSpec] | list[BundleRef],
         settings: Settings,
-        metrics: Metrics,
+        metrics: PrometheusMetrics,
         models_dir: Path | None = None,
     ) -> None:
         self.settings = settings

@@ -182,7 +182,7 @@ def _per_class(
     )
 
 
-def class_thresholds(
+def per_class_thresholds(
     ood_values: np.ndarray,
     classes: np.ndarray,
     num_classes: int,

@@ -188,7 +188,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     import numpy as np
 
-    from isomax.contract.manifest import Metrics
+    from isomax.contract.manifest import EvaluationMetrics
     from isomax.contract.verdict import Thresholds
     from training.evaluate import evaluate, markdown_table
     from training.export import export_bundle
@@ -201,10 +201,12 @@ def cmd_export(a: argparse.Namespace) -> int:
     name = a.name or f"{cfg.dataset}-{cfg.head}"
     report: dict = {}
 
-    def evaluate_graph(predictor, cal) -> Metrics:
+    def evaluate_graph(predictor, cal) -> EvaluationMetrics:
         if splits.test_x is None or a.no_eval:
             val_logits = predictor(splits.val_x)[0]
-            return Metrics(accuracy={"val": float((val_logits.argmax(1) == splits.val_y).mean())})
+            return EvaluationMetrics(
+                accuracy={"val": float((val_logits.argmax(1) == splits.val_y).mean())}
+            )
         sets = _ood_sets(a.ood, splits, a.ood_folder, preprocess_for(meta, cfg))
         served = Thresholds.lookup(cal)
         per_class = served.per_class
@@ -215,7 +217,7 @@ def cmd_export(a: argparse.Namespace) -> int:
             splits.test_y,
             sets,
             val=(splits.val_x, splits.val_y),
-            class_thresholds=None if per_class is None else {"mds_class": np.asarray(per_class)},
+            score_thresholds=None if per_class is None else {"mds_class": np.asarray(per_class)},
         )
         report.update(r)
         # Share of each set the served verdict flags: ~1 - target_tpr on "test" by design.
@@ -226,7 +228,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         }
         report["flagged_at_threshold"] = flagged
         # r["accuracy"] holds val and test: evaluate() ran the graph on the validation split.
-        return Metrics(accuracy=r["accuracy"], ood=r["ood"], flagged=flagged)
+        return EvaluationMetrics(accuracy=r["accuracy"], ood=r["ood"], flagged=flagged)
 
     bundle = export_bundle(
         model,
@@ -244,7 +246,7 @@ def cmd_export(a: argparse.Namespace) -> int:
             "train_seconds": round(_seconds(a.run_dir), 1),
         },
         evaluate=evaluate_graph,
-        class_thresholds=not a.global_threshold,
+        per_class=not a.global_threshold,
         description=a.description
         or f"{cfg.arch} trained with the {cfg.head} loss on {cfg.dataset}",
     )

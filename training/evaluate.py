@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from training.calibrate import class_thresholds as per_class_thresholds
-from training.metrics import accuracy, ood_metrics
+from training.calibrate import per_class_thresholds
+from training.ood_metrics import accuracy, ood_metrics
 from training.scores import CALIBRATED, SCORES, ScoreFn, entropic, score_fn, scores_for
 
 log = logging.getLogger(__name__)
@@ -32,18 +32,18 @@ def evaluate(
     id_labels: np.ndarray,
     ood_sets: Mapping[str, np.ndarray],
     val: tuple[np.ndarray, np.ndarray] | None = None,
-    class_thresholds: Mapping[str, np.ndarray] | None = None,
+    score_thresholds: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Outputs]]:
     """-> (report, raw outputs by set name incl. 'in') for plots and further analysis.
 
     Class-conditional scores (`mds_class`, `es_class`) rank against per-class thresholds
-    ("larger = more OOD" units): those in `class_thresholds` (e.g. the bundle's own), else
+    ("larger = more OOD" units): those in `score_thresholds` (e.g. the bundle's own), else
     calibrated here on `val` at target TPR 0.95; without either they are skipped. The
     thresholds used are kept in `report["class_thresholds"]`.
     """
     outputs: dict[str, Outputs] = {"in": predict(id_images)}
     val_outputs = predict(val[0]) if val is not None else None
-    thresholds = {k: np.asarray(v) for k, v in (class_thresholds or {}).items()}
+    thresholds = {k: np.asarray(v) for k, v in (score_thresholds or {}).items()}
     scores = scores_for(head)
     for s in scores:
         if s in CALIBRATED and s not in thresholds and val_outputs is not None:

@@ -26,8 +26,8 @@ from torch import nn
 
 from isomax.contract.manifest import (
     Calibration,
+    EvaluationMetrics,
     Manifest,
-    Metrics,
     OnnxSpec,
     Preprocess,
     sha256_file,
@@ -204,10 +204,10 @@ def export_bundle(
     calibration_split: str = "validation",
     parity_images: np.ndarray | None = None,
     training: dict[str, Any] | None = None,
-    metrics: Metrics | dict[str, Any] | None = None,
-    evaluate: Callable[[OnnxPredictor, Calibration], Metrics] | None = None,
+    metrics: EvaluationMetrics | dict[str, Any] | None = None,
+    evaluate: Callable[[OnnxPredictor, Calibration], EvaluationMetrics] | None = None,
     description: str = "",
-    class_thresholds: bool = True,
+    per_class: bool = True,
 ) -> Path:
     """Write `models_dir/name/version/{model.onnx, manifest.json}` and return that directory.
 
@@ -215,7 +215,7 @@ def export_bundle(
     [0, 1]), never OOD data and never the test set; the threshold keeps `target_tpr` of them.
     `parity_images` default to the first calibration images. `evaluate`, if given, scores
     the exported graph itself (what will be served) with the calibration just made, and its
-    metrics go into the manifest. `class_thresholds`: also calibrate one threshold per
+    metrics go into the manifest. `per_class`: also calibrate one threshold per
     predicted class (`isomax.contract.manifest.ClassCalibration`), which the service then uses.
     """
     models_dir = Path(models_dir)
@@ -252,13 +252,17 @@ def export_bundle(
             dist,
             target_tpr=target_tpr,
             split=calibration_split,
-            val_classes=logits.argmax(1) if class_thresholds else None,
-            num_classes=n_classes if class_thresholds else None,
+            val_classes=logits.argmax(1) if per_class else None,
+            num_classes=n_classes if per_class else None,
         )
         if evaluate is not None:
             m = evaluate(OnnxPredictor(onnx_path), cal)
         else:
-            m = metrics if isinstance(metrics, Metrics) else Metrics.model_validate(metrics or {})
+            m = (
+                metrics
+                if isinstance(metrics, EvaluationMetrics)
+                else EvaluationMetrics.model_validate(metrics or {})
+            )
         manifest = Manifest(
             name=name,
             version=version,

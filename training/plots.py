@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
-from training.metrics import TPR_TARGET, ood_metrics
+from training.ood_metrics import TPR_TARGET, ood_metrics
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def plot_roc_curves(
 
     x = fraction of OOD accepted (FPR), y = fraction of ID kept (TPR); the dotted line marks
     TPR 95%, where TNR@TPR95 is read. The legend carries each set's AUROC from
-    `training.metrics.ood_metrics`, so the figure and the metrics table cannot disagree.
+    `training.ood_metrics.ood_metrics`, so the figure and the metrics table cannot disagree.
     """
     if not scores_out:
         raise ValueError("scores_out is empty: give at least one OOD set")

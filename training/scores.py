@@ -1,7 +1,7 @@
 """OOD scores as pure numpy functions of a model's outputs: torch-free, so ONNX outputs work too.
 
 Convention for every score here: HIGHER = MORE IN-DISTRIBUTION (the positive class of the
-metrics in `training.metrics`). Inputs:
+metrics in `training.ood_metrics`). Inputs:
 - `logits` `(N, K)`: the inference logits. IsoMax+: `-|d_s|·D`; IsoMax: `-‖f - p_j‖`; SoftMax:
   the linear layer's output. No entropic scale: the paper's inference drops `E_s`.
 - `min_distance` `(N,)`: IsoMax+: `min_j ‖f̂ - p̂_j‖` (the bundle's `min_distance` output, no

@@ -208,7 +208,7 @@ class OODMetrics(_Strict):
     aupr_out: float = Field(ge=0.0, le=1.0)
 
 
-class Metrics(_Strict):
+class EvaluationMetrics(_Strict):
     accuracy: dict[str, float] = Field(default_factory=dict)  # split -> accuracy in [0, 1]
     ood: dict[str, dict[str, OODMetrics]] = Field(default_factory=dict)  # set -> score -> metrics
     # split or OOD set -> share the calibrated threshold flags as OOD: what an operator should
@@ -227,7 +227,7 @@ class Manifest(_Strict):
     preprocess: Preprocess
     labels: tuple[str, ...] = Field(min_length=2)
     training: dict[str, Any] = Field(default_factory=dict)
-    metrics: Metrics = Field(default_factory=Metrics)
+    metrics: EvaluationMetrics = Field(default_factory=EvaluationMetrics)
     calibration: Calibration
 
     @field_validator("labels")

@@ -325,9 +325,9 @@ def test_scrape_job_is_the_one_the_alerts_watch(path: str) -> None:
 
 @pytest.mark.parametrize("path", OVERLAYS)
 def test_autoscaling_on_a_metric_the_service_exports(path: str) -> None:
-    from service.metrics import Metrics
+    from service.metrics import PrometheusMetrics
 
-    exported = {m.name for m in Metrics().registry.collect()}
+    exported = {m.name for m in PrometheusMetrics().registry.collect()}
     hpa = by_kind(render(path), "HorizontalPodAutoscaler")
     pods = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
     assert pods and set(pods) <= exported

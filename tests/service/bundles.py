@@ -27,8 +27,8 @@ from PIL import Image
 from isomax.contract.manifest import (
     Calibration,
     ClassCalibration,
+    EvaluationMetrics,
     Manifest,
-    Metrics,
     OnnxSpec,
     OODMetrics,
     Preprocess,
@@ -184,7 +184,9 @@ def write_bundle(
         ),
         labels=labels,
         training={"architecture": "random-projection", "loss": "isomaxplus", "seed": seed},
-        metrics=Metrics(accuracy={"val": 0.9, "test": 0.89}, ood={"noise": {"min_distance": ood}}),
+        metrics=EvaluationMetrics(
+            accuracy={"val": 0.9, "test": 0.89}, ood={"noise": {"min_distance": ood}}
+        ),
         calibration=Calibration(
             split="val",
             size=len(cal),

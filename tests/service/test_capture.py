@@ -10,7 +10,7 @@ import pytest
 
 from isomax.cli import main as isomax_main
 from service.capture import CaptureWriter, extension, read_records
-from service.metrics import Metrics
+from service.metrics import PrometheusMetrics
 from service.settings import Settings
 from tests.service.bundles import LABELS, png_bytes, sample_images
 from tests.service.conftest import app_client, wait_ready
@@ -28,8 +28,8 @@ def result(is_ood: bool, cls: int = 3) -> dict:
     }
 
 
-def writer(tmp_path: Path, **settings: object) -> tuple[CaptureWriter, Metrics]:
-    metrics = Metrics()
+def writer(tmp_path: Path, **settings: object) -> tuple[CaptureWriter, PrometheusMetrics]:
+    metrics = PrometheusMetrics()
     s = Settings(capture_dir=tmp_path / "cap", **settings)  # type: ignore[arg-type]
     return CaptureWriter(s, metrics, seed=0), metrics
 

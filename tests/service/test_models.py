@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from isomax.contract.manifest import Manifest, sha256_file
-from service.metrics import Metrics
+from service.metrics import PrometheusMetrics
 from service.models import BundleRef, ConfigError, ModelLoadError, discover, load_model
 from service.settings import Settings
 from tests.service.bundles import tiny_graph, write_bundle
@@ -21,7 +21,9 @@ from tests.service.conftest import app_client, wait_ready
 
 def load(bundle: Path, **settings: object) -> object:
     ref = BundleRef(bundle.parent.name, bundle.name, bundle)
-    return load_model(ref, Settings(models_dir=bundle.parent.parent, **settings), Metrics())  # type: ignore[arg-type]
+    return load_model(
+        ref, Settings(models_dir=bundle.parent.parent, **settings), PrometheusMetrics()
+    )  # type: ignore[arg-type]
 
 
 def test_discover_serves_the_newest_numeric_version(tmp_path: Path) -> None:

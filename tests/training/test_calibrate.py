@@ -10,8 +10,8 @@ from isomax.contract.verdict import Thresholds
 from training.calibrate import (
     QUANTILE_GRID,
     calibrate,
-    class_thresholds,
     keep_quantile,
+    per_class_thresholds,
 )
 
 
@@ -134,10 +134,10 @@ def test_class_thresholds_of_any_score_match_the_manifest_calibration() -> None:
     d, classes = _two_classes(np.random.default_rng(5))
     cal = calibrate(d, val_classes=classes, num_classes=4)
     np.testing.assert_array_equal(
-        class_thresholds(d, classes, 4), cal.class_thresholds_for(cal.target_tpr)
+        per_class_thresholds(d, classes, 4), cal.class_thresholds_for(cal.target_tpr)
     )
     with pytest.raises(ValueError, match="same"):
-        class_thresholds(d, classes[:-1], 4)
+        per_class_thresholds(d, classes[:-1], 4)
 
 
 def test_class_thresholds_move_along_their_own_tables() -> None:

@@ -62,7 +62,7 @@ def test_given_thresholds_are_used_and_without_any_the_score_is_left_out() -> No
         test_x,
         test_y,
         {"ood": ood},
-        class_thresholds={"mds_class": np.array([0.5, 1.0])},
+        score_thresholds={"mds_class": np.array([0.5, 1.0])},
     )
     assert report["class_thresholds"] == {"mds_class": [0.5, 1.0]}
     assert "es_class" not in report["scores"]  # no thresholds given, no validation split
@@ -75,7 +75,7 @@ def test_given_thresholds_are_used_and_without_any_the_score_is_left_out() -> No
         test_x,
         test_y,
         {"ood": ood},
-        class_thresholds={"mds_class": np.array([0.7, 1.0])},
+        score_thresholds={"mds_class": np.array([0.7, 1.0])},
     )
     assert loose["ood"]["ood"]["mds_class"]["auroc"] == pytest.approx(0.75, abs=0.02)
     bare, _ = evaluate(_predict, "isomaxplus", test_x, test_y, {"ood": ood})

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from training.metrics import accuracy, ood_metrics
+from training.ood_metrics import accuracy, ood_metrics
 from training.scores import (
     SCORES,
     energy,
