@@ -1,15 +1,20 @@
-"""End to end: a real Prometheus scrapes a real `isomax serve`; the recorded OOD ratio must equal
-the share of `is_ood` verdicts the service returned.
+"""End to end: a real Prometheus scrapes two real `isomax serve` replicas; the recorded OOD ratio
+must equal the share of `is_ood` verdicts the service returned, and every recording rule and
+per-model dashboard query must give one series per model, summed over the replicas.
 
 Prometheus runs the repository's rule files with the compose scrape job, at 1 s scrape and
-evaluation intervals (the only changes), on loopback ports with a temporary data directory.
+evaluation intervals (the only changes), on loopback ports with a temporary data directory;
+the job lists both replicas, as a PodMonitor does for the pods of the Kubernetes Deployment.
 Traffic is a fixed mix of Fashion-MNIST test images (in-distribution) and MNIST digits
-(near-OOD), sent as PNG files in multipart batches, all before the queried evaluation.
+(near-OOD), sent as PNG files in multipart batches, all before the queried evaluation: the
+first replica gets every image once, the second every image twice.
 
 Why the equality is exact and not approximate: `rate()` extrapolates each counter's increase
-to the window edges, but both verdict series are pre-created at zero and scraped together, so
-they share sample timestamps and each starts from 0 (which caps extrapolation at the first
-sample); the two extrapolation factors are then identical and cancel in the ratio. The test
+to the window edges, but both verdict series of a replica are pre-created at zero and scraped
+together, so they share sample timestamps and each starts from 0 (which caps extrapolation at
+the first sample); the two extrapolation factors of a replica are then identical. The replicas
+are scraped at different moments, so their factors differ slightly; both got the same images,
+so their OOD shares are equal and the sum's ratio is that share whatever the factors. The test
 therefore compares to float precision, not to a tolerance that would hide a real difference.
 """
 
@@ -42,6 +47,7 @@ DEFAULT_MODEL = "fmnist-isomaxplus"
 N_FASHION = 240  # in-distribution images sent
 N_MNIST = 160  # near-OOD images sent
 BATCH = 16  # images per request
+ROUNDS = (1, 2)  # times each replica gets every image
 T = TypeVar("T")
 
 
@@ -119,15 +125,18 @@ class PromAPI:
     def __init__(self, base: str) -> None:
         self.base = base
 
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        url = f"{self.base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"query": expr}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
+        url = f"{self.base}/api/v1/query?" + urllib.parse.urlencode(params)
         status, body = http_get(url)
         data = json.loads(body)
         assert status == 200 and data["status"] == "success", f"{expr}: {data}"
         return data["data"]["result"]
 
-    def scalar(self, expr: str) -> float | None:
-        result = self.query(expr)
+    def scalar(self, expr: str, at: float | None = None) -> float | None:
+        result = self.query(expr, at)
         assert len(result) <= 1, f"{expr}: more than one series: {result}"
         return float(result[0]["value"][1]) if result else None
 
@@ -184,12 +193,20 @@ def images() -> tuple[list[bytes], np.ndarray]:
 
 @dataclass
 class Stack:
-    service: str
-    service_port: int
+    services: list[str]  # base URLs of the replicas
+    ports: list[int]
     prom: PromAPI
     model: str
-    service_proc: Proc
+    service_procs: list[Proc]
     prom_proc: Proc
+
+    @property
+    def service(self) -> str:
+        return self.services[0]
+
+    @property
+    def service_port(self) -> int:
+        return self.ports[0]
 
 
 @pytest.fixture(scope="module")
@@ -197,75 +214,99 @@ def stack(served: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) ->
     prometheus = require_tool("prometheus")
     models_dir, model = served
     tmp = tmp_path_factory.mktemp("e2e")
-    sport, pport = free_port(), free_port()
+    sports, pport = [free_port() for _ in ROUNDS], free_port()
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("ISOMAX_")}
     env.update(ISOMAX_DEVICE="cpu", ISOMAX_LOG_LEVEL="info", PYTHONUNBUFFERED="1")
-    serve = [sys.executable, "-m", "isomax", "serve", "--host", "127.0.0.1", "--port", str(sport),
-             "--models-dir", str(models_dir), "--models", model]  # fmt: skip
+
+    def serve(port: int) -> list[str]:
+        return [sys.executable, "-m", "isomax", "serve", "--host", "127.0.0.1", "--port",
+                str(port), "--models-dir", str(models_dir), "--models", model]  # fmt: skip
 
     # The compose configuration with the test's ports and 1 s intervals; the rules as they are.
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str(RULES / "*.yml")]
     jobs = {j["job_name"]: j for j in config["scrape_configs"]}
-    jobs["isomax"]["static_configs"] = [{"targets": [f"127.0.0.1:{sport}"]}]
+    jobs["isomax"]["static_configs"] = [{"targets": [f"127.0.0.1:{p}" for p in sports]}]
     jobs["prometheus"]["static_configs"] = [{"targets": [f"127.0.0.1:{pport}"]}]
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
     prom_args = [prometheus, f"--config.file={tmp / 'prometheus.yml'}",
                  f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{pport}",
                  "--log.level=warn"]  # fmt: skip
 
-    base = f"http://127.0.0.1:{sport}"
-    with started("isomax serve", serve, tmp / "service.log", env) as sproc:
-        wait_for("/readyz 200", lambda: http_get(f"{base}/readyz")[0] == 200, 90, sproc)
+    bases = [f"http://127.0.0.1:{p}" for p in sports]
+    with (
+        started("isomax serve 1", serve(sports[0]), tmp / "service1.log", env) as s1,
+        started("isomax serve 2", serve(sports[1]), tmp / "service2.log", env) as s2,
+    ):
+        for base, sproc in zip(bases, (s1, s2), strict=True):
+            wait_for("/readyz 200", lambda b=base: http_get(f"{b}/readyz")[0] == 200, 90, sproc)
         with started("prometheus", prom_args, tmp / "prometheus.log") as pproc:
             prom = PromAPI(f"http://127.0.0.1:{pport}")
             wait_for(
                 "prometheus ready", lambda: http_get(f"{prom.base}/-/ready")[0] == 200, 30, pproc
             )
-            # Both verdict series scraped at zero before any traffic (see the module docstring).
+            # Both verdict series of both replicas scraped at zero before any traffic (see the
+            # module docstring).
             wait_for(
                 "first scrape of the zeroed verdict counters",
                 lambda: sorted(
-                    (s["metric"]["verdict"], s["value"][1])
+                    (s["metric"]["instance"], s["metric"]["verdict"], s["value"][1])
                     for s in prom.query(f'isomax_images_total{{model="{model}"}}')
-                ) == [("in", "0"), ("ood", "0")],
+                ) == sorted((f"127.0.0.1:{p}", v, "0") for p in sports for v in ("in", "ood")),
                 30, pproc,
             )  # fmt: skip
-            yield Stack(base, sport, prom, model, sproc, pproc)
+            yield Stack(bases, sports, prom, model, [s1, s2], pproc)
 
 
 @dataclass
 class Sent:
-    n: int
+    n: int  # images classified, all replicas
     n_ood: int
-    ood_fashion: int
+    ood_fashion: int  # of one pass over the images
     ood_mnist: int
+    per_replica: list[int]  # images classified by each replica
 
 
-@pytest.fixture(scope="module")
-def sent(stack: Stack, images: tuple[list[bytes], np.ndarray]) -> Sent:
-    """POST every image once, in multipart batches; count the verdicts the service returned."""
+def classify_all(base: str, model: str, pngs: list[bytes]) -> list[bool]:
+    """POST every image once, in multipart batches; the verdicts the service returned."""
     import httpx
 
-    pngs, is_mnist = images
     verdicts: list[bool] = []
-    with httpx.Client(base_url=stack.service, timeout=30) as client:
+    with httpx.Client(base_url=base, timeout=30) as client:
         for start in range(0, len(pngs), BATCH):
             chunk = pngs[start : start + BATCH]
             files = [
                 ("file", (f"img{start + i}.png", data, "image/png")) for i, data in enumerate(chunk)
             ]
-            r = client.post("/classify", params={"model": stack.model}, files=files)
+            r = client.post("/classify", params={"model": model}, files=files)
             assert r.status_code == 200, r.text
             results = r.json()["results"]
             assert len(results) == len(chunk)
             for res in results:
                 assert res["is_ood"] == (res["min_distance"] > res["threshold"])
                 verdicts.append(bool(res["is_ood"]))
-    v = np.array(verdicts)
-    return Sent(len(v), int(v.sum()), int(v[~is_mnist].sum()), int(v[is_mnist].sum()))
+    return verdicts
+
+
+@pytest.fixture(scope="module")
+def sent(stack: Stack, images: tuple[list[bytes], np.ndarray]) -> Sent:
+    """Every image ROUNDS[i] times to replica i; count the verdicts the replicas returned."""
+    pngs, is_mnist = images
+    passes = [
+        np.array(classify_all(base, stack.model, pngs))
+        for base, rounds in zip(stack.services, ROUNDS, strict=True)
+        for _ in range(rounds)
+    ]
+    first = passes[0]
+    for other in passes[1:]:  # one model, the same images: the same verdicts on every replica
+        assert (other == first).all()
+    v = np.concatenate(passes)
+    return Sent(
+        len(v), int(v.sum()), int(first[~is_mnist].sum()), int(first[is_mnist].sum()),
+        [r * len(pngs) for r in ROUNDS],
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- the checks
@@ -293,12 +334,20 @@ def test_recorded_ood_ratio_equals_the_returned_verdicts(stack: Stack, sent: Sen
     assert recorded == pytest.approx(expected, rel=1e-12, abs=1e-15), (
         f"recorded {recorded!r}, service returned {sent.n_ood}/{sent.n} = {expected!r}"
     )
-    # The counters behind it are the verdicts, one for one.
+    # The counters behind it are the verdicts, one for one, summed over the replicas.
     counts = {
         s["metric"]["verdict"]: float(s["value"][1])
-        for s in prom.query(f'isomax_images_total{{model="{model}"}}')
+        for s in prom.query(f'sum by (verdict) (isomax_images_total{{model="{model}"}})')
     }
     assert counts == {"in": sent.n - sent.n_ood, "ood": sent.n_ood}
+    # Each replica counted its own images.
+    per_instance = {
+        s["metric"]["instance"]: float(s["value"][1])
+        for s in prom.query(f'sum by (instance) (isomax_images_total{{model="{model}"}})')
+    }
+    assert per_instance == {
+        f"127.0.0.1:{p}": n for p, n in zip(stack.ports, sent.per_replica, strict=True)
+    }
 
 
 def test_verdicts_are_meaningful_with_the_default_model(stack: Stack, sent: Sent) -> None:
@@ -306,7 +355,7 @@ def test_verdicts_are_meaningful_with_the_default_model(stack: Stack, sent: Sent
     flagged at about 1 - target_tpr, and MNIST digits (near-OOD) more often than that."""
     if stack.model != DEFAULT_MODEL:
         pytest.skip(f"served {stack.model}, a test bundle: its verdicts carry no meaning")
-    fashion_rate = sent.ood_fashion / N_FASHION
+    fashion_rate = sent.ood_fashion / N_FASHION  # of one pass over the images
     mnist_rate = sent.ood_mnist / N_MNIST
     rates = f"Fashion-MNIST {fashion_rate:.1%}, MNIST {mnist_rate:.1%} flagged OOD"
     assert fashion_rate < 0.15, rates
@@ -324,22 +373,74 @@ def test_other_recording_rules_have_values(stack: Stack, sent: Sent) -> None:
     p95 = prom.scalar('isomax:request_duration_seconds:p95_5m{endpoint="/classify"}')
     assert p95 is not None and 0 < p95 < 10
     assert prom.scalar('isomax:requests_5xx_ratio:rate5m{endpoint="/classify"}') == 0
-    # Up, ready, and no alert firing for a healthy service.
-    assert prom.scalar('up{job="isomax"}') == 1
-    assert prom.scalar(f'isomax_model_ready{{model="{model}"}}') == 1
+    # Both replicas up and ready, and no alert firing for a healthy service.
+    assert prom.scalar('sum(up{job="isomax"})') == len(ROUNDS)
+    assert prom.scalar('count(up{job="isomax"} == 1)') == len(ROUNDS)
+    assert prom.scalar(f'min(isomax_model_ready{{model="{model}"}})') == 1
     assert prom.query('ALERTS{alertstate="firing", alertname=~"Isomax.*"}') == []
 
 
+def test_recording_rules_sum_over_the_replicas(stack: Stack, sent: Sent) -> None:
+    """One series per model (or endpoint) for every recording rule, none per instance; and the
+    images rate is the replicas' sum, not their max or mean: the rule's expression, evaluated at
+    a moment whose samples are all stored, equals the sum of the replicas' rates at that moment,
+    and the second replica got twice the first's images, so the sum is well above the max."""
+    prom, model = stack.prom, stack.model
+    wait_for(
+        "isomax:images:rate5m > 0",
+        lambda: (prom.scalar(f'isomax:images:rate5m{{model="{model}"}}') or 0) > 0,
+        20,
+    )
+    recorded = prom.query('{__name__=~"isomax:.+"}')
+    names = {s["metric"]["__name__"] for s in recorded}
+    rules = [r for g in yaml.safe_load(RULES.joinpath("isomax.rules.yml").read_text())["groups"]
+             for r in g["rules"]]  # fmt: skip
+    assert names == {r["record"] for r in rules if "record" in r}
+    for series in recorded:
+        assert "instance" not in series["metric"], series
+    per_model = [s for s in recorded if "model" in s["metric"]]
+    assert len(per_model) == len({s["metric"]["__name__"] for s in per_model})  # one model
+
+    (expr,) = [r["expr"] for r in rules if r.get("record") == "isomax:images:rate5m"]
+    by_instance = f'sum by (instance) (rate(isomax_images_total{{model="{model}"}}[5m]))'
+
+    counts = f'sum by (instance) (isomax_images_total{{model="{model}"}})'
+    replicas = [f"127.0.0.1:{p}" for p in stack.ports]
+
+    def stored_moment_after_the_traffic() -> float | None:
+        at = time.time() - 2  # every scrape up to then is stored
+        seen = {s["metric"]["instance"]: float(s["value"][1]) for s in prom.query(counts, at)}
+        return at if seen == dict(zip(replicas, sent.per_replica, strict=True)) else None
+
+    at = wait_for("a stored moment after all the traffic", stored_moment_after_the_traffic, 20)
+    per_instance = [float(s["value"][1]) for s in prom.query(by_instance, at)]
+    (total,) = [float(r["value"][1]) for r in prom.query(expr, at) if r["metric"]["model"] == model]
+    assert len(per_instance) == len(ROUNDS)
+    assert total == pytest.approx(sum(per_instance), rel=1e-12)
+    assert total > 1.2 * max(per_instance)
+
+
+# Health panels that show each replica on purpose (is it scraped, is it ready, what it serves).
+PER_INSTANCE_QUERIES = {'up{job="isomax"}', "isomax_model_info", "isomax_model_ready"}
+
+
 def test_every_dashboard_query_runs_on_prometheus(stack: Stack, sent: Sent) -> None:
-    """Each panel's PromQL, with Grafana's variables filled in, is accepted and finds data."""
+    """Each panel's PromQL, with Grafana's variables filled in, is accepted and finds data;
+    per-model and per-endpoint panels show the replicas summed, health panels each replica."""
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     assert exprs
     empty = []
     for expr in exprs:
         q = expr.replace("$__rate_interval", "1m").replace("$model", stack.model)
-        if not stack.prom.query(q) and not q.startswith("ALERTS"):
+        result = stack.prom.query(q)
+        if not result and not q.startswith("ALERTS"):
             empty.append(q)
+        instances = {s["metric"].get("instance") for s in result}
+        if expr in PER_INSTANCE_QUERIES:
+            assert instances == {f"127.0.0.1:{p}" for p in stack.ports}, q
+        elif not q.startswith("ALERTS"):
+            assert instances == {None}, f"{q}: one series per replica instead of their sum"
     assert not empty, f"dashboard queries without data: {empty}"
 
 
