@@ -123,6 +123,7 @@ def _model_info(st: ModelStatus) -> ModelInfo:
         threshold=cal.threshold,
         quantile_range=(cal.quantiles[0].q, cal.quantiles[-1].q),
         per_class=cal.per_class is not None,
+        temperature=cal.temperature,
     )
     info.metrics = m.manifest.metrics.model_dump(mode="json")
     info.created = m.manifest.created.isoformat()

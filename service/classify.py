@@ -319,10 +319,12 @@ def result_rows(
 
     Plain Python over `.tolist()` rows: for the usual handful of images per request it is ~2x
     cheaper than vectorised numpy, whose per-call overhead dominates on [1, 10] arrays.
-    probability = softmax(logits) in float64; ties keep the lower class index first (as argmax).
+    probability = softmax(logits / temperature) in float64, softmax(logits) for a bundle without a
+    temperature; ties keep the lower class index first (as argmax).
     The verdict is `Thresholds.judge`, the rule training's evaluation uses too.
     """
     labels = model.labels
+    temperature = model.temperature
     thresholds, flags = model.thresholds.judge(np.argmax(logits, axis=1), distance)
     n_ood = int(flags.sum())
     results = []
@@ -330,7 +332,10 @@ def result_rows(
     rows = zip(*columns, strict=True)
     for up, row, d, t, is_ood in rows:
         top = max(row)
-        e = [math.exp(v - top) for v in row]
+        if temperature is None:
+            e = [math.exp(v - top) for v in row]
+        else:  # temperature scaling (the manifest's calibration): the same order, other values
+            e = [math.exp((v - top) / temperature) for v in row]
         total = sum(e)
         best = sorted(range(len(e)), key=e.__getitem__, reverse=True)[:top_k]
         results.append(

@@ -242,6 +242,8 @@ class LoadedModel:
     session: ort.InferenceSession
     provider: str  # what onnxruntime actually runs, e.g. CPUExecutionProvider
     thresholds: Thresholds  # at the served target_tpr; the verdict rule lives there
+    # probability = softmax(logits / temperature); None: softmax(logits) (bundles without one).
+    temperature: float | None
     batcher: Batcher
     # One onnxruntime run: x [B, C, H, W] float32 -> (logits [B, K], min_distance [B]).
     run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -381,6 +383,7 @@ def load_model(
         session=session,
         provider=provider,
         thresholds=thresholds,
+        temperature=manifest.calibration.temperature,
         batcher=batcher,
         run=run,
         load_seconds=time.perf_counter() - t0,

@@ -18,7 +18,11 @@ class ImageResult(BaseModel):
     )
     class_index: int = Field(ge=0, description="Index into the model's labels.")
     label: str
-    probability: float = Field(ge=0.0, le=1.0, description="softmax(logits) of the top class.")
+    probability: float = Field(
+        ge=0.0,
+        le=1.0,
+        description="softmax(logits / T) of the top class: T is the bundle's calibration.temperature, 1 without one.",
+    )
     top_k: list[LabelProbability] = Field(description="The k most probable classes, best first.")
     min_distance: float = Field(
         ge=0.0,
@@ -109,6 +113,10 @@ class CalibrationSummary(BaseModel):
         description="The target_tpr values the quantile table can serve."
     )
     per_class: bool = Field(default=False, description="The manifest has class thresholds.")
+    temperature: float | None = Field(
+        default=None,
+        description="probability = softmax(logits / temperature); null: softmax(logits).",
+    )
 
 
 class ModelInfo(BaseModel):

@@ -188,10 +188,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     import numpy as np
 
-    from isomax.contract.manifest import EvaluationMetrics
+    from isomax.contract.manifest import CalibrationError, EvaluationMetrics
     from isomax.contract.verdict import Thresholds
     from training.evaluate import evaluate, markdown_table
     from training.export import export_bundle
+    from training.temperature import ECE_BINS, expected_calibration_error, plot_reliability
 
     model, cfg, meta, splits = _load_run(a.run_dir, a.checkpoint)
     if cfg.head == "softmax":
@@ -200,6 +201,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         )
     name = a.name or f"{cfg.dataset}-{cfg.head}"
     report: dict = {}
+    tested: dict = {}  # the test split's logits and the temperature, for the reliability diagram
 
     def evaluate_graph(predictor, cal) -> EvaluationMetrics:
         if splits.test_x is None or a.no_eval:
@@ -227,8 +229,18 @@ def cmd_export(a: argparse.Namespace) -> int:
             if o[1] is not None
         }
         report["flagged_at_threshold"] = flagged
+        ece = {}
+        if cal.temperature is not None:  # ECE of `probability` on the test split, T=1 vs fitted
+            test_logits = outputs["in"][0]
+            tested["logits"], tested["temperature"] = test_logits, cal.temperature
+            ece["test"] = CalibrationError(
+                bins=ECE_BINS,
+                before=expected_calibration_error(test_logits, splits.test_y),
+                after=expected_calibration_error(test_logits, splits.test_y, cal.temperature),
+            )
+            report["calibration_error"] = {k: v.model_dump() for k, v in ece.items()}
         # r["accuracy"] holds val and test: evaluate() ran the graph on the validation split.
-        return EvaluationMetrics(accuracy=r["accuracy"], ood=r["ood"], flagged=flagged)
+        return EvaluationMetrics(accuracy=r["accuracy"], ood=r["ood"], flagged=flagged, calibration_error=ece)
 
     bundle = export_bundle(
         model,
@@ -246,6 +258,7 @@ def cmd_export(a: argparse.Namespace) -> int:
             "train_seconds": round(_seconds(a.run_dir), 1),
         },
         evaluate=evaluate_graph,
+        calibration_labels=None if a.no_temperature else splits.val_y,
         per_class=not a.global_threshold,
         description=a.description
         or f"{cfg.arch} trained with the {cfg.head} loss on {cfg.dataset}",
@@ -256,6 +269,16 @@ def cmd_export(a: argparse.Namespace) -> int:
             "flagged as OOD at the calibrated threshold:",
             json.dumps(report["flagged_at_threshold"]),
         )
+    if tested:
+        plot = plot_reliability(
+            tested["logits"],
+            splits.test_y,
+            tested["temperature"],
+            Path(a.run_dir) / "export" / f"{bundle.parent.name}-{bundle.name}-reliability.png",
+            f"{bundle.parent.name}:{bundle.name} on the test split",
+        )
+        print("calibration error (ECE, 15 bins) on test:", json.dumps(report["calibration_error"]))
+        print(f"reliability diagram: {plot}")
     print(json.dumps({"bundle": str(bundle)}))
     return 0
 
@@ -377,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--global-threshold",
         action="store_true",
         help="calibrate one threshold for all classes (default: one per predicted class too)",
+    )
+    p.add_argument(
+        "--no-temperature",
+        action="store_true",
+        help="no temperature scaling: probability = softmax(logits) (default: a temperature "
+        "fitted on the validation split)",
     )
     _add_ood_folder_arg(p)
     p.add_argument("--description", default=None)

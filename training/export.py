@@ -34,6 +34,7 @@ from isomax.contract.manifest import (
 )
 from training.calibrate import calibrate
 from training.head import IsoMaxHead, IsoMaxPlusHead
+from training.temperature import fit_temperature
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +207,7 @@ def export_bundle(
     training: dict[str, Any] | None = None,
     metrics: EvaluationMetrics | dict[str, Any] | None = None,
     evaluate: Callable[[OnnxPredictor, Calibration], EvaluationMetrics] | None = None,
+    calibration_labels: np.ndarray | None = None,
     description: str = "",
     per_class: bool = True,
 ) -> Path:
@@ -217,6 +219,9 @@ def export_bundle(
     the exported graph itself (what will be served) with the calibration just made, and its
     metrics go into the manifest. `per_class`: also calibrate one threshold per
     predicted class (`isomax.contract.manifest.ClassCalibration`), which the service then uses.
+    `calibration_labels` (the calibration images' labels): also fit a temperature on them
+    (`training.temperature`), stored as `calibration.temperature`, so that the served
+    probability is softmax(logits / T); without them the bundle has none (softmax(logits)).
     """
     models_dir = Path(models_dir)
     version = version or next_version(models_dir, name)
@@ -255,6 +260,16 @@ def export_bundle(
             val_classes=logits.argmax(1) if per_class else None,
             num_classes=n_classes if per_class else None,
         )
+        if calibration_labels is not None:
+            # Temperature scaling on the same held-out split (training/temperature.py).
+            temperature = fit_temperature(logits, np.asarray(calibration_labels))
+            cal = cal.model_copy(update={"temperature": temperature})
+            log.info(
+                "temperature %.4f fitted on %d %s images",
+                temperature,
+                len(logits),
+                calibration_split,
+            )
         if evaluate is not None:
             m = evaluate(OnnxPredictor(onnx_path), cal)
         else:

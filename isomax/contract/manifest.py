@@ -165,6 +165,11 @@ class Calibration(_Strict):
     quantiles: tuple[QuantilePoint, ...] = Field(min_length=2)
     min_class_size: int | None = Field(default=None, ge=1)
     per_class: tuple[ClassCalibration, ...] | None = None
+    # Temperature scaling (optional): the served `probability` is softmax(logits / temperature),
+    # with the temperature fitted on `split` by minimising the negative log-likelihood. Only the
+    # probabilities change: argmax, logits, min_distance and the verdict do not. Without it
+    # (older bundles) `probability` is softmax(logits).
+    temperature: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
 
     @field_validator("quantiles")
     @classmethod
@@ -208,12 +213,26 @@ class OODMetrics(_Strict):
     aupr_out: float = Field(ge=0.0, le=1.0)
 
 
+class CalibrationError(_Strict):
+    """Expected calibration error of the top-class probability, before and after the temperature.
+
+    ECE = sum over equal-width confidence bins of (share of images in the bin) x |accuracy -
+    mean confidence| in the bin.
+    """
+
+    bins: int = Field(ge=1)
+    before: float = Field(ge=0.0, le=1.0)  # softmax(logits)
+    after: float = Field(ge=0.0, le=1.0)  # softmax(logits / calibration.temperature)
+
+
 class EvaluationMetrics(_Strict):
     accuracy: dict[str, float] = Field(default_factory=dict)  # split -> accuracy in [0, 1]
     ood: dict[str, dict[str, OODMetrics]] = Field(default_factory=dict)  # set -> score -> metrics
     # split or OOD set -> share the calibrated threshold flags as OOD: what an operator should
     # expect of `is_ood` (about 1 - target_tpr on in-distribution traffic, by design).
     flagged: dict[str, float] = Field(default_factory=dict)
+    # split -> expected calibration error of `probability` (with a calibration.temperature).
+    calibration_error: dict[str, CalibrationError] = Field(default_factory=dict)
 
 
 class Manifest(_Strict):

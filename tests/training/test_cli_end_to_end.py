@@ -80,6 +80,13 @@ def test_export_produces_a_bundle_the_manifest_schema_accepts(run_dir, tmp_path,
     for c in per_class:
         assert c.pooled == (c.size < 50)
         assert c.pooled or c.threshold != m.calibration.threshold
+    # Temperature scaling, fitted on the validation split; ECE on test before and after it.
+    assert m.calibration.temperature is not None and m.calibration.temperature > 0
+    ece = m.metrics.calibration_error["test"]
+    assert ece.bins == 15 and 0 <= ece.after <= 1 and 0 <= ece.before <= 1
+    out = capsys.readouterr().out
+    assert "calibration error (ECE, 15 bins) on test" in out
+    assert (run_dir / "export" / "tiny-1-reliability.png").stat().st_size > 10_000
     # A second export of the same version is refused and overwrites nothing.
     before = (models / "tiny" / "1" / "manifest.json").read_text()
     assert main([*args, "--version", "1"]) == 2
