@@ -240,7 +240,9 @@ def cmd_export(a: argparse.Namespace) -> int:
             )
             report["calibration_error"] = {k: v.model_dump() for k, v in ece.items()}
         # r["accuracy"] holds val and test: evaluate() ran the graph on the validation split.
-        return EvaluationMetrics(accuracy=r["accuracy"], ood=r["ood"], flagged=flagged, calibration_error=ece)
+        return EvaluationMetrics(
+            accuracy=r["accuracy"], ood=r["ood"], flagged=flagged, calibration_error=ece
+        )
 
     bundle = export_bundle(
         model,
