@@ -25,6 +25,7 @@ from fastapi.routing import APIRoute
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service import http_protocol
 from service.capture import CaptureWriter
 from service.classify import ClassifyEndpoint, openapi_operation
 from service.errors import (
@@ -384,4 +385,5 @@ def app_from_env() -> ServiceApp:
     """
     settings = Settings()
     configure_process(settings.log_level)
+    http_protocol.configure_from(settings)  # this worker's connections
     return create_app(settings)

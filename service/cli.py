@@ -114,12 +114,18 @@ def main(argv: list[str]) -> int:
 
     import uvicorn
 
+    from service import http_protocol
+
+    http_protocol.configure_from(settings)
     common: dict[str, Any] = dict(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=settings.access_log,
         timeout_graceful_shutdown=settings.graceful_timeout_s,
+        timeout_keep_alive=settings.keep_alive_s,
+        # httptools with head limits and timeouts (service/http_protocol.py says why)
+        http=http_protocol.LimitedHttpToolsProtocol,
     )
     if settings.workers == 1:
         configure_process(settings.log_level)

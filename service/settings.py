@@ -87,6 +87,16 @@ class Settings(BaseSettings):
     access_log: bool = False
     # On SIGTERM: stop accepting, finish in-flight requests for at most this long, then exit.
     graceful_timeout_s: float = Field(default=30.0, ge=0.0)
+    # ... and answer a request that arrives on an idle keep-alive connection for this long
+    # (with Connection: close) before closing it.
+    shutdown_drain_s: float = Field(default=1.0, ge=0.0, le=60.0)
+    # The HTTP connection (service/http_protocol.py): request head size and header lines (431
+    # beyond), seconds for a request head to arrive and for a body to resume after a pause (408).
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024, le=1024 * 1024)
+    max_headers: int = Field(default=100, ge=8, le=10_000)
+    header_timeout_s: float = Field(default=10.0, gt=0.0, le=3600.0)
+    body_timeout_s: float = Field(default=15.0, gt=0.0, le=3600.0)
+    keep_alive_s: float = Field(default=5.0, gt=0.0, le=3600.0)
 
     @field_validator("models", mode="before")
     @classmethod

@@ -116,3 +116,33 @@ def test_monitoring_ports_are_loopback_by_default(gpu: dict[str, Any]) -> None:
     for name in ("prometheus", "grafana"):
         for p in gpu["services"][name]["ports"]:
             assert p.get("host_ip") == "127.0.0.1", f"{name} published beyond loopback: {p}"
+
+
+@pytest.mark.parametrize("files", [(BASE,), (BASE, CPU)], ids=["gpu", "cpu"])
+def test_isomax_is_published_on_loopback_and_confined(files: tuple[Path, ...]) -> None:
+    """The API has no authentication: loopback unless ISOMAX_BIND says otherwise; and the
+    container can write only /tmp, has no capabilities and bounded memory, CPU and processes."""
+    svc = compose_config(*files)["services"]["isomax"]
+    for p in svc["ports"]:
+        assert p.get("host_ip") == "127.0.0.1", f"the API is published beyond loopback: {p}"
+    assert svc["read_only"] is True
+    assert [t.split(":")[0] for t in svc["tmpfs"]] == ["/tmp"]
+    assert svc["cap_drop"] == ["ALL"] and not svc.get("cap_add")
+    assert "no-new-privileges:true" in svc["security_opt"]
+    assert svc.get("privileged") is not True
+    assert int(svc["mem_limit"]) > 0 and float(svc["cpus"]) > 0 and svc["pids_limit"] > 0
+
+
+@pytest.mark.parametrize("service", ["prometheus", "grafana"])
+def test_monitoring_containers_drop_privileges(gpu: dict[str, Any], service: str) -> None:
+    svc = gpu["services"][service]
+    assert svc["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in svc["security_opt"]
+    assert int(svc["mem_limit"]) > 0 and svc["pids_limit"] > 0
+
+
+def test_cpu_override_keeps_the_limits(cpu: dict[str, Any], gpu: dict[str, Any]) -> None:
+    """The override resets the GPU reservation only, not the hardening."""
+    keys = ("read_only", "tmpfs", "cap_drop", "security_opt", "mem_limit", "cpus", "pids_limit")
+    for key in keys:
+        assert cpu["services"]["isomax"][key] == gpu["services"]["isomax"][key], key
