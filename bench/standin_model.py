@@ -1,10 +1,11 @@
 """A stand-in bundle with the default model's shape and cost, for benchmarks without a trained one.
 
-Same graph as training's `smallcnn` + IsoMax+ head exported (BatchNorm folded into the convs):
-six 3x3 convs 32 | 32-64 | 64-128-128 with max-pooling after the first and third, global
-average pooling to 128 features, then logits = -|d_s| * |f^ - p^_k| and min_distance. Weights
-are random (He init), so the answers are meaningless but the cost per image (~18M
-multiply-adds) is the real model's. Built with onnx.helper: no torch.
+Same graph as training's `smallcnn` + IsoMax+ head exported (BatchNorm folded into the convs
+and the feature layer): five 3x3 convs 32 | 32-64 | 64-64 with max-pooling after the first and
+third, flattened 64x7x7 -> a 128-d feature layer with ReLU, then logits = -|d_s| * |f^ - p^_k|
+and min_distance (0.50M parameters). Weights are random (He init), so the answers are
+meaningless but the cost per image (~10M multiply-adds) is the real model's. Built with
+onnx.helper: no torch.
 
     python bench/standin_model.py OUT_MODELS_DIR    # writes OUT/fmnist-standin/1/
 """
@@ -59,8 +60,7 @@ def smallcnn_graph(seed: int = 0, with_distance: bool = True) -> onnx.ModelProto
         (32, 64),
         "pool",
         (64, 64),
-        (64, 128),
-        (128, 128),
+        (64, 64),
     ]
     for i, layer in enumerate(layers):
         if layer == "pool":
@@ -79,8 +79,15 @@ def smallcnn_graph(seed: int = 0, with_distance: bool = True) -> onnx.ModelProto
         )
         nodes.append(helper.make_node("Relu", [f"conv{i}"], [f"relu{i}"]))
         x = f"relu{i}"
-    nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"]))
-    nodes.append(helper.make_node("Flatten", ["gap"], ["feat"], axis=1))
+    nodes.append(helper.make_node("Flatten", [x], ["flat"], axis=1))  # (N, 64 * 7 * 7)
+    w = rng.standard_normal((64 * 7 * 7, 128)) * np.sqrt(2.0 / (64 * 7 * 7))
+    nodes += [
+        helper.make_node("MatMul", ["flat", const("w_feat", w)], ["feat_lin"]),
+        helper.make_node(
+            "Add", ["feat_lin", const("b_feat", rng.standard_normal(128) * 0.01)], ["feat_pre"]
+        ),
+        helper.make_node("Relu", ["feat_pre"], ["feat"]),
+    ]
     protos = rng.standard_normal((len(LABELS), 128))
     protos /= np.linalg.norm(protos, axis=1, keepdims=True)
     nodes += [

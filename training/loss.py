@@ -3,7 +3,7 @@
 The paper's footnotes compute softmax and log in two steps; in float32 that underflows to
 `log(0) = -inf` once `|d_s|` grows past ~5 and a sample is badly wrong, and the loss becomes
 infinite. We use the fused log-softmax of `F.cross_entropy`, which equals the two-step form in
-exact arithmetic (tests/training/test_loss.py checks both agree on ordinary inputs) and stays
+exact arithmetic (tests/training/test_head_loss.py checks both agree on ordinary inputs) and stays
 finite everywhere.
 """
 
