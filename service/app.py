@@ -37,6 +37,7 @@ from service.errors import (
 )
 from service.metrics import PrometheusMetrics, RequestMetricsMiddleware, route_path
 from service.models import ModelRegistry, ModelStatus, configured
+from service.page import add_page
 from service.schemas import (
     CalibrationSummary,
     ErrorResponse,
@@ -44,6 +45,7 @@ from service.schemas import (
     ModelInfo,
     ModelsResponse,
     ModelState,
+    QuantileValue,
     ReadyResponse,
 )
 from service.settings import Settings
@@ -125,6 +127,13 @@ def _model_info(st: ModelStatus) -> ModelInfo:
         quantile_range=(cal.quantiles[0].q, cal.quantiles[-1].q),
         per_class=cal.per_class is not None,
         temperature=cal.temperature,
+        quantiles=[QuantileValue(q=p.q, value=p.value) for p in cal.quantiles],
+        class_quantiles=None
+        if cal.per_class is None
+        else {
+            label: [QuantileValue(q=p.q, value=p.value) for p in c.quantiles]
+            for label, c in zip(m.labels, cal.per_class, strict=True)
+        },
     )
     info.metrics = m.manifest.metrics.model_dump(mode="json")
     info.created = m.manifest.created.isoformat()
@@ -302,6 +311,8 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
             # The one-line docstring is the OpenAPI summary (FastAPI would use the function name).
             route.summary = route.summary or (route.description or "").split("\n")[0] or None
     endpoint = ClassifyEndpoint(app.state, settings, metrics)
+    if settings.page:
+        add_page(app)  # GET / and /static/*: ordinary routes, off the /classify shortcut
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     # Direct: counted by its own metrics layer. Routed (a path the direct table does not match,
     # e.g. behind an unexpected prefix): the app's middleware counts it already.

@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     a("--access-log", action="store_true", default=None, help="log every request")
+    a(
+        "--no-page",
+        dest="page",
+        action="store_false",
+        default=None,
+        help="no web page at GET / (API only)",
+    )
     return p
 
 

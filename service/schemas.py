@@ -104,6 +104,11 @@ class ReadyResponse(BaseModel):
     )
 
 
+class QuantileValue(BaseModel):
+    q: float = Field(gt=0.0, lt=1.0)
+    value: float
+
+
 class CalibrationSummary(BaseModel):
     split: str
     size: int
@@ -116,6 +121,18 @@ class CalibrationSummary(BaseModel):
     temperature: float | None = Field(
         default=None,
         description="probability = softmax(logits / temperature); null: softmax(logits).",
+    )
+    quantiles: list[QuantileValue] = Field(
+        default_factory=list,
+        description="The manifest's quantile table of validation min_distance: `value` is the "
+        "`q` quantile, so a threshold there keeps `q` of the in-distribution images. The web page "
+        "draws an image's distance against it.",
+    )
+    class_quantiles: dict[str, list[QuantileValue]] | None = Field(
+        default=None,
+        description="Label -> the manifest's table for images predicted as that label (null "
+        "without class thresholds): `value` is that class's threshold at the operating point "
+        "that keeps `q` of all validation images (what ISOMAX_TARGET_TPR reads off).",
     )
 
 

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     capture_max_files: int = Field(default=10_000, ge=1)
     capture_queue: int = Field(default=256, ge=1, le=100_000)
 
+    # The web page at GET / (service/static/); false for API-only deployments (then GET / is 404).
+    page: bool = True
+
     # Server (used by `isomax serve`).
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
