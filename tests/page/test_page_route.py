@@ -11,9 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from isomax.contract.manifest import Manifest
 from service.app import create_app
 from service.cli import build_parser, settings_from_args
-from service.manifest import Manifest
 from service.page import STATIC_DIR
 from service.settings import Settings
 from tests.service.conftest import REPO, wait_ready
