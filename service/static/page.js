@@ -111,7 +111,10 @@ async function loadModels() {
     }
     ui.model.append(opt);
   }
+  // Keep the user's choice; else the version that `?model=<name>` gets; else the first ready.
+  const preferred = body.models.find((m) => m.status === "ready" && m.default);
   if (ready.includes(previous)) ui.model.value = previous;
+  else if (preferred) ui.model.value = modelKey(preferred);
   else if (ready.length) ui.model.value = ready[0];
   if (body.models.some((m) => m.status === "loading")) {
     modelsTimer = setTimeout(loadModels, 2000);
@@ -340,11 +343,14 @@ const STATUS_TEXT = {
   503: "The service is not ready or too busy.",
 };
 
-function showError(card, status, detail, retryAfter) {
+// `detail` is the service's own words; `problem` is what the page itself saw (no answer).
+function showError(card, status, detail, retryAfter, problem) {
   card.li.classList.remove("pending");
   card.li.classList.add("is-error");
   card.li.removeAttribute("aria-busy");
-  let title = status ? STATUS_TEXT[status] || `Unexpected answer (HTTP ${status}).` : "No answer.";
+  let title = status
+    ? STATUS_TEXT[status] || `Unexpected answer (HTTP ${status}).`
+    : "No answer from the service.";
   if (status === 503 && retryAfter) title += ` Try again in ${plural(Number(retryAfter), "second")}.`;
   card.head.append(
     el(
@@ -355,6 +361,7 @@ function showError(card, status, detail, retryAfter) {
     ),
   );
   const parts = [el("p", { class: "error-title", text: title })];
+  if (problem) parts.push(el("p", { class: "error-detail", text: problem }));
   if (detail) parts.push(el("p", { class: "error-detail" }, "The service said: ", el("q", { text: detail })));
   card.main.replaceChildren(...parts);
   return `${card.name}: error. ${title}`;
@@ -369,7 +376,7 @@ async function classifyOne(file, card, key, info, k) {
   try {
     r = await fetch(`classify?${params}`, { method: "POST", body: form });
   } catch (e) {
-    return showError(card, 0, `Could not reach the service (${e.message}).`);
+    return showError(card, 0, null, null, `Could not reach the service (${e.message}).`);
   }
   let body = null;
   try {
