@@ -142,6 +142,8 @@ function showModel(problems = []) {
       m.target_tpr,
     )} of validation images`,
   ];
+  const temperature = m.calibration && m.calibration.temperature;
+  if (typeof temperature === "number") parts.push(`probabilities at temperature ${temperature.toFixed(2)}`);
   const acc = m.metrics && m.metrics.accuracy && m.metrics.accuracy.test;
   if (typeof acc === "number") parts.push(`test accuracy ${percent(acc)}`);
   ui.info.textContent = parts.join(" · ") + ".";
