@@ -353,7 +353,12 @@ function showError(card, status, detail, retryAfter, problem) {
   let title = status
     ? STATUS_TEXT[status] || `Unexpected answer (HTTP ${status}).`
     : "No answer from the service.";
-  if (status === 503 && retryAfter) title += ` Try again in ${plural(Number(retryAfter), "second")}.`;
+  if (status === 503) {
+    // With Retry-After: loading or a full queue. Without: the model failed for good.
+    title = retryAfter
+      ? `${title} Try again in ${plural(Number(retryAfter), "second")}.`
+      : "The model cannot be served.";
+  }
   card.head.append(
     el(
       "p",
