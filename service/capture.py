@@ -2,9 +2,10 @@
 
 Off unless `ISOMAX_CAPTURE_DIR` is set. For every classified image the request path makes one
 random draw (OOD: kept with probability `capture_ood_share`, in-distribution: with
-`capture_id_share`, for contrast) and, when kept, puts the bytes and the verdict on a bounded
-queue: `put_nowait`, never a wait and never a file operation. One background thread per worker
-writes each item as two files, the original bytes exactly as received and a JSON record:
+`capture_id_share`, for contrast) and, when kept, appends the bytes and the verdict to a
+bounded queue (a deque: no lock, no wake-up, never a wait and never a file operation). One
+background thread per worker writes each item as two files, the original bytes exactly as
+received and a JSON record:
 
     <capture_dir>/<UTC time>-<random hex>.<ext>     ext from the bytes' magic (png, jpg, ...)
     <capture_dir>/<UTC time>-<random hex>.json      model, version, verdict, min_distance,
@@ -26,16 +27,15 @@ import contextlib
 import json
 import logging
 import os
-import queue
 import random
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from service.metrics import PrometheusMetrics
 from service.settings import Settings
@@ -65,9 +65,8 @@ def extension(data: bytes) -> str:
     return "bin"
 
 
-@dataclass(frozen=True)
-class Item:
-    """One image to write, with what the service answered for it."""
+class Item(NamedTuple):
+    """One image to write, with what the service answered for it (a tuple: cheap to make)."""
 
     data: bytes
     model: str
@@ -81,7 +80,7 @@ class Item:
     time: float
 
 
-_STOP = object()
+IDLE_WAIT_S = 0.05  # how long the writer sleeps when the queue is empty
 
 
 class CaptureWriter:
@@ -98,7 +97,11 @@ class CaptureWriter:
         self.max_files = settings.capture_max_files
         self.metrics = metrics
         self._random = random.Random(seed)
-        self._queue: queue.Queue[Item | object] = queue.Queue(settings.capture_queue)
+        # deque appends and pops are atomic: the request path takes no lock and wakes nobody;
+        # the writer polls (IDLE_WAIT_S) while the queue is empty.
+        self._queue: deque[Item] = deque()
+        self._max_queue = settings.capture_queue
+        self._stopping = threading.Event()
         self._index: dict[str, int] = {}  # stem -> bytes of its two files (oldest first by name)
         self._last_scan = 0.0
         self._thread: threading.Thread | None = None
@@ -129,28 +132,38 @@ class CaptureWriter:
         """One request's images and their results (`is_ood`, `min_distance`, ...): sample, queue."""
         now = time.time()
         draw = self._random.random
+        q = self._queue
         for data, r in zip(images, results, strict=True):
             share = self.ood_share if r["is_ood"] else self.id_share
             if share <= 0.0 or draw() >= share:
                 continue
-            item = Item(
-                data, model, version, r["is_ood"], r["min_distance"], r["threshold"],
-                r["class_index"], r["label"], share, now,
-            )  # fmt: skip
-            try:
-                self._queue.put_nowait(item)
-            except queue.Full:
+            if len(q) >= self._max_queue:
                 self._dropped.inc()
+                continue
+            q.append(
+                Item(
+                    data, model, version, r["is_ood"], r["min_distance"], r["threshold"],
+                    r["class_index"], r["label"], share, now,
+                )
+            )  # fmt: skip
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
 
     # -- writer thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
         self._rescan()
+        q = self._queue
         while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            assert isinstance(item, Item)
+            try:
+                item = q.popleft()
+            except IndexError:
+                if self._stopping.is_set():
+                    return  # stopped and drained
+                self._stopping.wait(IDLE_WAIT_S)
+                continue
             try:
                 self._write(item)
             except OSError as e:
@@ -229,11 +242,10 @@ class CaptureWriter:
         """Write what is queued (for at most `timeout`), then stop the thread."""
         if self._thread is None:
             return
-        try:
-            self._queue.put(_STOP, timeout=timeout)
-        except queue.Full:
-            log.warning("capture: queue still full at shutdown; dropping its items")
+        self._stopping.set()
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("capture: %d captures still queued at shutdown; dropped", len(self._queue))
         self._thread = None
 
 

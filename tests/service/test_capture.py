@@ -67,10 +67,10 @@ def test_sampling_shares_are_respected(tmp_path: Path) -> None:
     w, _ = writer(tmp_path, capture_ood_share=1.0, capture_id_share=0.0, capture_queue=1000)
     n = 200
     w.offer("tiny", "2", [b"x"] * n, [result(i % 2 == 0) for i in range(n)])
-    assert w._queue.qsize() == n // 2  # every OOD one, no in-distribution one
+    assert w.queued == n // 2  # every OOD one, no in-distribution one
     w2, _ = writer(tmp_path, capture_ood_share=0.25, capture_id_share=0.0, capture_queue=10_000)
     w2.offer("tiny", "2", [b"x"] * 4000, [result(True)] * 4000)
-    assert 800 < w2._queue.qsize() < 1200  # Binomial(4000, 0.25): 1000 +- 7 sigma
+    assert 800 < w2.queued < 1200  # Binomial(4000, 0.25): 1000 +- 7 sigma
 
 
 def test_a_full_queue_drops_and_counts_instead_of_waiting(tmp_path: Path) -> None:
@@ -79,7 +79,7 @@ def test_a_full_queue_drops_and_counts_instead_of_waiting(tmp_path: Path) -> Non
     dropped = metrics.registry.get_sample_value(
         "isomax_capture_dropped_total", {"reason": "queue_full"}
     )
-    assert dropped == 46 and w._queue.qsize() == 4
+    assert dropped == 46 and w.queued == 4
     assert not (tmp_path / "cap").exists()  # offer() never touches the disk
 
 
