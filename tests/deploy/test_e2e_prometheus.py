@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +37,7 @@ import numpy as np
 import pytest
 import yaml
 
+from isomax import harness
 from tests.deploy.tools import DASHBOARD, PROMETHEUS_CONFIG, ROOT, RULES, require_tool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -54,22 +53,16 @@ T = TypeVar("T")
 # ---------------------------------------------------------------------------- helpers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_for(
-    what: str, probe: Callable[[], T | None], timeout: float, proc: Proc | None = None
+    what: str, probe: Callable[[], T | None], timeout: float, proc: harness.Server | None = None
 ) -> T:
     """Poll `probe` until it returns something other than None (or False)."""
     deadline = time.monotonic() + timeout
     while True:
-        if proc is not None and proc.popen.poll() is not None:
-            code = proc.popen.returncode
+        if proc is not None and proc.proc.poll() is not None:
+            code = proc.proc.returncode
             raise AssertionError(
-                f"{proc.name} exited ({code}) waiting for {what}:\n{proc.log_tail()}"
+                f"{proc.url} exited ({code}) waiting for {what}:\n{proc.log_tail()}"
             )
         try:
             value = probe()
@@ -84,41 +77,7 @@ def wait_for(
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def log_tail(self, n: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
-
-
-@contextmanager
-def started(
-    name: str, args: list[str], log: Path, env: dict[str, str] | None = None
-) -> Iterator[Proc]:
-    """Run a process for the duration of the block; always stopped (TERM, then KILL) after it."""
-    with open(log, "wb") as out:
-        popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    proc = Proc(name, popen, log)
-    try:
-        yield proc
-    finally:
-        if popen.poll() is None:
-            popen.terminate()
-            try:
-                popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                popen.kill()
-                popen.wait(timeout=5)
+    return harness.request("GET", url, timeout=timeout)
 
 
 class PromAPI:
@@ -197,8 +156,8 @@ class Stack:
     ports: list[int]
     prom: PromAPI
     model: str
-    service_procs: list[Proc]
-    prom_proc: Proc
+    service_procs: list[harness.Server]
+    prom_proc: harness.Server
 
     @property
     def service(self) -> str:
@@ -214,14 +173,12 @@ def stack(served: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) ->
     prometheus = require_tool("prometheus")
     models_dir, model = served
     tmp = tmp_path_factory.mktemp("e2e")
-    sports, pport = [free_port() for _ in ROUNDS], free_port()
+    sports, pport = [harness.free_port() for _ in ROUNDS], harness.free_port()
+    env = harness.service_env(ISOMAX_DEVICE="cpu", ISOMAX_LOG_LEVEL="info")
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ISOMAX_")}
-    env.update(ISOMAX_DEVICE="cpu", ISOMAX_LOG_LEVEL="info", PYTHONUNBUFFERED="1")
-
-    def serve(port: int) -> list[str]:
-        return [sys.executable, "-m", "isomax", "serve", "--host", "127.0.0.1", "--port",
-                str(port), "--models-dir", str(models_dir), "--models", model]  # fmt: skip
+    def serve(port: int, log: str) -> AbstractContextManager[harness.Server]:
+        cmd = harness.isomax_serve_command(models_dir, port, "--models", model)
+        return harness.serve(cmd, port, tmp / log, env=env, timeout=90)
 
     # The compose configuration with the test's ports and 1 s intervals; the rules as they are.
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
@@ -235,29 +192,29 @@ def stack(served: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) ->
                  f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{pport}",
                  "--log.level=warn"]  # fmt: skip
 
-    bases = [f"http://127.0.0.1:{p}" for p in sports]
     with (
-        started("isomax serve 1", serve(sports[0]), tmp / "service1.log", env) as s1,
-        started("isomax serve 2", serve(sports[1]), tmp / "service2.log", env) as s2,
+        serve(sports[0], "service1.log") as s1,
+        serve(sports[1], "service2.log") as s2,
+        harness.serve(
+            prom_args,
+            pport,
+            tmp / "prometheus.log",
+            ready=harness.status_is("/-/ready"),
+            timeout=30,
+        ) as pproc,
     ):
-        for base, sproc in zip(bases, (s1, s2), strict=True):
-            wait_for("/readyz 200", lambda b=base: http_get(f"{b}/readyz")[0] == 200, 90, sproc)
-        with started("prometheus", prom_args, tmp / "prometheus.log") as pproc:
-            prom = PromAPI(f"http://127.0.0.1:{pport}")
-            wait_for(
-                "prometheus ready", lambda: http_get(f"{prom.base}/-/ready")[0] == 200, 30, pproc
-            )
-            # Both verdict series of both replicas scraped at zero before any traffic (see the
-            # module docstring).
-            wait_for(
-                "first scrape of the zeroed verdict counters",
-                lambda: sorted(
-                    (s["metric"]["instance"], s["metric"]["verdict"], s["value"][1])
-                    for s in prom.query(f'isomax_images_total{{model="{model}"}}')
-                ) == sorted((f"127.0.0.1:{p}", v, "0") for p in sports for v in ("in", "ood")),
-                30, pproc,
-            )  # fmt: skip
-            yield Stack(bases, sports, prom, model, [s1, s2], pproc)
+        prom = PromAPI(pproc.url)
+        # Both verdict series of both replicas scraped at zero before any traffic (see the
+        # module docstring).
+        wait_for(
+            "first scrape of the zeroed verdict counters",
+            lambda: sorted(
+                (s["metric"]["instance"], s["metric"]["verdict"], s["value"][1])
+                for s in prom.query(f'isomax_images_total{{model="{model}"}}')
+            ) == sorted((f"127.0.0.1:{p}", v, "0") for p in sports for v in ("in", "ood")),
+            30, pproc,
+        )  # fmt: skip
+        yield Stack([s1.url, s2.url], sports, prom, model, [s1, s2], pproc)
 
 
 @dataclass
@@ -470,18 +427,17 @@ def test_image_command_and_healthcheck_work_together(
             cmd = list(c.value)
     assert cmd[0] == "isomax"
     models_dir, _ = served
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ISOMAX_")}
-    env.update({k: v for k, v in env_lines.items() if k.startswith("ISOMAX_")})
+    port = harness.free_port()
+    env = harness.service_env(**{k: v for k, v in env_lines.items() if k.startswith("ISOMAX_")})
     # Loopback instead of 0.0.0.0 on a shared machine; a free port; the test's models.
     env.update(ISOMAX_HOST="127.0.0.1", ISOMAX_PORT=str(port), ISOMAX_MODELS_DIR=str(models_dir))
     health = [sys.executable, str(ROOT / "deploy" / "docker" / "healthcheck.py")]
 
-    def healthy() -> bool:
+    def healthy(_: harness.Server) -> bool:
         r = subprocess.run(health, capture_output=True, timeout=30, env={"ISOMAX_PORT": str(port)})
         return r.returncode == 0
 
-    with started(
-        "isomax serve (image CMD)", [sys.executable, "-m", *cmd], tmp_path / "s.log", env
-    ) as p:
-        wait_for("the health check to pass", healthy, 90, p)
+    # Ready means: the health check passes (TimeoutError with the log when it never does).
+    with harness.serve([sys.executable, "-m", *cmd], port, tmp_path / "s.log", env=env,
+                       ready=healthy, timeout=90):  # fmt: skip
+        pass

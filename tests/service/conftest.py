@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +13,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from isomax import harness
 from service.app import create_app
 from service.settings import Settings
 from tests.service.bundles import write_bundle
@@ -60,14 +57,10 @@ def client(models_dir: Path) -> Iterator[TestClient]:
         yield c
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Server:
+    """A running `isomax serve` (the harness's process) with an httpx client factory."""
+
     url: str
     proc: subprocess.Popen[bytes]
     log: Path
@@ -81,39 +74,10 @@ class Server:
 
 @contextmanager
 def run_server(models_dir: Path, log: Path, *args: str, **env: str) -> Iterator[Server]:
-    """`python -m isomax serve` on a free port, ready when this yields; SIGTERM at the end."""
-    port = free_port()
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("ISOMAX_")}
-    environ.update(env)
-    environ["PYTHONUNBUFFERED"] = "1"
-    cmd = [sys.executable, "-m", "isomax", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--models-dir", str(models_dir), *args]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", proc, log)
-    try:
-        with server.client() as c:
-            deadline = time.monotonic() + 60
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"server exited {proc.returncode}:\n{server.log_text()}")
-                try:
-                    if c.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"server not ready:\n{server.log_text()}")
-                time.sleep(0.05)
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    """`python -m isomax serve` on a free port, yielded when every worker is ready; SIGTERM at
+    the end. `env` adds ISOMAX_* (or other) variables to an environment without ISOMAX_*."""
+    with harness.isomax_serve(models_dir, log, *args, env=env) as srv:
+        yield Server(srv.url, srv.proc, srv.log)
 
 
 @pytest.fixture(scope="module")
