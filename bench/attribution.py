@@ -18,9 +18,7 @@ which depends less than wall time on other load on the machine.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,34 +74,26 @@ def make_app():  # type: ignore[no-untyped-def]
 
 
 def main() -> int:
-    from bench.serve_bench import OUT, cpu_seconds, free_port, loadavg, pick_bundle, test_png, wrk
+    from bench.serve_bench import OUT, loadavg, pick_bundle, test_png, write_bodies, wrk
+    from isomax import harness
 
     models_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else pick_bundle()[0].parent.parent
-    OUT.mkdir(parents=True, exist_ok=True)
     bundle = next(p for p in models_dir.glob("*/*") if (p / "manifest.json").is_file())
-    body = OUT / "attribution.png"
-    body.write_bytes(test_png(bundle))
+    body = write_bodies(test_png(bundle))["raw"]
     print(f"models: {models_dir}; load average {loadavg()}")
     print(f"{'variant':10} {'req/s':>8} {'CPU us/req':>11}")
     for variant in VARIANTS:
-        port = free_port()
-        env = {**os.environ, "BENCH_VARIANT": variant, "ISOMAX_MODELS_DIR": str(models_dir)}
+        port = harness.free_port()
+        env = harness.service_env(BENCH_VARIANT=variant, ISOMAX_MODELS_DIR=str(models_dir))
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "bench.attribution:make_app"]
         cmd += ["--port", str(port), "--log-level", "warning", "--no-access-log"]
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env)
-        try:
-            time.sleep(4)
-            url = f"http://127.0.0.1:{port}/classify"
-            wrk(url, body, "image/png", 32, 2, proc.pid)
-            t0 = time.perf_counter()
-            cpu0 = cpu_seconds(proc.pid)
-            r = wrk(url, body, "image/png", 32, 6, proc.pid)
-            n = r["rps"] * (time.perf_counter() - t0)
-            cpu = (cpu_seconds(proc.pid) - cpu0) / n * 1e6
-            print(f"{variant:10} {r['rps']:8.0f} {cpu:11.0f}", flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(30)
+        log = OUT / "logs" / f"attribution-{variant}.log"
+        with harness.serve(cmd, port, log, env=env) as server:  # hello answers /readyz too
+            url = f"{server.url}/classify"
+            wrk(url, body, 32, 2, server.proc.pid)
+            r = wrk(url, body, 32, 6, server.proc.pid)
+            cpu_us = 1000 * r["server_cpu_ms_per_image"]
+            print(f"{variant:10} {r['rps']:8.0f} {cpu_us:11.0f}", flush=True)
     print(f"load average after: {loadavg()}")
     return 0
 

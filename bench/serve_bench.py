@@ -1,23 +1,30 @@
-"""Serving benchmark: `isomax serve` under wrk vs raw onnxruntime and peers, same machine and run.
+"""Serving benchmark: `isomax serve` and its peers under wrk, against raw onnxruntime, one sitting.
 
-    .venv/bin/python bench/serve_bench.py                      # ~4 minutes on 2 cores
-    .venv/bin/python bench/serve_bench.py --quick              # fewer configurations
-    .venv/bin/python bench/serve_bench.py --bentoml-python /tmp/bentovenv/bin/python
+    bash bench/peers/setup.sh                          # once: the peers' venvs (bench/out/peers)
+    .venv/bin/python bench/serve_bench.py              # everything, about 8 minutes on 2 cores
+    .venv/bin/python bench/serve_bench.py --only isomax --duration 3     # a quick look
 
-What runs, in order, each on an otherwise idle server process:
-  1. raw onnxruntime in this process (no HTTP, no decoding): images/s at batch 1 and 32, with all
-     cores, for the model with and without its min_distance output (the cost of the OOD score);
-  2. `isomax serve` (uvicorn) under wrk: raw image/png bodies and multipart/form-data, one and
-     eight images per request, 32 and 128 connections; with 1 and 2 workers; and with batching
-     off (max_batch_size=1) to show what batching buys;
-  3. peers, run the same way with the same PNG: the naive FastAPI prototype
-     (bench/peers/fastapi_naive.py) and, when a Python with BentoML 1.4 is given, BentoML.
+What runs, in order, each server alone on the machine (started, checked, loaded, stopped):
+  1. raw onnxruntime in this process (no HTTP, no decoding): images/s at batch 1 and 32 on all
+     cores and at batch 32 on one thread; measured again at the end, and the ratios use the
+     mean of the two batch-32 figures (so a machine that changed under the run shows);
+  2. `isomax serve` with 1 and 2 workers: one PNG per request as the raw image/png body and as
+     one multipart part, at 32 and 128 connections (`--full`: also 8 images per request and
+     batching off);
+  3. the peers, each set up the way its documentation recommends for a small CPU model, each
+     with its own batching on (bench/peers/*, venvs from bench/peers/setup.sh; a peer whose
+     venv is missing is skipped and listed as such): BentoML 1.4 (its quickstart default, and
+     one onnxruntime thread with adaptive batching), Seldon MLServer (adaptive batching), Ray
+     Serve (`@serve.batch`), NVIDIA Triton 2.51 through nvidia-pytriton (Triton's Python
+     backend with its dynamic batcher: the PNG as a BYTES tensor, and the decoded FP32 tensor,
+     both as binary data), and the naive FastAPI prototype (one run per request).
+Every server's first answer is checked against raw onnxruntime on the same PNG (same class,
+same min_distance) before it is loaded, so every row computes the same thing.
 
-The model is the default bundle (models/fmnist-isomaxplus, newest version) when it exists, else
-a stand-in with its architecture and cost (bench/standin_model.py). wrk runs with one thread;
-its CPU use is recorded next to each result to show it is not the bottleneck. The load average
-before and after is recorded: other processes on the machine skew everything.
-Results: bench/results/serving.json and bench/results/serving.md.
+wrk runs with one thread; its CPU is recorded next to each result to show it is not the
+bottleneck. Server CPU is that of every process the server started (its session). The load
+average before and after is recorded: other processes on the machine skew everything.
+Results: bench/results/serving.json and bench/results/serving.md (--out to change).
 """
 
 from __future__ import annotations
@@ -29,18 +36,17 @@ import os
 import platform
 import re
 import resource
-import signal
-import socket
+import struct
 import subprocess
 import sys
 import time
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from PIL import Image
 
@@ -48,13 +54,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.standin_model import write_standin  # noqa: E402
+from isomax import harness  # noqa: E402
 from isomax.contract.manifest import Manifest  # noqa: E402
 
 OUT = REPO / "bench" / "out"
+PEERS = OUT / "peers"  # one venv per peer (bench/peers/setup.sh)
 RESULTS = REPO / "bench" / "results"
 LUA = REPO / "bench" / "wrk_post.lua"
 DEFAULT_MODEL = "fmnist-isomaxplus"
-BOUNDARY = "isomaxbenchboundary"
+TRITON_OUTPUTS = ("class_index", "probability", "min_distance", "is_ood")
 
 
 # -- model and inputs ------------------------------------------------------------------------
@@ -76,56 +84,122 @@ def test_png(bundle: Path) -> bytes:
     yy, xx = np.mgrid[: spec.height, : spec.width]
     blob = np.exp(-(((yy - spec.height / 2) / 7) ** 2 + ((xx - spec.width / 2) / 5) ** 2))
     img = np.clip(blob * 230 + np.random.default_rng(0).normal(0, 8, blob.shape), 0, 255)
-    mode = spec.color_mode
     buf = io.BytesIO()
-    Image.fromarray(img.astype(np.uint8)).convert(mode).save(buf, "PNG")
+    Image.fromarray(img.astype(np.uint8)).convert(spec.color_mode).save(buf, "PNG")
     return buf.getvalue()
 
 
-def multipart(png: bytes, n: int) -> bytes:
-    part = (
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="x{{i}}.png"\r\n'
-        "Content-Type: image/png\r\n\r\n"
-    )
-    body = b"".join(part.format(i=i).encode() + png + b"\r\n" for i in range(n))
-    return body + f"--{BOUNDARY}--\r\n".encode()
+def png_array(png: bytes) -> np.ndarray:
+    """The benchmark PNG as the model's float32 input [1, 1, 28, 28] (it is gray and 28x28)."""
+    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32)[None, None] / np.float32(255)
 
 
-def without_distance(model_path: Path, out: Path) -> Path:
-    """The same graph with the min_distance output (and what only it needs) removed."""
-    m = onnx.load(str(model_path))
-    keep = [o for o in m.graph.output if o.name != "min_distance"]
-    del m.graph.output[:]
-    m.graph.output.extend(keep)
-    needed = {o.name for o in keep}
-    nodes = []
-    for node in reversed(list(m.graph.node)):
-        if any(o in needed for o in node.output):
-            nodes.append(node)
-            needed.update(node.input)
-    del m.graph.node[:]
-    m.graph.node.extend(reversed(nodes))
-    onnx.checker.check_model(m)
-    onnx.save(m, str(out))
-    return out
+@dataclass(frozen=True)
+class Body:
+    """One request body, written to a file for wrk."""
+
+    kind: str  # what the results call it
+    path: Path
+    content_type: str
+    headers: tuple[tuple[str, str], ...] = ()
+    images: int = 1
+
+    def post(self, server: harness.Server, url_path: str) -> tuple[int, bytes]:
+        return server.post(
+            url_path, self.path.read_bytes(), self.content_type, 30, dict(self.headers)
+        )
+
+
+def write_bodies(png: bytes) -> dict[str, Body]:
+    """Every request body the servers take, each carrying the same PNG (or its pixels)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    bodies: dict[str, Body] = {}
+
+    def add(key: str, kind: str, data: bytes, ctype: str, **kw: Any) -> None:
+        path = OUT / f"body-{key}"
+        path.write_bytes(data)
+        bodies[key] = Body(kind, path, ctype, **kw)
+
+    add("raw", "raw image/png", png, "image/png")
+    add("multipart", "multipart", *harness.multipart([("x.png", png)]))
+    add("multipart-8", "multipart, 8 images", *harness.multipart([("x.png", png)] * 8), images=8)
+    add("bentoml-images", "multipart (`images`)", *harness.multipart([("x.png", png)], "images"))
+    import base64
+
+    v2 = {
+        "inputs": [
+            {
+                "name": "image",
+                "shape": [1],
+                "datatype": "BYTES",
+                "parameters": {"content_type": "base64"},
+                "data": [base64.b64encode(png).decode()],
+            }
+        ]
+    }
+    add("v2-json", "V2 JSON, PNG base64", json.dumps(v2).encode(), "application/json")
+    for key, kind, datatype, shape, payload in (
+        ("triton-png", "V2 binary, PNG as BYTES", "BYTES", [1, 1],
+         struct.pack("<I", len(png)) + png),
+        ("triton-fp32", "V2 binary, FP32 tensor", "FP32", [1, 1, 28, 28],
+         png_array(png).tobytes()),
+    ):  # fmt: skip
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "shape": shape,
+                        "datatype": datatype,
+                        "parameters": {"binary_data_size": len(payload)},
+                    }
+                ],
+                "outputs": [
+                    {"name": n, "parameters": {"binary_data": False}} for n in TRITON_OUTPUTS
+                ],
+            }
+        ).encode()
+        add(key, kind, header + payload, "application/octet-stream",
+            headers=(("Inference-Header-Content-Length", str(len(header))),))  # fmt: skip
+    return bodies
+
+
+# -- what each server answers ----------------------------------------------------------------
+
+
+def answer_isomax(body: bytes) -> tuple[int, float]:
+    r = json.loads(body)["results"][0]
+    return r["class_index"], r["min_distance"]
+
+
+def answer_flat(body: bytes) -> tuple[int, float]:
+    r = json.loads(body)
+    r = r[0] if isinstance(r, list) else r
+    return r["class_index"], r["min_distance"]
+
+
+def answer_v2(body: bytes) -> tuple[int, float]:
+    outputs = {o["name"]: o["data"] for o in json.loads(body)["outputs"]}
+    return int(outputs["class_index"][0]), float(outputs["min_distance"][0])
+
+
+# -- raw onnxruntime -------------------------------------------------------------------------
 
 
 def raw_ort(
-    variants: dict[str, tuple[Path, int, int]], rounds: int = 6, seconds: float = 0.5
+    model: Path, x1: np.ndarray, variants: dict[str, tuple[int, int]], rounds: int = 6
 ) -> dict[str, int]:
-    """Images/s of back-to-back session.run calls, per variant (model, batch, threads).
+    """Images/s of back-to-back session.run calls, per variant (batch, threads).
 
-    The variants are measured in interleaved rounds and each keeps its best round, so that a
-    burst of other load on the machine hits all of them alike instead of skewing one.
+    The variants are measured in interleaved 0.5 s rounds and each keeps its best round, so
+    that a burst of other load on the machine hits all of them alike instead of skewing one.
     """
     runs = {}
-    for name, (model_path, batch, threads) in variants.items():
+    for name, (batch, threads) in variants.items():
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
-        sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-        shape = sess.get_inputs()[0].shape
-        channels = shape[1] if len(shape) == 4 and isinstance(shape[1], int) else 1
-        x = np.random.default_rng(0).random((batch, channels, 28, 28), dtype=np.float32)
+        sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+        x = np.repeat(x1, batch, axis=0)
         for _ in range(10):
             sess.run(None, {"image": x})
         runs[name] = (sess, x)
@@ -133,79 +207,38 @@ def raw_ort(
     for _ in range(rounds):
         for name, (sess, x) in runs.items():
             n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds:
+            while time.perf_counter() - t0 < 0.5:
                 sess.run(None, {"image": x})
                 n += 1
             best[name] = max(best[name], n * len(x) / (time.perf_counter() - t0))
     return {k: round(v) for k, v in best.items()}
 
 
-# -- servers and load ------------------------------------------------------------------------
+# -- load and CPU ----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def session_cpu_seconds(sid: int) -> float:
+    """CPU time (user + system, with reaped children) of every process in session `sid`.
 
-
-def descendants(pid: int) -> list[int]:
-    """pid and every process below it (uvicorn workers, BentoML's process tree)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        with suppress(OSError):
-            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-    return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process tree."""
-    total = 0.0
-    for p in descendants(pid):
+    The harness starts each server in its own session, so this is the server, whatever it
+    spawns: uvicorn workers, BentoML's and MLServer's worker processes, Ray's raylet and
+    actors, tritonserver and its Python backend stubs.
+    """
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
-            pass
-    return total
+            continue
+        if int(fields[3]) == sid:
+            total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
-@contextmanager
-def server(cmd: list[str], port: int, env: dict[str, str], log: Path):
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[:4]} exited: {log.read_text()[-2000:]}")
-            try:
-                status = _get_status(port, "/readyz")
-                if status in (200, 404):  # peers have no /readyz: 404 means up
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{cmd[:4]} not ready: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _get_status(port: int, path: str) -> int:
-    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        head = s.recv(64).decode("latin-1")
-    m = re.match(r"HTTP/1\.[01] (\d+)", head)
-    return int(m.group(1)) if m else 0
+def loadavg() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
 def _ms(value: str) -> float:
@@ -216,36 +249,185 @@ def _ms(value: str) -> float:
     return x / 1000 if unit == "us" else x * 1000 if unit == "s" else x
 
 
-def wrk(url: str, body: Path, ctype: str, conns: int, seconds: float, pid: int) -> dict[str, Any]:
+def wrk(url: str, body: Body, conns: int, seconds: float, sid: int) -> dict[str, Any]:
     cmd = ["wrk", "-t1", f"-c{conns}", f"-d{round(seconds)}s", "--timeout", "10s", "--latency"]
-    cmd += ["-s", str(LUA), url]
-    cmd += ["--", str(body), ctype]
+    cmd += ["-s", str(LUA), url, "--", str(body.path), body.content_type]
+    cmd += [f"{k}: {v}" for k, v in body.headers]
     load = loadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+    cpu0, t0 = session_cpu_seconds(sid), time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    wall, cpu1 = time.perf_counter() - t0, cpu_seconds(pid)
+    wall, cpu1 = time.perf_counter() - t0, session_cpu_seconds(sid)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     wrk_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    answered = max(1.0, rps * wall) * body.images
     return {
         "rps": round(rps, 1),
+        "images_per_s": round(rps * body.images, 1),
         "p50_ms": round(_ms(lat.get("50", "")), 2),
         "p99_ms": round(_ms(lat.get("99", "")), 2),
-        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
-        "socket_errors": sum(map(int, sock.groups())) if sock else 0,
+        "errors": (int(non2xx.group(1)) if non2xx else 0)
+        + (sum(map(int, sock.groups())) if sock else 0),
         "wrk_cpu_pct": round(100 * wrk_cpu / wall, 1),
         "server_cpu_pct": round(100 * (cpu1 - cpu0) / wall, 1),
-        "server_cpu_ms_per_request": round(1000 * (cpu1 - cpu0) / max(1.0, rps * wall), 3),
+        "server_cpu_ms_per_image": round(1000 * (cpu1 - cpu0) / answered, 3),
         "load_average_1m": load,
     }
 
 
-def loadavg() -> list[float]:
-    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+# -- the servers -----------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """One server set-up: how to start it, where to POST, which bodies at which connections."""
+
+    label: str
+    group: str  # "isomax" or "peer"
+    note: str  # how it is set up, for the results
+    cmd: list[str]
+    path: str
+    runs: list[tuple[str, int]]  # (body key, connections)
+    answer: Callable[[bytes], tuple[int, float]]
+    env: dict[str, str] = field(default_factory=dict)
+    port_args: Callable[[int], tuple[list[str], dict[str, str]]] = lambda p: (
+        ["--port", str(p)],
+        {},
+    )
+    start_timeout: float = 120.0
+    missing: str | None = None  # why it cannot run here (venv absent)
+
+
+def peer_python(name: str) -> tuple[str, str | None]:
+    py = PEERS / name / "bin" / "python"
+    if (PEERS / name / ".installed").is_file() and py.is_file():
+        return str(py), None
+    return str(py), f"no venv at bench/out/peers/{name} (run bash bench/peers/setup.sh {name})"
+
+
+def targets(args: argparse.Namespace, models_dir: Path, manifest: Manifest) -> list[Target]:
+    py = sys.executable
+    serve = [py, "-m", "isomax", "serve", "--host", harness.HOST, "--models-dir", str(models_dir)]
+    serve += ["--models", manifest.name, "--device", "cpu"]
+    single = [("raw", 32), ("raw", 128), ("multipart", 32), ("multipart", 128)]
+    extra = [("multipart-8", 32), ("multipart-8", 128)] if args.full else []
+    out = [
+        Target("isomax serve, 1 worker", "isomax", "defaults", serve, "/classify",
+               single + extra, answer_isomax),
+        Target("isomax serve, 2 workers", "isomax", "--workers 2", [*serve, "--workers", "2"],
+               "/classify", single + extra, answer_isomax),
+    ]  # fmt: skip
+    if args.full:
+        out.append(
+            Target("isomax serve, batching off", "isomax", "1 worker, --max-batch-size 1",
+                   [*serve, "--max-batch-size", "1"], "/classify", single[:3], answer_isomax)
+        )  # fmt: skip
+    mp = [("multipart", 32), ("multipart", 128)]
+    uvicorn = [py, "-m", "uvicorn", "bench.peers.fastapi_naive:app", "--host", harness.HOST]
+    uvicorn += ["--log-level", "warning", "--no-access-log"]
+    for threads, note in (("0", "onnxruntime's default threads"), ("1", "1 onnxruntime thread")):
+        out.append(
+            Target(f"naive FastAPI ({note})", "peer",
+                   "UploadFile + PIL + one session.run per request, no batching",
+                   uvicorn, "/classify", mp, answer_flat, env={"BENCH_THREADS": threads})
+        )  # fmt: skip
+    bento_py, missing = peer_python("bentoml")
+    bento_env = {"BENTOML_HOME": str(OUT / "bentoml-home"), "BENTOML_DO_NOT_TRACK": "True"}
+    for service, note, body in (
+        ("Classifier", "quickstart default: onnxruntime's default threads, no batching",
+         "multipart"),
+        ("BatchedClassifier", "1 onnxruntime thread, adaptive batching (batchable=True, max 32)",
+         "bentoml-images"),
+    ):  # fmt: skip
+        out.append(
+            Target(f"BentoML 1.4 ({service})", "peer", note,
+                   [bento_py, "-m", "bentoml", "serve", f"bench.peers.bentoml_service:{service}",
+                    "--host", harness.HOST], "/classify", [(body, 32), (body, 128)],
+                   answer_flat, env=bento_env, missing=missing)
+        )  # fmt: skip
+    ml_py, missing = peer_python("mlserver")
+    out.append(
+        Target("Seldon MLServer 1.7", "peer",
+               "custom runtime, adaptive batching (max 32, 2 ms), 1 onnxruntime thread",
+               [str(Path(ml_py).parent / "mlserver"), "start", "bench/peers/mlserver"],
+               "/v2/models/classifier/infer", [("v2-json", 32), ("v2-json", 128)], answer_v2,
+               port_args=lambda p: ([], {
+                   "MLSERVER_HTTP_PORT": str(p),
+                   "MLSERVER_GRPC_PORT": str(harness.free_port()),
+                   "MLSERVER_METRICS_PORT": str(harness.free_port()),
+                   "MLSERVER_HOST": harness.HOST,
+               }), missing=missing)
+    )  # fmt: skip
+    ray_py, missing = peer_python("ray")
+    out.append(
+        Target("Ray Serve", "peer",
+               "1 replica, @serve.batch (max 32, 2 ms), 1 onnxruntime thread, raw PNG body",
+               [ray_py, "bench/peers/ray_serve.py"], "/classify", [("raw", 32), ("raw", 128)],
+               answer_flat, env={"RAY_USAGE_STATS_ENABLED": "0"}, start_timeout=180,
+               missing=missing)
+    )  # fmt: skip
+    triton_py, missing = peer_python("triton")
+    for model, body, what in (("classifier_png", "triton-png", "PNG as BYTES, Pillow decode"),
+                              ("classifier_fp32", "triton-fp32", "FP32 tensor")):  # fmt: skip
+        out.append(
+            Target(f"Triton 2.51, Python backend ({what})", "peer",
+                   "nvidia-pytriton, dynamic batcher (max 32, 500 us), 1 onnxruntime thread",
+                   [triton_py, "bench/peers/triton_server.py", "--model", model],
+                   f"/v2/models/{model}/infer", [(body, 32), (body, 128)], answer_v2,
+                   start_timeout=180, missing=missing)
+        )  # fmt: skip
+    if args.only:
+        wanted = [w.strip().lower() for w in args.only.split(",")]
+        out = [t for t in out if any(w in t.label.lower() for w in wanted)]
+    return out
+
+
+def expected_answer(model: Path, png: bytes) -> tuple[int, float]:
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    logits, dist = sess.run(["logits", "min_distance"], {"image": png_array(png)})
+    return int(logits[0].argmax()), float(dist[0])
+
+
+def run_target(
+    t: Target, bodies: dict[str, Body], env: dict[str, str], args: argparse.Namespace,
+    expected: tuple[int, float],
+) -> list[dict[str, Any]]:  # fmt: skip
+    port = harness.free_port()
+    extra_args, extra_env = t.port_args(port)
+    first = bodies[t.runs[0][0]]
+
+    def ready(server: harness.Server) -> bool:
+        return first.post(server, t.path)[0] == 200
+
+    log = OUT / "logs" / (re.sub(r"\W+", "_", t.label).strip("_") + ".log")
+    rows = []
+    with harness.serve(
+        [*t.cmd, *extra_args], port, log, env={**env, **t.env, **extra_env},
+        ready=ready, timeout=t.start_timeout,
+    ) as server:  # fmt: skip
+        _status, answer = first.post(server, t.path)
+        got = t.answer(answer)
+        same = got[0] == expected[0] and abs(got[1] - expected[1]) <= 1e-4
+        if not same:
+            print(f"  ! {t.label}: answered {got}, raw onnxruntime {expected}", flush=True)
+        url = server.url + t.path
+        wrk(url, first, 32, 2, server.proc.pid)  # warm-up
+        for key, conns in t.runs:
+            body = bodies[key]
+            r = wrk(url, body, conns, args.duration, server.proc.pid)
+            r = {"server": t.label, "group": t.group, "setup": t.note, "request": body.kind,
+                 "connections": conns, "images_per_request": body.images,
+                 "answer_matches_onnxruntime": same, **r}  # fmt: skip
+            rows.append(r)
+            print(f"  {body.kind:28} c={conns:<3} {r['images_per_s']:8.0f} images/s  "
+                  f"p50 {r['p50_ms']:7.2f} p99 {r['p99_ms']:7.2f} ms  "
+                  f"cpu {r['server_cpu_ms_per_image']:.3f} ms/image  errors {r['errors']}",
+                  flush=True)  # fmt: skip
+    return rows
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -256,13 +438,13 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
-    ap.add_argument("--quick", action="store_true", help="only the headline configurations")
-    ap.add_argument("--bentoml-python", help="a Python with bentoml 1.4 installed (optional peer)")
+    ap.add_argument("--full", action="store_true", help="also 8-image requests, batching off")
+    ap.add_argument("--only", help="comma-separated parts of server labels to run (e.g. isomax)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--name", default="serving", help="results file name (NAME.json, NAME.md)")
     args = ap.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    py = sys.executable
+    started = time.monotonic()
     cores = len(os.sched_getaffinity(0))
     load_before = loadavg()
 
@@ -270,131 +452,45 @@ def main() -> int:
     manifest = Manifest.read(bundle)
     model_path = bundle / manifest.onnx.file
     print(f"model: {manifest.name}:{manifest.version} ({source}); load {load_before}", flush=True)
-
-    # 1. Raw onnxruntime, and the cost of min_distance.
-    no_dist = without_distance(model_path, OUT / "model_no_min_distance.onnx")
-    raw = raw_ort(
-        {
-            "batch1_images_per_s": (model_path, 1, cores),
-            "batch32_images_per_s": (model_path, 32, cores),
-            "batch32_1thread_images_per_s": (model_path, 32, 1),
-            "no_min_distance_batch1_images_per_s": (no_dist, 1, cores),
-            "no_min_distance_batch32_images_per_s": (no_dist, 32, cores),
-        }
-    )
-    print("raw onnxruntime:", raw, flush=True)
-
     png = test_png(bundle)
-    bodies = {
-        "raw": (OUT / "one.png", png, "image/png", 1),
-        "multipart": (
-            OUT / "one.multipart",
-            multipart(png, 1),
-            f"multipart/form-data; boundary={BOUNDARY}",
-            1,
-        ),
-        "multipart-8": (
-            OUT / "eight.multipart",
-            multipart(png, 8),
-            f"multipart/form-data; boundary={BOUNDARY}",
-            8,
-        ),
+    x1 = png_array(png)
+    bodies = write_bodies(png)
+    expected = expected_answer(model_path, png)
+
+    variants = {
+        "batch1_images_per_s": (1, cores),
+        "batch32_images_per_s": (32, cores),
+        "batch32_1thread_images_per_s": (32, 1),
     }
-    for path, data, _, _ in bodies.values():
-        path.write_bytes(data)
+    raw_start = raw_ort(model_path, x1, variants)
+    print("raw onnxruntime:", raw_start, flush=True)
 
-    models_dir = bundle.parent.parent
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("ISOMAX_")}
-    serve = [py, "-m", "isomax", "serve", "--host", "127.0.0.1", "--models-dir", str(models_dir)]
-    serve += ["--models", manifest.name, "--log-level", "warning", "--device", "cpu"]
-    # (label, command extra, kinds x connections)
-    full = [
-        ("raw", 32),
-        ("raw", 128),
-        ("multipart", 32),
-        ("multipart", 128),
-        ("multipart-8", 32),
-        ("multipart-8", 128),
-    ]
-    configs: list[tuple[str, list[str], list[tuple[str, int]]]] = [
-        ("isomax serve (1 worker)", [], full),
-        (
-            "isomax serve (2 workers)",
-            ["--workers", "2"],
-            full if not args.quick else [("raw", 32), ("multipart", 32)],
-        ),
-    ]
-    if not args.quick:
-        configs.append(
-            ("isomax serve, batching off (1 worker, max_batch_size=1)", ["--max-batch-size", "1"],
-             [("raw", 32), ("raw", 128), ("multipart", 32)])
-        )  # fmt: skip
-
+    env = harness.service_env(
+        BENCH_MODEL=str(model_path), BENCH_THRESHOLD=str(manifest.calibration.threshold)
+    )
     rows: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    for t in targets(args, bundle.parent.parent, manifest):
+        if t.missing:
+            print(f"{t.label}: skipped, {t.missing}", flush=True)
+            skipped[t.label] = t.missing
+            continue
+        print(f"{t.label} ({t.note})", flush=True)
+        try:
+            rows += run_target(t, bodies, env, args, expected)
+        except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as e:
+            print(f"  ! {t.label} failed: {e}", flush=True)
+            skipped[t.label] = f"failed: {str(e)[-500:]}"
 
-    def run_all(
-        label: str,
-        cmd: list[str],
-        port: int,
-        env: dict[str, str],
-        runs: list[tuple[str, int]],
-        path: str,
-    ) -> None:
-        log = OUT / (re.sub(r"\W+", "_", label) + ".log")
-        with server(cmd, port, env, log) as proc:
-            url = f"http://127.0.0.1:{port}{path}"
-            wrk(url, bodies["multipart"][0], bodies["multipart"][2], 32, 2, proc.pid)  # warm-up
-            for kind, conns in runs:
-                path_, _, ctype, n_img = bodies[kind]
-                r = wrk(url, path_, ctype, conns, args.duration, proc.pid)
-                r.update(server=label, request=kind, images_per_request=n_img, connections=conns)
-                r["images_per_s"] = round(r["rps"] * n_img, 1)
-                r["server_cpu_ms_per_image"] = round(r.pop("server_cpu_ms_per_request") / n_img, 3)
-                r["vs_raw_onnxruntime"] = round(r["images_per_s"] / raw["batch32_images_per_s"], 3)
-                rows.append(r)
-                print(json.dumps(r), flush=True)
-
-    for label, extra, runs in configs:
-        port = free_port()
-        run_all(label, [*serve, "--port", str(port), *extra], port, base_env, runs, "/classify")
-
-    # 3. Peers, multipart with the same PNG.
-    peer_env = {
-        **base_env,
-        "BENCH_MODEL": str(model_path),
-        "BENCH_THRESHOLD": str(manifest.calibration.threshold),
-    }
-    peer_runs = [("multipart", 32), ("multipart", 128)]
-    for label, threads in (("", "0"), (", 1 onnxruntime thread", "1")):
-        port = free_port()
-        uvicorn = [py, "-m", "uvicorn", "bench.peers.fastapi_naive:app", "--host", "127.0.0.1"]
-        uvicorn += ["--port", str(port), "--log-level", "warning", "--no-access-log"]
-        env = {**peer_env, "BENCH_THREADS": threads}
-        run_all(f"peer: naive FastAPI prototype{label}", uvicorn, port, env, peer_runs, "/classify")
-    if args.bentoml_python:
-        port = free_port()
-        bento = [
-            args.bentoml_python,
-            "-m",
-            "bentoml",
-            "serve",
-            "bench.peers.bentoml_service:Classifier",
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-        ]
-        run_all(
-            "peer: BentoML",
-            bento,
-            port,
-            peer_env,
-            peer_runs,
-            "/classify",
-        )
+    raw_end = raw_ort(model_path, x1, {k: variants[k] for k in ("batch32_images_per_s",)})
+    print("raw onnxruntime at the end:", raw_end, flush=True)
+    ref = (raw_start["batch32_images_per_s"] + raw_end["batch32_images_per_s"]) / 2
+    for r in rows:
+        r["vs_raw_onnxruntime"] = round(r["images_per_s"] / ref, 3)
 
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.monotonic() - started),
         "machine": {
             "cpu": next(
                 (
@@ -411,72 +507,106 @@ def main() -> int:
             "load_average_after": loadavg(),
         },
         "model": {"name": manifest.name, "version": manifest.version, "source": source},
-        "wrk": f"wrk 4.1 (Debian), 1 thread, --latency; {args.duration:.0f} s per run",
-        "raw_onnxruntime": raw,
-        "min_distance_cost": {
-            "batch1": round(
-                1 - raw["batch1_images_per_s"] / raw["no_min_distance_batch1_images_per_s"], 3
-            ),
-            "batch32": round(
-                1 - raw["batch32_images_per_s"] / raw["no_min_distance_batch32_images_per_s"], 3
-            ),
+        "wrk": f"wrk 4.1, 1 thread, --latency; {args.duration:.0f} s per run after 2 s warm-up",
+        "raw_onnxruntime": {
+            "start": raw_start,
+            "end": raw_end,
+            "batch32_images_per_s_reference": round(ref),
         },
         "runs": rows,
+        "skipped": skipped,
+        "summary": summary(rows),
     }
-    (args.out / "serving.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "serving.md").write_text(markdown(result))
-    print((args.out / "serving.md").read_text())
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{args.name}.md").write_text(markdown(result))
+    print((args.out / f"{args.name}.md").read_text())
     return 0
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's goals, read off the rows: ratios to raw onnxruntime and to the best peer."""
+
+    def pick(server: str, request: str, conns: int) -> dict[str, Any] | None:
+        return next(
+            (r for r in rows if r["server"] == server and r["request"] == request
+             and r["connections"] == conns), None,
+        )  # fmt: skip
+
+    out: dict[str, Any] = {}
+    for workers in (1, 2):
+        label = f"isomax serve, {workers} worker" + ("s" if workers > 1 else "")
+        for request in ("raw image/png", "multipart"):
+            r32, r128 = pick(label, request, 32), pick(label, request, 128)
+            key = f"{workers}w_{'raw' if request.startswith('raw') else 'multipart'}"
+            if r32:
+                out[f"{key}_32_vs_raw_onnxruntime"] = r32["vs_raw_onnxruntime"]
+            if r128:
+                out[f"{key}_128_p99_ms"] = r128["p99_ms"]
+    peers = [r for r in rows if r["group"] == "peer" and r["images_per_request"] == 1]
+    if peers:
+        best = max(peers, key=lambda r: r["images_per_s"])
+        out["best_peer"] = {
+            k: best[k] for k in ("server", "request", "connections", "images_per_s")
+        }
+        for workers in (1, 2):
+            label = f"isomax serve, {workers} worker" + ("s" if workers > 1 else "")
+            ours = [r for r in rows if r["server"] == label and r["images_per_request"] == 1]
+            if ours:
+                top = max(ours, key=lambda r: r["images_per_s"])
+                out[f"{workers}w_best_vs_best_peer"] = round(
+                    top["images_per_s"] / best["images_per_s"], 2
+                )
+    return out
 
 
 def markdown(r: dict[str, Any]) -> str:
     m, raw = r["machine"], r["raw_onnxruntime"]
+    s = raw["start"]
     lines = [
         "# Serving benchmark",
         "",
-        f"{r['date']}; {m['cpu']}, {m['cores']} cores; Python {m['python']}, onnxruntime "
-        f"{m['onnxruntime']}; load average before {m['load_average_before']}, after "
-        f"{m['load_average_after']}.",
+        f"{r['date']}, {r['seconds']} s in all; {m['cpu']}, {m['cores']} cores; Python "
+        f"{m['python']}, onnxruntime {m['onnxruntime']}; load average before "
+        f"{m['load_average_before']}, after {m['load_average_after']}.",
         f"Model: {r['model']['name']}:{r['model']['version']} ({r['model']['source']}).",
-        f"Load generator: {r['wrk']}.",
+        f"Load generator: {r['wrk']}. Produced by `bench/serve_bench.py`.",
         "",
         "## Raw onnxruntime (in process, no HTTP, no decoding)",
         "",
-        "Best of 6 interleaved 0.5 s rounds per row.",
+        "Best of 6 interleaved 0.5 s rounds per row; batch 32 measured again at the end.",
         "",
-        "| | images/s |",
-        "| --- | ---: |",
-        f"| batch 1, {m['cores']} threads | {raw['batch1_images_per_s']} |",
-        f"| batch 32, {m['cores']} threads | {raw['batch32_images_per_s']} |",
-        f"| batch 32, 1 thread | {raw['batch32_1thread_images_per_s']} |",
-        f"| batch 1, without min_distance | {raw['no_min_distance_batch1_images_per_s']} |",
-        f"| batch 32, without min_distance | {raw['no_min_distance_batch32_images_per_s']} |",
+        f"| batch 1, {m['cores']} threads | batch 32, {m['cores']} threads | batch 32, 1 thread "
+        "| batch 32 at the end | reference (mean of the batch-32 figures) |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+        f"| {s['batch1_images_per_s']} | {s['batch32_images_per_s']} | "
+        f"{s['batch32_1thread_images_per_s']} | {raw['end']['batch32_images_per_s']} | "
+        f"{raw['batch32_images_per_s_reference']} |",
         "",
-        f"Cost of the min_distance output: {100 * r['min_distance_cost']['batch1']:.1f}% of "
-        f"throughput at batch 1, {100 * r['min_distance_cost']['batch32']:.1f}% at batch 32 "
-        "(negative = within noise).",
+        "## HTTP (wrk), one 28x28 PNG per request unless said otherwise",
         "",
-        "## HTTP (wrk)",
-        "",
-        "| server | request | conns | requests/s | images/s | p50 ms | p99 ms "
-        "| vs raw ORT b32 | errors | wrk CPU | server CPU | server CPU ms/image | load |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server | request | conns | images/s | p50 ms | p99 ms | vs raw ORT b32 | errors "
+        "| server CPU ms/image | server CPU | wrk CPU | load |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for x in r["runs"]:
+        mark = "" if x["answer_matches_onnxruntime"] else " (answer differs!)"
         lines.append(
-            f"| {x['server']} | {x['request']} | {x['connections']} | {x['rps']:.0f} | "
+            f"| {x['server']}{mark} | {x['request']} | {x['connections']} | "
             f"{x['images_per_s']:.0f} | {x['p50_ms']} | {x['p99_ms']} | "
-            f"{x['vs_raw_onnxruntime']:.2f} | "
-            f"{x['non_2xx'] + x['socket_errors']} | {x['wrk_cpu_pct']}% | {x['server_cpu_pct']}% | "
-            f"{x['server_cpu_ms_per_image']} | {x['load_average_1m']} |"
+            f"{x['vs_raw_onnxruntime']:.2f} | {x['errors']} | {x['server_cpu_ms_per_image']} | "
+            f"{x['server_cpu_pct']}% | {x['wrk_cpu_pct']}% | {x['load_average_1m']} |"
         )
+    setups = {x["server"]: x["setup"] for x in r["runs"]}
+    lines += ["", "## Set-ups", ""]
+    lines += [f"- {k}: {v}" for k, v in setups.items()]
+    lines += [f"- {k}: not run, {v}" for k, v in r["skipped"].items()]
+    lines += ["", "## Summary", "", "```", json.dumps(r["summary"], indent=2), "```", ""]
     lines += [
-        "",
-        "requests: `raw` = one PNG as an image/png body; `multipart` = one PNG as a multipart part "
-        "named `file`; `multipart-8` = eight PNGs in one multipart request. CPU columns: % of one "
-        f"core, averaged over the run (the machine has {m['cores']}); server CPU ms/image is the "
-        "server's CPU time (all processes and threads) per image answered, which depends less on "
-        "other load than the rates do; load = 1-minute load average when the run started.",
+        "CPU columns: % of one core, averaged over the run (the machine has "
+        f"{m['cores']}); server CPU ms/image is the CPU time of every process of the server "
+        "per image answered, which depends less on other load than the rates do; load = "
+        "1-minute load average when the run started. Every server's answer was checked "
+        "against raw onnxruntime (same class, min_distance within 1e-4) before the runs.",
         "",
     ]
     return "\n".join(lines)

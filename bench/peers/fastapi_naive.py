@@ -40,6 +40,7 @@ async def classify(file: UploadFile = File(...)) -> dict:  # noqa: B008
     k = int(p.argmax())
     d = float(dist[0])
     return {
+        "class_index": k,
         "label": LABELS[k],
         "probability": float(p[k]),
         "min_distance": d,
