@@ -211,11 +211,12 @@ def stop(server: Server, timeout: float = 30.0) -> int:
     """Stop the server and everything it started; its exit status.
 
     SIGTERM to its process group, SIGKILL after `timeout` s. Then whatever is left of its
-    session (the harness starts each server in a session of its own): processes that put
-    themselves in another group, such as Ray's actors, get SIGTERM and `timeout` s to finish,
-    then SIGKILL, so that nothing of one server runs beside the next.
+    processes (`processes`: Ray's actors put themselves in groups of their own, BentoML's
+    workers in sessions of their own) gets SIGTERM and `timeout` s to finish, then SIGKILL, so
+    that nothing of one server runs beside the next.
     """
     proc = server.proc
+    tree = set(processes(proc.pid))  # before the leader goes: its children are found by parent
     if proc.poll() is None:
         _signal_group(proc.pid, signal.SIGTERM)
         try:
@@ -224,25 +225,28 @@ def stop(server: Server, timeout: float = 30.0) -> int:
             _signal_group(proc.pid, signal.SIGKILL)
             proc.wait()
     _signal_group(proc.pid, signal.SIGKILL)  # children that outlived their parent
+
+    def left() -> list[int]:
+        running = _running()
+        return [p for p in tree | set(processes(proc.pid, running)) if p in running]
+
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        left = session_members(proc.pid)
-        for pid in left:
+        for pid in left():
             with suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + timeout
-        while left and time.monotonic() < deadline:
+        while left() and time.monotonic() < deadline:
             time.sleep(0.1)
-            left = session_members(proc.pid)
     return proc.returncode
 
 
-def session_members(sid: int) -> list[int]:
-    """Running processes (not zombies) of session `sid`, from /proc (empty where there is none)."""
-    out: list[int] = []
+def _running() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, session id) of every process that is not a zombie, from /proc."""
+    table: dict[int, tuple[int, int]] = {}
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return out
+        return table
     for name in entries:
         if not name.isdigit():
             continue
@@ -250,9 +254,29 @@ def session_members(sid: int) -> list[int]:
             fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            out.append(int(name))
-    return out
+        if fields[0] != "Z":
+            table[int(name)] = (int(fields[1]), int(fields[3]))
+    return table
+
+
+def processes(root: int, table: Mapping[int, tuple[int, int]] | None = None) -> list[int]:
+    """`root`, the processes of the session it leads, and all their descendants (running ones).
+
+    The harness starts each server as the leader of a new session; most of what a server
+    spawns stays in it, and what starts a session of its own is still its descendant.
+    """
+    table = _running() if table is None else table
+    found = {pid for pid, (_, sid) in table.items() if pid == root or sid == root}
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    todo = list(found)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return sorted(found)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

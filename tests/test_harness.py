@@ -20,12 +20,13 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from isomax import harness
 
 # A server with a child that outlives its parent's end unless the harness finds it: the child
-# is in a process group of its own (as Ray's actors are), so only the session reaches it.
+# starts a session of its own (as BentoML's workers do), so neither the server's process group
+# nor its session reaches it, only the parent link.
 SERVER_WITH_CHILD = textwrap.dedent(
     """
-    import http.server, os, subprocess, sys
+    import http.server, subprocess, sys
     child = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(600)"], preexec_fn=os.setpgrp
+        [sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True
     )
     print("child", child.pid, flush=True)
     http.server.ThreadingHTTPServer(
