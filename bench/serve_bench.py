@@ -217,23 +217,20 @@ def raw_ort(
 # -- load and CPU ----------------------------------------------------------------------------
 
 
-def session_cpu_seconds(sid: int) -> float:
-    """CPU time (user + system, with reaped children) of every process in session `sid`.
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, with reaped children) of a server: every process it started.
 
-    The harness starts each server in its own session, so this is the server, whatever it
-    spawns: uvicorn workers, BentoML's and MLServer's worker processes, Ray's raylet and
-    actors, tritonserver and its Python backend stubs.
+    `harness.processes`: its session and their descendants, so uvicorn's workers, BentoML's
+    and MLServer's worker processes, Ray's raylet and actors, tritonserver and its Python
+    backend stubs all count.
     """
     total = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+    for p in harness.processes(pid):
         try:
-            fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[3]) == sid:
-            total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+        total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
     return total / os.sysconf("SC_CLK_TCK")
 
 
@@ -249,15 +246,15 @@ def _ms(value: str) -> float:
     return x / 1000 if unit == "us" else x * 1000 if unit == "s" else x
 
 
-def wrk(url: str, body: Body, conns: int, seconds: float, sid: int) -> dict[str, Any]:
+def wrk(url: str, body: Body, conns: int, seconds: float, pid: int) -> dict[str, Any]:
     cmd = ["wrk", "-t1", f"-c{conns}", f"-d{round(seconds)}s", "--timeout", "10s", "--latency"]
     cmd += ["-s", str(LUA), url, "--", str(body.path), body.content_type]
     cmd += [f"{k}: {v}" for k, v in body.headers]
     load = loadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu0, t0 = session_cpu_seconds(sid), time.perf_counter()
+    cpu0, t0 = cpu_seconds(pid), time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    wall, cpu1 = time.perf_counter() - t0, session_cpu_seconds(sid)
+    wall, cpu1 = time.perf_counter() - t0, cpu_seconds(pid)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     wrk_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]

@@ -36,10 +36,6 @@ declare -A PACKAGES=(
     [triton]="nvidia-pytriton==0.7.0"
 )
 
-# nvidia-pytriton 0.7.0's dependencies but numpy (see build).
-TRITON_DEPS=("protobuf>=3.7" "pyzmq>=23.0" "sh>=1.14" "tritonclient[grpc,http]~=2.50" "grpcio>=1.64.3"
-             "typing_inspect>=0.6.0" "wrapt>=1.11" "typer>=0.9.0" "importlib_metadata>=7.0.1")
-
 build() {
     local name=$1 python=$2 venv=$dest/$1
     if [[ -x $venv/bin/python && -f $venv/.installed ]]; then
@@ -51,16 +47,11 @@ build() {
     "$python" -m venv "$venv"
     "$venv/bin/python" -m pip install -q --upgrade pip
     # shellcheck disable=SC2086
-    local runtime=("onnxruntime==$ORT" "numpy==$NUMPY" "pillow==$PILLOW")
-    if [[ $name == triton ]]; then
-        # nvidia-pytriton declares numpy < 2, which has no wheels for Python 3.13 (pip would
-        # compile numpy 1.26 from source, and it does not support 3.13): install it without its
-        # dependencies, then those, with the project's numpy 2 (the benchmark checks its answers).
-        "$venv/bin/python" -m pip install -q --no-deps ${PACKAGES[$name]}
-        "$venv/bin/python" -m pip install -q "${TRITON_DEPS[@]}" "${runtime[@]}"
-    else
-        "$venv/bin/python" -m pip install -q ${PACKAGES[$name]} "${runtime[@]}"
-    fi
+    local runtime=("onnxruntime==$ORT" "pillow==$PILLOW")
+    # nvidia-pytriton requires numpy < 2 (with numpy 2 its bytes and output tensors come out
+    # wrong); numpy 1.26 has no wheel for Python 3.13, so pip compiles it (minutes, once).
+    [[ $name == triton ]] || runtime+=("numpy==$NUMPY")
+    "$venv/bin/python" -m pip install -q ${PACKAGES[$name]} "${runtime[@]}"
     "$venv/bin/python" -m pip freeze >"$venv/freeze.txt"
     touch "$venv/.installed"
     echo "peers: $name: ready ($(grep -ciE '^' "$venv/freeze.txt") packages)"
