@@ -40,7 +40,8 @@ ARTIFACTS = REPO / "test-artifacts" / "page"
 DESKTOP = {"width": 1100, "height": 900}
 PHONE = {"width": 390, "height": 844}
 TEXT = b"not an image\n"
-CANDIDATES = 40  # images of each set sent to the API to find samples with a known verdict
+CANDIDATES = 40
+MAX_IMAGE_BYTES = 200_000  # the test server's limit, so that a 413 costs a small file  # images of each set sent to the API to find samples with a known verdict
 
 
 @dataclass
@@ -59,6 +60,8 @@ class Samples:
     digit: Sample  # an MNIST digit flagged out of distribution
     text: Path  # a text file
     text_refusal: tuple[int, str]  # what the API answers for it: status, detail
+    big: Path  # a PNG over the server's max_image_bytes
+    big_refusal: tuple[int, str]
     labels: list[str] = field(default_factory=list)
 
 
@@ -68,10 +71,20 @@ def _png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _noise_png() -> bytes:
+    """Random RGB pixels: PNG cannot compress them, so the file is over MAX_IMAGE_BYTES."""
+    pixels = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    assert len(buf.getvalue()) > MAX_IMAGE_BYTES
+    return buf.getvalue()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("page-server") / "server.log"
-    with run_server(REPO / "models", log, "--models", NAME) as s:
+    limit = {"ISOMAX_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES)}
+    with run_server(REPO / "models", log, "--models", NAME, **limit) as s:
         yield s
 
 
@@ -97,6 +110,9 @@ def samples(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Samples
         labels = c.get("/models").json()["models"][0]["labels"]
         r = c.post("/classify", files=[("file", ("notes.txt", TEXT, "text/plain"))])
         refusal = (r.status_code, r.json()["detail"])
+        big = _noise_png()
+        r = c.post("/classify", files=[("file", ("noise.png", big, "image/png"))])
+        big_refusal = (r.status_code, r.json()["detail"])
     k = next(
         k for k, r in enumerate(fashion) if not r["is_ood"] and r["class_index"] == int(y[i[k]])
     )
@@ -109,10 +125,18 @@ def samples(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Samples
     digit_path.write_bytes(_png(digits[j[m]]))
     text = out / "notes.txt"
     text.write_bytes(TEXT)
+    big_path = out / "noise.png"
+    big_path.write_bytes(big)
     for p, r in ((fashion_path, fashion[k]), (digit_path, mnist[m])):
         r["filename"] = p.name
     return Samples(
-        Sample(fashion_path, fashion[k]), Sample(digit_path, mnist[m]), text, refusal, labels
+        Sample(fashion_path, fashion[k]),
+        Sample(digit_path, mnist[m]),
+        text,
+        refusal,
+        big_path,
+        big_refusal,
+        labels,
     )
 
 

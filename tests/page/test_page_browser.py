@@ -114,18 +114,27 @@ def test_an_mnist_digit_shows_the_out_of_distribution_badge(
     tab.assert_clean()
 
 
-def test_a_text_file_shows_a_readable_error(tab: Tab, samples: Samples, artifacts: Path) -> None:
+def test_a_text_file_and_a_too_large_image_show_readable_errors(
+    tab: Tab, samples: Samples, artifacts: Path
+) -> None:
+    assert samples.text_refusal[0] == 415, samples.text_refusal
+    assert samples.big_refusal[0] == 413, samples.big_refusal
     tab.open()
-    status, detail = samples.text_refusal
-    assert status == 415, samples.text_refusal
-    tab.page.set_input_files("#files", samples.text)
-    card = cards(tab).first
-    expect(card.locator(".badge-text")).to_have_text("Error")
-    expect(card.locator(".error-title")).to_have_text("Not an image.")
-    expect(card.locator(".error-detail")).to_have_text(f"The service said: {detail}")
-    expect(tab.page.locator("#status")).to_have_text("notes.txt: error. Not an image.")
-    shot(tab, artifacts, "desktop-error")
-    tab.assert_clean(http_errors=(415,))
+    tab.page.set_input_files("#files", [samples.text, samples.big])
+    for card, (_, detail), title in zip(
+        (cards(tab).nth(0), cards(tab).nth(1)),
+        (samples.text_refusal, samples.big_refusal),
+        ("Not an image.", "Too large."),
+        strict=True,
+    ):
+        expect(card.locator(".badge-text")).to_have_text("Error")
+        expect(card.locator(".error-title")).to_have_text(title)
+        expect(card.locator(".error-detail")).to_have_text(f"The service said: {detail}")
+    expect(tab.page.locator("#status")).to_have_text(
+        "notes.txt: error. Not an image. noise.png: error. Too large."
+    )
+    shot(tab, artifacts, "desktop-errors")
+    tab.assert_clean(http_errors=(415, 413))
 
 
 def test_several_files_at_once_by_picker_drop_and_paste_show_one_result_each(
