@@ -14,6 +14,7 @@ from service.metrics import PrometheusMetrics
 from service.settings import Settings
 from tests.service.bundles import LABELS, png_bytes, sample_images
 from tests.service.conftest import app_client, wait_ready
+from training.data.folders import find_images
 
 PNG_HEADERS = {"content-type": "image/png"}
 
@@ -151,6 +152,12 @@ def test_the_service_captures_ood_images_and_the_cli_exports_them(
     assert rows[0].startswith("file,model,version,verdict") and len(rows) == n_ood + 1
     exported_bytes = {(out / p).read_bytes() for p in exported}
     assert noise in exported_bytes
+    # Labeling = moving files into train/<class>/: then it is the layout training reads.
+    for i, p in enumerate(exported):
+        (out / "train" / f"class{i % 2}").mkdir(exist_ok=True)
+        (out / p).rename(out / "train" / f"class{i % 2}" / p.name)
+    paths, labels, classes = find_images(out / "train")
+    assert classes == ["class0", "class1"][: len(set(labels.tolist()))] and len(paths) == n_ood
 
 
 def test_capture_is_off_by_default(models_dir: Path, tmp_path: Path) -> None:

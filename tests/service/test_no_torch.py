@@ -25,6 +25,7 @@ def test_serving_works_without_torch(models_dir: Path) -> None:
         sys.meta_path.insert(0, NoTorch())
         from fastapi.testclient import TestClient
         from service.app import create_app
+        from service.capture_cli import main as capture_main  # noqa: F401
         from service.cli import main  # noqa: F401
         from service.settings import Settings
         from tests.service.cases import PNG
