@@ -49,6 +49,7 @@ from service.schemas import (
     ReadyResponse,
 )
 from service.settings import Settings
+from service.v2.routes import routes as v2_routes
 from service.workers import WorkerBoard, merge_entries, merge_models
 
 log = logging.getLogger(__name__)
@@ -310,6 +311,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
         if isinstance(route, APIRoute):
             # The one-line docstring is the OpenAPI summary (FastAPI would use the function name).
             route.summary = route.summary or (route.description or "").split("\n")[0] or None
+    app.router.routes.extend(v2_routes())  # Open Inference Protocol v2 (service/v2)
     endpoint = ClassifyEndpoint(app.state, settings, metrics)
     if settings.page:
         add_page(app)  # GET / and /static/*: ordinary routes, off the /classify shortcut

@@ -24,7 +24,12 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
-ENDPOINTS = ("/classify", "/models", "/healthz", "/readyz", "/metrics")
+# Open Inference Protocol v2 (service/v2), by route template: model names and versions folded in.
+V2_ENDPOINTS = (
+    "/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/{model}", "/v2/models/{model}/ready",
+    "/v2/models/{model}/infer",
+)  # fmt: skip
+ENDPOINTS = ("/classify", "/models", "/healthz", "/readyz", "/metrics", *V2_ENDPOINTS)
 OTHER_ENDPOINT = "other"  # docs, unknown paths: one series, whatever the path
 CLASSIFY_STATUSES = (200, 400, 404, 413, 415, 422, 503)
 
@@ -183,6 +188,21 @@ class PrometheusMetrics:
             mark_process_dead(os.getpid())
 
 
+def endpoint_label(path: str, known: frozenset[str]) -> str:
+    """The `endpoint` label of a request path: itself if known, a v2 template, or "other"."""
+    if path in known:
+        return path
+    if path.startswith("/v2/models/"):
+        rest = path.split("/")[4:]  # after "", "v2", "models", name
+        if len(rest) >= 2 and rest[0] == "versions":
+            rest = rest[2:]
+        if not rest:
+            return "/v2/models/{model}"
+        if len(rest) == 1 and rest[0] in ("ready", "infer"):
+            return "/v2/models/{model}/" + rest[0]
+    return OTHER_ENDPOINT
+
+
 def route_path(scope: Scope) -> str:
     """The request's path as the app's routes see it: without the root_path a proxy mounts it at."""
     path: str = scope["path"]
@@ -208,7 +228,7 @@ class RequestMetricsMiddleware:
             return
         start = time.perf_counter()
         path = route_path(scope)
-        endpoint = path if path in self._known else OTHER_ENDPOINT
+        endpoint = endpoint_label(path, self._known)
         status = 500
 
         async def send_with_status(message: Message) -> None:
