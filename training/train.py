@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -17,25 +18,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
+from isomax.contract.manifest import Preprocess
 from training.config import TrainConfig
 from training.data.batches import BatchLoader
-from training.data.datasets import load_dataset
+from training.data.datasets import Splits, load_dataset
+from training.data.image_files import FileBatches, ImageFiles
+from training.devices import Distributed, Precision
+from training.head import HEADS
 from training.loss import make_loss
-from training.models import Classifier, build_model
+from training.models import BACKBONES, Classifier, build_model
+from training.models.pretrained import is_pretrained_arch, normalization
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}; choose auto, cpu or cuda")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -50,8 +47,10 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     return x.mean(axis=(0, 2, 3)).tolist(), x.std(axis=(0, 2, 3)).tolist()
 
 
-def model_from_config(cfg: TrainConfig, num_classes: int, shape, mean, std) -> Classifier:
-    """`shape` is the input's (C, H, W)."""
+def model_from_config(
+    cfg: TrainConfig, num_classes: int, shape, mean, std, weights: str | None = None
+) -> Classifier:
+    """`shape` is the input's (C, H, W); `weights` initialize a pretrained-backbone arch."""
     return build_model(
         cfg.arch,
         cfg.head,
@@ -61,7 +60,18 @@ def model_from_config(cfg: TrainConfig, num_classes: int, shape, mean, std) -> C
         std,
         image_size=shape[1],
         prototype_init=cfg.prototype_init,
+        weights=weights,
     )
+
+
+def input_normalization(cfg: TrainConfig, data: Splits) -> tuple[list[float], list[float]]:
+    """Pretrained backbones: their weights' mean/std; otherwise the training images' own."""
+    if is_pretrained_arch(cfg.arch):
+        mean, std = normalization(cfg.arch)
+        return list(mean), list(std)
+    if data.train_mean is not None and data.train_std is not None:
+        return data.train_mean, data.train_std
+    return channel_stats(data.train_x)
 
 
 @torch.no_grad()
@@ -87,9 +97,65 @@ def accuracy_of(model: Classifier, x: np.ndarray, y: np.ndarray, device: torch.d
     return float((logits.argmax(1) == y).mean())
 
 
-def _lr_lambda(total_steps: int, milestones: list[float]):
-    steps = [round(m * total_steps) for m in milestones]
-    return lambda step: 0.1 ** sum(step >= s for s in steps)
+def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
+    """Learning-rate factor per step: linear warm-up, then step decay or cosine to 0."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    milestones = [round(m * total) for m in cfg.lr_milestones]
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return 0.1 ** sum(step >= s for s in milestones)
+
+    return factor
+
+
+def make_optimizer(cfg: TrainConfig, model: Classifier) -> torch.optim.Optimizer:
+    """Two parameter groups: the backbone at `lr x backbone_lr_scale`, the head at `lr`.
+
+    With `head_weight_decay` off, the head's prototypes and distance scale are not decayed:
+    decay would shrink the distance scale (the logits' temperature) for no benefit.
+    With the defaults this is the single-group optimizer of the paper's recipe.
+    """
+    groups = [
+        {
+            "params": list(model.backbone.parameters()),
+            "lr": cfg.lr * cfg.backbone_lr_scale,
+            "weight_decay": cfg.weight_decay,
+        },
+        {
+            "params": list(model.head.parameters()),
+            "lr": cfg.lr,
+            "weight_decay": cfg.weight_decay if cfg.head_weight_decay else 0.0,
+        },
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse settings that cannot work, in one line each, before any data are read."""
+    if cfg.head not in HEADS:
+        raise ValueError(f"unknown head {cfg.head!r}; choose one of {', '.join(HEADS)}")
+    if cfg.arch not in BACKBONES and not is_pretrained_arch(cfg.arch):
+        raise ValueError(
+            f"unknown architecture {cfg.arch!r}; choose one of {', '.join(BACKBONES)}, "
+            "tv-<torchvision model> (e.g. tv-resnet18) or efficientnet-lite0"
+        )
+    if cfg.schedule not in ("step", "cosine"):
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; choose step or cosine")
+    if cfg.optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ValueError("epochs and batch_size must be at least 1")
+    if not 0 <= cfg.freeze_backbone_epochs <= cfg.epochs:
+        raise ValueError("freeze_backbone_epochs must be between 0 and epochs")
 
 
 @dataclass
@@ -103,49 +169,85 @@ class RunResult:
 def train(
     cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True
 ) -> RunResult:
-    """Train to `run_dir`; with `resume`, continue from `last.pt` if present (same config)."""
+    """Train to `run_dir`; with `resume`, continue from `last.pt` if present (same config).
+
+    Under `torchrun` (WORLD_SIZE > 1) this is one of the data-parallel processes: each takes
+    `batch_size / world` images of every global batch, gradients are averaged (DDP), and only
+    rank 0 writes checkpoints, history and logs.
+    """
+    check_config(cfg)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    dist = Distributed.from_env(cfg.device)
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if last_path.exists() and not resume:
         raise FileExistsError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
         )
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = dist.device
     seed_everything(cfg.seed)
     data = load_dataset(cfg)
-    mean, std = channel_stats(data.train_x)
-    model = model_from_config(cfg, len(data.labels), data.shape, mean, std).to(device)
-    channels_last = cfg.channels_last and device.type == "cpu"
+    mean, std = input_normalization(cfg, data)
+    resuming = resume and last_path.exists()
+    model = model_from_config(
+        cfg, len(data.labels), data.shape, mean, std, weights=None if resuming else cfg.weights
+    ).to(device)
+    channels_last = cfg.channels_last and device.type in ("cpu", "cuda")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    opt = torch.optim.SGD(
-        model.parameters(),
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov,
-        weight_decay=cfg.weight_decay,
-    )
-    loader = BatchLoader(
-        data.train_x,
-        data.train_y,
-        cfg.batch_size,
-        shuffle=True,
-        augment=cfg.augment,
-        seed=cfg.seed,
-        device=device,
-        channels_last=channels_last,
-        drop_last=True,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, _lr_lambda(cfg.epochs * len(loader), cfg.lr_milestones)
-    )
+    opt = make_optimizer(cfg, model)
+    local_batch = dist.local_batch(cfg.batch_size)
+    loader: BatchLoader | FileBatches
+    if data.train_files is not None:
+        assert data.preprocess is not None
+        files = ImageFiles(data.train_files, data.train_y, data.preprocess, augment=cfg.augment)
+        loader = FileBatches(
+            files,
+            local_batch,
+            cfg.seed,
+            device,
+            workers=cfg.workers,
+            channels_last=channels_last,
+            sampler=dist.sampler(files, cfg.seed),
+        )
+    else:
+        loader = BatchLoader(
+            data.train_x,
+            data.train_y,
+            cfg.batch_size,
+            shuffle=True,
+            augment=cfg.augment,
+            seed=cfg.seed,
+            device=device,
+            channels_last=channels_last,
+            drop_last=True,
+            shard=(dist.rank, dist.world),
+        )
+    if len(loader) == 0:
+        raise ValueError(
+            f"{len(data.train_y)} training images make no batch of {cfg.batch_size}; "
+            "lower --batch-size"
+        )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(loader)))
     loss_fn = make_loss(cfg.head)
+    step_model: nn.Module = model
+    if cfg.compile:
+        step_model = torch.compile(step_model)  # type: ignore[assignment]
+    step_model = dist.wrap(step_model, find_unused=cfg.freeze_backbone_epochs > 0)
+    amp = Precision.for_device(device, cfg.amp)
+    log.info(
+        "training on %s%s, %s, %d images/step per process",
+        device,
+        f" x {dist.world} processes" if dist.world > 1 else "",
+        amp.name,
+        local_batch,
+    )
 
     start_epoch, best_acc, best_epoch, elapsed = 0, -1.0, -1, 0.0
-    if resume and last_path.exists():
+    if resuming:
         ck = torch.load(last_path, map_location=device, weights_only=False)
         if TrainConfig.from_dict(ck["config"]).to_dict() != cfg.to_dict():
             raise ValueError(f"{last_path} was trained with a different config; refusing to resume")
@@ -154,6 +256,8 @@ def train(
         sched.load_state_dict(ck["scheduler"])
         loader.gen.set_state(ck["loader_rng"])
         torch.set_rng_state(ck["torch_rng"])
+        if "scaler" in ck:
+            amp.scaler.load_state_dict(ck["scaler"])
         start_epoch, best_acc, best_epoch, elapsed = (
             ck["epoch"] + 1,
             ck["best_val_accuracy"],
@@ -169,33 +273,46 @@ def train(
         "shape": list(data.shape),
         "color_mode": data.color_mode,
     }
+    if data.preprocess is not None:
+        meta["preprocess"] = data.preprocess.model_dump(mode="json")
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
+        frozen = epoch < cfg.freeze_backbone_epochs
         model.train()
+        model.backbone.requires_grad_(not frozen)
+        if frozen:
+            model.backbone.eval()  # BatchNorm statistics stay the pretrained ones too
         total, n = 0.0, 0
         bar = tqdm(
             loader,
             desc=f"{run_dir.name} epoch {epoch + 1}/{cfg.epochs}",
-            disable=not progress,
+            disable=not (progress and dist.is_main),
             leave=False,
         )
         for x, y in bar:
-            loss = loss_fn(model(x), y)
+            with amp.autocast():
+                loss = loss_fn(step_model(x), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            amp.scaler.scale(loss).backward()
+            amp.scaler.step(opt)
+            amp.scaler.update()
             sched.step()
             total += loss.item() * len(y)
             n += len(y)
             bar.set_postfix(loss=f"{total / n:.4f}")
+        model.backbone.requires_grad_(True)
+        train_seconds = time.perf_counter() - t0
+        if not dist.is_main:
+            continue
         val_acc = accuracy_of(model, data.val_x, data.val_y, device)
         elapsed += time.perf_counter() - t0
         record = {
             "epoch": epoch + 1,
             "train_loss": total / max(n, 1),
             "val_accuracy": val_acc,
-            "lr": sched.get_last_lr()[0],
+            "lr": sched.get_last_lr()[-1],
             "seconds": elapsed,
+            "images_per_second": n * dist.world / max(train_seconds, 1e-9),
         }
         if hasattr(model.head, "distance_scale"):
             record["distance_scale"] = float(model.head.distance_scale.detach().abs())  # type: ignore[operator]
@@ -222,6 +339,7 @@ def train(
                 **state,
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
+                "scaler": amp.scaler.state_dict(),
                 "loader_rng": loader.gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "best_val_accuracy": best_acc,
@@ -233,6 +351,7 @@ def train(
         # any point resumes from the epoch its history ends with.
         with open(run_dir / "history.jsonl", "a") as history:
             history.write(json.dumps(record) + "\n")
+    dist.close()
     return RunResult(run_dir, best_acc, best_epoch, elapsed)
 
 
@@ -241,6 +360,31 @@ def _save_atomic(obj: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def serving_preprocess(meta: dict[str, Any], cfg: TrainConfig) -> Preprocess:
+    """The preprocessing to serve a checkpoint with: exactly its evaluation preprocessing.
+
+    Image-folder runs record it at training time (`meta["preprocess"]`); older runs and the
+    array data sets give their input geometry. Mean/std are the model's own (inside the graph).
+    """
+    norm = {"mean": tuple(meta["mean"]), "std": tuple(meta["std"])}
+    if "preprocess" in meta:
+        return Preprocess.model_validate({**meta["preprocess"], **norm})
+    if cfg.dataset == "folder" and cfg.data_dir:
+        from training.data.datasets import folder_preprocess
+
+        return folder_preprocess(Path(cfg.data_dir)).model_copy(update=norm)
+    c, h, w = meta["shape"]
+    return Preprocess(
+        height=h,
+        width=w,
+        channels=c,
+        color_mode=meta["color_mode"],
+        resize_filter="bilinear",
+        mean=norm["mean"],
+        std=norm["std"],
+    )
 
 
 def load_checkpoint(

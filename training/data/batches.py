@@ -47,7 +47,10 @@ class BatchLoader:
         device: torch.device | str = "cpu",
         channels_last: bool = False,
         drop_last: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
+        """`shard=(rank, world)`: this process takes every world-th image of each batch
+        (data-parallel training; every process draws the same batches)."""
         if len(images) != len(labels):
             raise ValueError(f"wrong size: images {images.shape} vs labels {labels.shape}")
         self.images = torch.from_numpy(np.ascontiguousarray(images))  # uint8 (N, C, H, W)
@@ -56,6 +59,7 @@ class BatchLoader:
         self.pad, self.flip, self.drop_last = pad, flip, drop_last
         self.device = torch.device(device)
         self.channels_last = channels_last
+        self.rank, self.world = shard
         self.gen = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -66,7 +70,7 @@ class BatchLoader:
         n = len(self.images)
         order = torch.randperm(n, generator=self.gen) if self.shuffle else torch.arange(n)
         for i in range(len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size][self.rank :: self.world]
             x = self.images[idx].to(self.device, non_blocking=True).float().div_(255.0)
             if self.augment:
                 x = random_crop_flip(x, self.pad, self.flip, self.gen)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from isomax.contract.manifest import Preprocess
 from training.config import TrainConfig
 from training.data import fmnist
+
+log = logging.getLogger(__name__)
 
 DATASETS = ("fashion-mnist", "cifar", "folder")
 
@@ -24,10 +28,15 @@ class Splits:
     labels: list[str]
     held_out_x: np.ndarray | None = None  # open-set: test images of the classes not trained on
     color_mode: str = "L"
+    # Image folders: training images stay files, decoded batch by batch (training/data/image_files).
+    train_files: list[Path] | None = None
+    preprocess: Preprocess | None = None  # image folders: the evaluation (= serving) preprocessing
+    train_mean: list[float] | None = None  # image folders: channel statistics of the train files
+    train_std: list[float] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        c, h, w = self.train_x.shape[1:]
+        c, h, w = self.val_x.shape[1:]
         return int(c), int(h), int(w)
 
 
@@ -54,40 +63,116 @@ def _raw(cfg: TrainConfig):
         tx, ty, names = load_cifar(Path(cfg.data_dir), train=True)
         vx, vy, _ = load_cifar(Path(cfg.data_dir), train=False)
         return tx, ty, vx, vy, names, "RGB"
-    if cfg.dataset == "folder":
-        return _folder(cfg)
     raise ValueError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
-def _folder(cfg: TrainConfig):
-    """`root/<class>/<img>`, or `root/train/<class>/...` with an optional `root/test/...`."""
-    from training.data.folders import load_image_folder
+def folder_preprocess(root: Path, cfg: TrainConfig | None = None) -> Preprocess:
+    """The evaluation (and serving) preprocessing of an image folder.
 
-    if not cfg.data_dir:
-        raise ValueError("dataset 'folder' needs --data-dir (root/<class>/<image>)")
-    root = Path(cfg.data_dir)
-    spec = folder_preprocess(root)
-    train_root = root / "train" if (root / "train").is_dir() else root
-    tx, ty, names = load_image_folder(train_root, spec)
-    if (root / "test").is_dir():
-        vx, vy, test_names = load_image_folder(root / "test", spec)
-        if test_names != names:
-            raise ValueError(f"test classes {test_names} differ from train classes {names}")
-        return tx, ty, vx, vy, names, spec.color_mode
-    return tx, ty, None, None, names, spec.color_mode
-
-
-def folder_preprocess(root: Path):
-    """Geometry for an image folder: `preprocess.json` beside the classes, else 32x32 RGB."""
-    from isomax.contract.manifest import Preprocess
+    `ROOT/preprocess.json` if present; else for pretrained-backbone archs an ImageNet-style
+    RGB input of `image_size` (224) pixels, scaled and center-cropped; else 32x32 RGB stretched.
+    """
+    from training.models.pretrained import DEFAULT_IMAGE_SIZE, is_pretrained_arch
 
     p = root / "preprocess.json"
     if p.is_file():
-        return Preprocess.model_validate_json(p.read_text())
-    return Preprocess(height=32, width=32, channels=3, color_mode="RGB")
+        spec = Preprocess.model_validate_json(p.read_text())
+        if cfg is not None and cfg.image_size:
+            spec = spec.model_copy(update={"height": cfg.image_size, "width": cfg.image_size})
+        return spec
+    if cfg is not None and is_pretrained_arch(cfg.arch):
+        size = cfg.image_size or DEFAULT_IMAGE_SIZE
+        return Preprocess(
+            height=size, width=size, channels=3, color_mode="RGB", resize_mode="center_crop"
+        )
+    size = (cfg.image_size if cfg is not None else None) or 32
+    return Preprocess(height=size, width=size, channels=3, color_mode="RGB")
+
+
+def folder_val_size(n: int, val_size: int) -> int:
+    """Validation images held out of an `n`-image folder: `val_size`, at most a fifth."""
+    if n < 2:
+        raise ValueError(f"an image folder needs at least 2 training images, found {n}")
+    return max(1, min(val_size, n // 5))
+
+
+def _load_folder(cfg: TrainConfig) -> Splits:
+    """`ROOT/train/<class>/...` (or `ROOT/<class>/...`), optional `ROOT/val/...`, `ROOT/test/...`.
+
+    Validation and test images are decoded into arrays (evaluation, calibration and export
+    score them); training images stay files, read by DataLoader workers every epoch.
+    """
+    from training.data.folders import class_balance, find_images, load_image_folder
+    from training.data.image_files import check_files
+
+    if not cfg.data_dir:
+        raise ValueError("dataset 'folder' needs --data-dir (ROOT/train/<class>/<image>)")
+    if cfg.classes is not None:
+        raise ValueError(
+            "--classes is for the built-in data sets; an image folder's classes are its subfolders"
+        )
+    root = Path(cfg.data_dir)
+    spec = folder_preprocess(root, cfg)
+    train_root = root / "train" if (root / "train").is_dir() else root
+    paths, labels, names = find_images(train_root)
+    for split in ("val", "test"):
+        if train_root == root and split in names:
+            raise ValueError(
+                f"{root} has a {split}/ folder but no train/: use ROOT/train/<class>/... beside it"
+            )
+
+    def other_split(split: str) -> tuple[np.ndarray, np.ndarray] | None:
+        if not (root / split).is_dir() or train_root == root:
+            return None
+        x, y, split_names = load_image_folder(root / split, spec, cfg.bad_images)
+        if split_names != names:
+            raise ValueError(f"{split} classes {split_names} differ from train classes {names}")
+        return x, y
+
+    val = other_split("val")
+    if val is None:
+        tr, va = validation_split(
+            len(paths), folder_val_size(len(paths), cfg.val_size), cfg.split_seed
+        )
+        val_paths, val_labels = [paths[i] for i in va], labels[va]
+        paths, labels = [paths[i] for i in tr], labels[tr]
+        from training.data.folders import decode_files
+
+        vx, kept = decode_files(val_paths, spec, cfg.bad_images)
+        val = (vx, val_labels[kept])
+        log.info(
+            "validation: %d images split from %s (seed %d)", len(kept), train_root, cfg.split_seed
+        )
+    test = other_split("test")
+    if cfg.limit_train:
+        paths, labels = paths[: cfg.limit_train], labels[: cfg.limit_train]
+    kept, mean, std = check_files(paths, spec, cfg.bad_images, cfg.workers)
+    paths, labels = [paths[i] for i in kept], labels[kept]
+    missing = [
+        c for c, n in zip(names, np.bincount(labels, minlength=len(names)), strict=True) if n == 0
+    ]
+    if missing:
+        raise ValueError(f"no readable training images left for class(es) {', '.join(missing)}")
+    log.info("training images: %d (%s)", len(paths), class_balance(labels, names))
+    return Splits(
+        train_x=np.empty((0, *val[0].shape[1:]), dtype=np.uint8),
+        train_y=labels,
+        val_x=val[0],
+        val_y=val[1],
+        test_x=None if test is None else test[0],
+        test_y=None if test is None else test[1],
+        labels=names,
+        color_mode=spec.color_mode,
+        train_files=paths,
+        preprocess=spec,
+        train_mean=mean,
+        train_std=std,
+    )
 
 
 def load_dataset(cfg: TrainConfig) -> Splits:
+    if cfg.dataset == "folder":
+        return _load_folder(cfg)
     tx, ty, sx, sy, labels, color_mode = _raw(cfg)
     held_out = None
     if cfg.classes is not None:

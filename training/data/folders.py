@@ -84,28 +84,67 @@ def find_images(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
     return paths, np.asarray(labels, dtype=np.int64), [p.name for p in class_dirs]
 
 
-def load_image_folder(root: Path, spec: Preprocess) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode every image under `root/<class>/` into uint8 `(N, C, H, W)`, labels `(N,)`, names.
+BAD_IMAGE_POLICIES = ("fail", "skip")
 
-    Decoding stops at the first unreadable file with its path in the error: silently skipping
-    it would change the data set without anyone noticing.
+
+def decode_files(
+    paths: list[Path], spec: Preprocess, bad_images: str = "fail"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode `paths` into uint8 `(N, C, H, W)`; -> (images, indices of the files kept).
+
+    `bad_images="fail"` stops at the first unreadable file with its path in the error;
+    `"skip"` leaves such files out and logs how many and which first, so the data set never
+    changes without a line saying so.
     """
-    paths, labels, classes = find_images(root)
+    if bad_images not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"bad_images must be fail or skip, got {bad_images!r}")
     images = np.empty((len(paths), spec.channels, spec.height, spec.width), dtype=np.uint8)
+    kept: list[int] = []
+    bad: list[str] = []
     for i, path in enumerate(paths):
         try:
-            images[i] = load_file_uint8(path, spec)  # (C, H, W)
-        except ImageDecodeError as e:
-            raise ImageDecodeError(f"{path}: {e}") from e
-        except OSError as e:  # unreadable (permissions, vanished): not a decode problem
-            raise OSError(f"{path}: cannot read: {e}") from e
+            images[len(kept)] = load_file_uint8(path, spec)  # (C, H, W)
+            kept.append(i)
+        except (ImageDecodeError, OSError) as e:
+            what = (
+                f"{path}: {e}" if isinstance(e, ImageDecodeError) else f"{path}: cannot read: {e}"
+            )
+            if bad_images == "fail":
+                raise type(e)(what) from e
+            bad.append(what)
+    report_skipped(bad)
+    return images[: len(kept)], np.asarray(kept, dtype=np.int64)
+
+
+def report_skipped(bad: list[str]) -> None:
+    """One log line for the unreadable files a `skip` policy left out."""
+    if bad:
+        log.warning("skipped %d unreadable image file(s); first: %s", len(bad), bad[0])
+
+
+def class_balance(labels: np.ndarray, classes: list[str]) -> str:
+    """`cat=120, dog=80`: the per-class counts for the log."""
     counts = np.bincount(labels, minlength=len(classes))
+    return ", ".join(f"{c}={n}" for c, n in zip(classes, counts, strict=True))
+
+
+def load_image_folder(
+    root: Path, spec: Preprocess, bad_images: str = "fail"
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode every image under `root/<class>/` into uint8 `(N, C, H, W)`, labels `(N,)`, names.
+
+    Unreadable files stop the load with their path in the error (`bad_images="fail"`), or are
+    skipped and counted in the log (`"skip"`): never silently.
+    """
+    paths, labels, classes = find_images(root)
+    images, kept = decode_files(paths, spec, bad_images)
+    labels = labels[kept]
     log.info(
         "image folder %s: %d images, %d classes (%s)",
         root,
-        len(paths),
+        len(labels),
         len(classes),
-        ", ".join(f"{c}={n}" for c, n in zip(classes, counts, strict=True)),
+        class_balance(labels, classes),
     )
     return images, labels, classes
 

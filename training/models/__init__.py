@@ -9,6 +9,7 @@ from torch import nn
 from training.head import make_head
 from training.models.classifier import Classifier
 from training.models.densenet import DenseNetBC
+from training.models.pretrained import LITE0, build_backbone, is_pretrained_arch
 from training.models.resnet import resnet18, resnet34
 from training.models.smallcnn import SmallCNN
 
@@ -29,10 +30,22 @@ def build_model(
     std: Sequence[float],
     image_size: int = 28,
     prototype_init: str = "unit",
+    weights: str | None = None,
 ) -> Classifier:
-    if arch not in BACKBONES:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(BACKBONES)}")
-    backbone = BACKBONES[arch](in_channels, image_size)
+    """`weights` (pretrained-backbone archs only) are loaded into the backbone."""
+    if is_pretrained_arch(arch):
+        if in_channels != 3:
+            raise ValueError(f"{arch} takes RGB images; these data have {in_channels} channel(s)")
+        backbone = build_backbone(arch, image_size, weights)
+    elif arch not in BACKBONES:
+        raise ValueError(
+            f"unknown architecture {arch!r}; choose one of {', '.join(BACKBONES)}, "
+            f"tv-<torchvision model> (e.g. tv-resnet18) or {LITE0}"
+        )
+    else:
+        if weights:
+            raise ValueError(f"--weights is for tv-* and {LITE0} backbones, not {arch}")
+        backbone = BACKBONES[arch](in_channels, image_size)
     num_features = int(backbone.num_features)  # type: ignore[arg-type]
     return Classifier(
         backbone, make_head(head, num_features, num_classes, prototype_init), mean, std

@@ -36,12 +36,43 @@ class Classifier(nn.Module):
         return self.backbone((x - self.mean) / self.std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+        feats = self.forward_features(x)
+        if torch.is_autocast_enabled(x.device.type):
+            # Mixed precision stops at the head: normalized distances in fp16 lose the small
+            # differences the OOD score is made of.
+            with torch.autocast(x.device.type, enabled=False):
+                return self.head(feats.float())
+        return self.head(feats)
 
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Inference logits and, for distance heads, the minimum distance: one forward pass."""
-        feats = self.forward_features(x)
-        if hasattr(self.head, "logits_and_distances"):
-            logits, dist = self.head.logits_and_distances(feats)  # type: ignore[operator]
-            return logits, dist.min(dim=1).values
-        return self.head(feats), None
+        return logits_and_min_distance(self, x)
+
+
+def logits_and_min_distance(
+    model: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(logits, min_distance)` of any model whose last layer is the head, in one forward pass.
+
+    The one way to get both outputs from a torch model (training, evaluation and the exported
+    graph use it): a forward hook catches the input of the model's distance head, and the head's
+    own distance function gives both. A model without a distance head gives `(logits, None)`.
+    """
+    head = _distance_head(model)
+    if head is None:
+        return model(x), None
+    features: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda _m, inp, _out: features.append(inp[0]))
+    try:
+        model(x)
+    finally:
+        hook.remove()
+    logits, distances = head.logits_and_distances(features[-1])  # type: ignore[operator]
+    return logits, distances.min(dim=1).values
+
+
+def _distance_head(model: nn.Module) -> nn.Module | None:
+    heads = [m for m in model.modules() if hasattr(m, "logits_and_distances")]
+    if len(heads) > 1:
+        raise ValueError(f"the model has {len(heads)} distance heads; expected one")
+    return heads[0] if heads else None
