@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=TPR",
         help="operating point per model, read off its quantile table (repeatable)",
     )
+    a(
+        "--reload-interval-s",
+        type=float,
+        help="rescan the models directory this often for new versions (default 5; 0: only on "
+        "SIGHUP or POST /admin/reload)",
+    )
+    a("--keep-versions", type=int, help="working versions kept loaded per model (default 1)")
+    a("--capture-dir", help="capture flagged inputs into this directory (default: off)")
     a("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     a("--access-log", action="store_true", default=None, help="log every request")
     a(

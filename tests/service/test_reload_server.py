@@ -186,9 +186,8 @@ def test_requests_in_flight_finish_on_the_version_they_started_with(tmp_path: Pa
     """Requests held in version 1's batcher (max wait 1 s) across the swap: answered by 1."""
     repo = tmp_path / "models"
     write_bundle(repo, "tiny", "1")
-    env = {"ISOMAX_RELOAD_INTERVAL_S": "0"}
-    args = ("--max-wait-ms", "1000", "--max-batch-size", "16")
-    with run_server(repo, tmp_path / "log", *args, **env) as srv:
+    args = ("--max-wait-ms", "1000", "--max-batch-size", "16", "--reload-interval-s", "0")
+    with run_server(repo, tmp_path / "log", *args) as srv:
 
         async def main() -> tuple[list[httpx.Response], bool, httpx.Response]:
             async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
