@@ -14,9 +14,17 @@ woken once per batch and answers with one `call_soon_threadsafe` per batch. An e
 formed batches in the thread with a blocking queue read per request: each read had to win the
 GIL back from the busy event loop, which made the thread, not the model, the bottleneck.
 
+While a batch runs, the next one is handed to the thread as soon as it is full, so that the
+model starts it the moment the current run ends. Without that, each run waited for the event
+loop to take its results and form the next batch: under overload, with thousands of
+connections, one turn of the loop takes long, and the model idled (busy 77% -> 11% of the time
+at 1,000 -> 2,048 connections, docs/serving.md). At most two batches are with the thread.
+
 A request with more images than fit in the current batch is split across batches. The number
 of images accepted and not yet answered is bounded; beyond it `submit` raises `OverloadedError`
-(503 + Retry-After) instead of letting latency grow without limit.
+(503 + Retry-After) instead of letting latency grow without limit. `admit` applies the same
+bound before a request's body is read (requests admitted and not yet submitted count as one
+image each), so that overload is refused before it costs reading and decoding.
 """
 
 from __future__ import annotations
@@ -91,7 +99,8 @@ class Batcher:
         self._waiting: deque[_Job] = deque()  # jobs with images not yet in a batch
         self._waiting_images = 0
         self._pending = 0  # images accepted and not yet answered
-        self._busy = False  # a batch is in the thread
+        self._admitted = 0  # requests admitted and not yet submitted (or given up)
+        self._inflight = 0  # batches handed to the thread and not yet back (0, 1 or 2)
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = True
@@ -103,6 +112,22 @@ class Batcher:
     def pending(self) -> int:
         """Images accepted and not yet answered."""
         return self._pending
+
+    def admit(self) -> None:
+        """Reserve room for a request about to be read (one image); `release` when submitted.
+
+        Raises OverloadedError when the queue is full, before anything is read or decoded.
+        """
+        if self._pending + self._admitted >= self.max_queue_images:
+            raise OverloadedError(
+                f"model {self.name} has {self._pending} images queued and {self._admitted} "
+                f"requests being read (limit {self.max_queue_images}); retry later"
+            )
+        self._admitted += 1
+
+    def release(self) -> None:
+        """The admitted request was submitted, or failed before it could be."""
+        self._admitted -= 1
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -127,8 +152,7 @@ class Batcher:
         self._waiting.append(job)
         self._waiting_images += n
         self._pending += n
-        if not self._busy:
-            self._maybe_dispatch()
+        self._maybe_dispatch()
         return await job.future
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -152,7 +176,13 @@ class Batcher:
     # -- event loop --------------------------------------------------------------------------
 
     def _maybe_dispatch(self) -> None:
-        if self._busy or not self._waiting or self._loop is None:
+        if not self._waiting or self._loop is None or self._inflight >= 2:
+            return
+        if self._inflight == 1:
+            # A batch runs: queue the next one behind it only when it is full (a partial one
+            # may still grow while the run lasts).
+            if self._waiting_images >= self.max_batch_size:
+                self._dispatch()
             return
         due = self._waiting[0].enqueued + self.max_wait_s
         if self._waiting_images >= self.max_batch_size or self._loop.time() >= due:
@@ -165,7 +195,7 @@ class Batcher:
 
     def _on_timer(self) -> None:
         self._timer = None
-        if not self._busy and self._waiting:
+        if self._inflight == 0 and self._waiting:
             self._dispatch()
 
     def _dispatch(self) -> None:
@@ -181,14 +211,14 @@ class Batcher:
             if job.taken == job.n:
                 self._waiting.popleft()
         self._waiting_images -= size
-        self._busy = True
+        self._inflight += 1
         self._work.put(parts)
         if self._on_queue is not None:
             self._on_queue(self._pending)
 
     def _batch_done(self, finished: list[_Job]) -> None:
         """A batch came back: wake its finished requests, start the next batch."""
-        self._busy = False
+        self._inflight -= 1
         for job in finished:
             self._pending -= job.n
             if job.future.done():  # the request was cancelled (client gone, shutdown timeout)
@@ -199,7 +229,8 @@ class Batcher:
                 job.future.set_result((job.logits, job.distance))
         if not self._closed:
             self._maybe_dispatch()
-        if not self._busy and self._on_queue is not None:
+            self._maybe_dispatch()  # with none in flight, a second full batch can follow
+        if self._inflight == 0 and self._on_queue is not None:
             self._on_queue(self._pending)
 
     # -- batching thread ---------------------------------------------------------------------
@@ -227,9 +258,10 @@ class Batcher:
         error: BaseException | None = None
         try:
             logits, distance = self._run_fn(x)
-        except Exception as e:
+        except Exception:
             log.exception("model %s: onnxruntime run failed (batch of %d)", self.name, size)
-            error = InferenceError(f"model {self.name}: inference failed: {e}")
+            # The client gets no onnxruntime message (paths, graph internals): the log has it.
+            error = InferenceError(f"model {self.name}: inference failed (see the server log)")
         if self._on_batch is not None:
             self._on_batch(size, time.perf_counter() - t0)
         finished: list[_Job] = []

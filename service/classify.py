@@ -34,9 +34,11 @@ from starlette.types import Message, Receive, Scope, Send
 from isomax.contract.decode import (
     ImageDecodeError,
     ImageTooLargeError,
+    decoded_bytes,
     image_to_uint8,
     open_header,
 )
+from service.admission import BodyBudget, Reservation
 from service.errors import (
     RETRY_AFTER,
     BadImageError,
@@ -83,6 +85,7 @@ class ClassifyQuery(BaseModel):
 
     model: str | None = Field(
         default=None,
+        max_length=80,  # name (64) + ":" + version: a longer value names nothing served
         description="`name` (its default version: the highest that loaded) or `name:version`; "
         "optional when one model is served.",
         examples=["fmnist-isomaxplus"],
@@ -207,8 +210,14 @@ def _content_headers(scope: Scope) -> tuple[bytes, int | None]:
     return ctype, length
 
 
-async def read_uploads(scope: Scope, receive: Receive, settings: Settings) -> list[Upload]:
-    """The images of a request, raw body or multipart; limits enforced while reading."""
+async def read_uploads(
+    scope: Scope, receive: Receive, settings: Settings, reservation: Reservation
+) -> list[Upload]:
+    """The images of a request, raw body or multipart; limits enforced while reading.
+
+    The body's bytes are taken from the process's budget (`reservation`) before they are read:
+    its Content-Length at once, or each chunk as it comes when there is none.
+    """
     raw_ctype, length = _content_headers(scope)
     ctype, options = parse_options_header(raw_ctype)
     if ctype == b"multipart/form-data":
@@ -225,6 +234,9 @@ async def read_uploads(scope: Scope, receive: Receive, settings: Settings) -> li
         )
     if length is not None and length > limit:
         raise PayloadTooLargeError(f"the request body is {length} bytes; the limit is {limit}")
+    if length is not None:
+        reservation.take(length)
+    count = length is None  # take each chunk from the budget as it arrives
 
     if ctype == b"multipart/form-data":
         boundary = options.get(b"boundary")
@@ -241,6 +253,8 @@ async def read_uploads(scope: Scope, receive: Receive, settings: Settings) -> li
                 if size > limit:
                     raise PayloadTooLargeError(f"the request body exceeds {limit} bytes")
                 if chunk:
+                    if count:
+                        reservation.take(len(chunk))
                     parser.write(chunk)
                 if not message.get("more_body", False):
                     break
@@ -262,6 +276,8 @@ async def read_uploads(scope: Scope, receive: Receive, settings: Settings) -> li
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLargeError(f"the image is larger than {limit} bytes")
+            if count:
+                reservation.take(len(chunk))
             chunks.append(chunk)
         if not message.get("more_body", False):
             break
@@ -282,17 +298,36 @@ async def decode_uploads(
     spec = model.manifest.preprocess
     arrays: list[np.ndarray] = []
     loop = asyncio.get_running_loop()
+
+    def failed(i: int, up: Upload, e: Exception) -> ServiceError:
+        what = f"image {i} ({up.filename!r}): " if len(uploads) > 1 or up.filename else ""
+        cls = PayloadTooLargeError if isinstance(e, ImageTooLargeError) else BadImageError
+        return cls(what + str(e))
+
+    # Every header first (no pixel decoded yet): the request's decoded size is known before
+    # any of its images costs memory or CPU.
+    images = []
+    total = 0
     for i, up in enumerate(uploads, 1):
         try:
-            img = open_header(up.data, settings.max_image_pixels)
+            img = open_header(up.data, settings.max_image_pixels, settings.max_image_decoded_bytes)
+        except (ImageDecodeError, ImageTooLargeError) as e:
+            raise failed(i, up, e) from e
+        total += decoded_bytes(img)
+        images.append(img)
+    if total > settings.max_request_decoded_bytes:
+        raise PayloadTooLargeError(
+            f"the {len(uploads)} images decode to {total} bytes; the limit is "
+            f"{settings.max_request_decoded_bytes} per request"
+        )
+    for i, (up, img) in enumerate(zip(uploads, images, strict=True), 1):
+        try:
             if img.width * img.height <= settings.inline_decode_max_pixels:
                 arr = image_to_uint8(img, spec)
             else:
                 arr = await loop.run_in_executor(None, image_to_uint8, img, spec)
         except (ImageDecodeError, ImageTooLargeError) as e:
-            what = f"image {i} ({up.filename!r}): " if len(uploads) > 1 or up.filename else ""
-            cls = PayloadTooLargeError if isinstance(e, ImageTooLargeError) else BadImageError
-            raise cls(what + str(e)) from e
+            raise failed(i, up, e) from e
         arrays.append(arr)
     x = arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
     return x.astype(np.float32) / np.float32(255.0)  # as preprocess.decode
@@ -360,6 +395,7 @@ class ClassifyEndpoint:
         self.state = state
         self.settings = settings
         self.metrics = metrics
+        self.bodies = BodyBudget(settings.max_inflight_body_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         body_done = False
@@ -372,6 +408,14 @@ class ClassifyEndpoint:
 
         try:
             body = await self.classify(scope, receive_body)
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when the graceful shutdown timeout ends:
+            # answer (its own answer would be a plain-text 500), then let the task end.
+            headers = [_JSON, (b"retry-after", str(self.settings.retry_after_s).encode())]
+            headers.append((b"connection", b"close"))
+            detail = "the server is shutting down: retry (another instance may answer)"
+            await _respond(send, 503, error_body(detail), headers)
+            raise
         except Exception as e:
             status = error_status(e)
             if status == 500 and not isinstance(e, ServiceError):
@@ -396,9 +440,16 @@ class ClassifyEndpoint:
             k = len(model.labels)
             if top_k > k:
                 raise InvalidParameterError(f"top_k must be between 1 and {k} for {model.name}")
-            uploads = await read_uploads(scope, receive, self.settings)
-            x = await decode_uploads(uploads, model, self.settings)
-            logits, distance = await model.batcher.submit(x)
+            batcher = model.batcher
+            batcher.admit()  # a full queue refuses here, before the body is read
+            reservation = Reservation(self.bodies)
+            try:
+                uploads = await read_uploads(scope, receive, self.settings, reservation)
+                x = await decode_uploads(uploads, model, self.settings)
+            finally:
+                batcher.release()
+                reservation.release()
+            logits, distance = await batcher.submit(x)
         results, n_ood = result_rows(model, uploads, logits, distance, top_k)
         self.metrics.observe_images(model.name, distance.tolist(), n_ood, len(uploads))
         capture = self.state.capture

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(default=10 * MiB, ge=1)
     max_image_pixels: int = Field(default=25_000_000, ge=1)  # decompression-bomb guard
     max_images_per_request: int = Field(default=64, ge=1)
+    # Decoded size of an image (width x height x bytes per pixel of its mode and bit depth, read
+    # from the header before any pixel is decoded) and of all images of one request.
+    max_image_decoded_bytes: int = Field(default=40 * MiB, ge=1)
+    max_request_decoded_bytes: int = Field(default=128 * MiB, ge=1)
+    # Request bodies being received by all connections together; beyond it 503 + Retry-After.
+    max_inflight_body_bytes: int = Field(default=256 * MiB, ge=1)
     # Images with more pixels than this are decoded in a worker thread, not on the event loop.
     inline_decode_max_pixels: int = Field(default=512 * 512, ge=0)
 
@@ -132,6 +138,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_image_bytes ({self.max_image_bytes}) exceeds max_body_bytes "
                 f"({self.max_body_bytes}): no image could reach the limit"
+            )
+        if self.max_image_decoded_bytes > self.max_request_decoded_bytes:
+            raise ValueError(
+                f"max_image_decoded_bytes ({self.max_image_decoded_bytes}) exceeds "
+                f"max_request_decoded_bytes ({self.max_request_decoded_bytes})"
+            )
+        if self.max_body_bytes > self.max_inflight_body_bytes:
+            raise ValueError(
+                f"max_body_bytes ({self.max_body_bytes}) exceeds max_inflight_body_bytes "
+                f"({self.max_inflight_body_bytes}): a full request could never be accepted"
             )
         if self.max_queue_images < self.max_images_per_request:
             raise ValueError(

@@ -30,14 +30,38 @@ class ImageDecodeError(ValueError):
 
 
 class ImageTooLargeError(ValueError):
-    """The image header declares more pixels than allowed (decompression-bomb guard)."""
+    """The image header declares more pixels, or decoded bytes, than allowed."""
 
 
-def open_header(data: bytes, max_pixels: int | None = None) -> Image.Image:
+# The only decoders untrusted bytes reach: Image.open tries no other plugin (Pillow knows ~40
+# formats, some of which hand the data to external programs, e.g. EPS to Ghostscript). JPEG
+# includes MPO, the multi-picture JPEG of many cameras (Pillow's JPEG plugin opens it). PPM is
+# the netpbm family (.ppm/.pgm/.pbm) that training reads from image folders, so that a model
+# trained on such files is served them too; its decoder copies raw pixels, nothing more.
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
+
+# Bytes per pixel of Pillow's in-memory image by mode: one byte for 1/L/P, two for 16-bit
+# integer modes, four for everything else (multi-band modes such as RGB are stored as 4 bytes
+# per pixel, I and F are 32-bit).
+_ONE_BYTE = ("1", "L", "P")
+
+
+def decoded_bytes(img: Image.Image) -> int:
+    """Memory the decoded pixels of `img` take, from its header alone (nothing decoded)."""
+    w, h = img.size
+    mode = img.mode
+    bpp = 1 if mode in _ONE_BYTE else 2 if mode.startswith("I;16") else 4
+    return w * h * bpp
+
+
+def open_header(
+    data: bytes, max_pixels: int | None = None, max_decoded_bytes: int | None = None
+) -> Image.Image:
     """Parse only the header of `data`: format and size are known, no pixel is decoded yet.
 
-    With `max_pixels` the declared size is checked against it; without, Pillow's own
-    decompression-bomb limit applies (its warning is turned into an error).
+    Only the decoders of FORMATS are tried. With `max_pixels` the declared size is checked
+    against it; without, Pillow's own decompression-bomb limit applies (its warning is turned
+    into an error). With `max_decoded_bytes`, so is the decoded size (`decoded_bytes`).
     """
     if not data:
         raise ImageDecodeError("cannot decode image: it is empty")
@@ -45,23 +69,28 @@ def open_header(data: bytes, max_pixels: int | None = None) -> Image.Image:
         if max_pixels is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data))
+                img = Image.open(io.BytesIO(data), formats=FORMATS)
         else:
             # No catch_warnings here: it mutates process-global state, which is slow and
             # races between threads; the explicit check below is the limit that applies.
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         limit = f"the limit is {max_pixels} pixels: " if max_pixels is not None else ""
         raise ImageTooLargeError(f"image too large; {limit}{e}") from e
     except UnidentifiedImageError as e:  # its message names a BytesIO object: useless to a user
         raise ImageDecodeError(
-            "cannot decode image: not a format Pillow reads (PNG, JPEG, WebP, BMP, GIF, TIFF...)"
+            "cannot decode image: not PNG, JPEG, WebP, BMP, GIF, TIFF or PPM"
         ) from e
     except Exception as e:  # Pillow raises many types for bad data (OSError, SyntaxError, ...)
         raise ImageDecodeError(f"cannot decode image: {e}") from e
     w, h = img.size
     if max_pixels is not None and w * h > max_pixels:
         raise ImageTooLargeError(f"image is {w}x{h} = {w * h} pixels; limit is {max_pixels}")
+    if max_decoded_bytes is not None and decoded_bytes(img) > max_decoded_bytes:
+        raise ImageTooLargeError(
+            f"image is {w}x{h} in mode {img.mode}: {decoded_bytes(img)} bytes decoded; the limit "
+            f"is {max_decoded_bytes}"
+        )
     return img
 
 
@@ -76,16 +105,33 @@ def load_pixels(img: Image.Image) -> Image.Image:
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
-    """Scale 16/32-bit integer and float images to 8 bits; Pillow's convert('L') would clip."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    """Scale 16/32-bit integer and float images to 8 bits; Pillow's convert('L') would clip.
+
+    Integers: x -> rint(x * 255 / top), top = 65535 for 16-bit data (any value above 255),
+    else 255; computed in integers (x * 255 / 65535 = x / 257, and 257 being odd there are no
+    ties), so no float copy of the image is ever made: at most two integer arrays of the
+    decoded image's own width.
+    """
+    mode = img.mode
+    if mode == "F":
+        arr = np.asarray(img)  # float32
+        unit = bool(arr.max() <= 1.0)
+        arr8 = np.clip(arr, 0.0, 1.0 if unit else 255.0)
+        if unit:
+            arr8 *= np.float32(255.0)
+        np.rint(arr8, out=arr8)
+        return Image.fromarray(arr8.astype(np.uint8), mode="L")
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img)
-        if img.mode == "F":
-            arr8 = np.clip(arr, 0.0, 1.0 if arr.max() <= 1.0 else 255.0)
-            arr8 = arr8 * (255.0 if arr.max() <= 1.0 else 1.0)
-        else:
-            top = 65535.0 if arr.max() > 255 or img.mode.startswith("I;16") else 255.0
-            arr8 = arr.astype(np.float64) * (255.0 / top)
-        return Image.fromarray(np.clip(np.rint(arr8), 0, 255).astype(np.uint8), mode="L")
+        if arr.max() > 255 or mode.startswith("I;16"):
+            if mode == "I":
+                arr = np.clip(arr, 0, 65535)  # beyond, rint(x / 257) clips to 0 or 255 anyway
+            q = arr // 257
+            r = q * 257
+            np.subtract(arr, r, out=r)  # the remainder, in place
+            q += r >= 129  # rounds up past 128.5
+            return Image.fromarray(q.astype(np.uint8), mode="L")
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
     return img
 
 

@@ -151,21 +151,24 @@ def test_a_full_queue_refuses_at_once() -> None:
     run(main)
 
 
-def test_a_failing_run_fails_its_requests_only() -> None:
+def test_a_failing_run_fails_its_requests_only(caplog: pytest.LogCaptureFixture) -> None:
+    """The request gets the service's words; the engine's message goes to the log only."""
     model = FakeModel()
 
     async def main() -> None:
         b = make(model, max_wait_s=0.0)
         b.start(asyncio.get_running_loop())
         model.fail = True
-        with pytest.raises(InferenceError, match="boom"):
+        with pytest.raises(InferenceError, match="inference failed") as e:
             await b.submit(images(1))
+        assert "boom" not in str(e.value)
         model.fail = False
         logits, _ = await b.submit(images(2))
         assert logits[0, 0] == 2
         b.stop()
 
     run(main)
+    assert "boom" in caplog.text
 
 
 def test_stop_refuses_new_work() -> None:
@@ -194,3 +197,51 @@ def test_batch_observer_sees_every_run() -> None:
 
     run(main)
     assert seen == [3, 3, 1]
+
+
+def test_a_full_batch_is_handed_over_while_the_previous_one_runs() -> None:
+    """The next full batch waits in the thread, not on the event loop: with the loop blocked
+    right after the first run is released, the second batch still runs."""
+    model = FakeModel()
+    model.gate.clear()
+
+    async def main() -> None:
+        b = make(model, max_batch_size=4, max_wait_s=0.0)
+        b.start(asyncio.get_running_loop())
+        first = asyncio.ensure_future(b.submit(images(0, 1, 2, 3)))
+        await asyncio.sleep(0.05)  # the first batch is in the model, held by the gate
+        second = asyncio.ensure_future(b.submit(images(4, 5, 6, 7)))
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        time.sleep(0.5)  # blocks the event loop: nothing can be dispatched from it now
+        assert model.batches == [[0, 1, 2, 3], [4, 5, 6, 7]]
+        await asyncio.gather(first, second)
+        b.stop()
+
+    run(main)
+
+
+def test_admission_counts_queued_images_and_requests_being_read() -> None:
+    model = FakeModel()
+    model.gate.clear()
+
+    async def main() -> None:
+        b = make(model, max_batch_size=4, max_queue_images=3, max_wait_s=0.0)
+        b.start(asyncio.get_running_loop())
+        for _ in range(3):
+            b.admit()
+        with pytest.raises(OverloadedError, match="0 images queued and 3 requests being read"):
+            b.admit()
+        for _ in range(3):
+            b.release()
+        held = asyncio.ensure_future(b.submit(images(1, 2)))  # 2 images queued (gate closed)
+        await asyncio.sleep(0.02)
+        b.admit()  # 2 + 1 fits
+        with pytest.raises(OverloadedError, match="2 images queued and 1 requests"):
+            b.admit()
+        b.release()
+        model.gate.set()
+        await held
+        b.stop()
+
+    run(main)

@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import io
 import json
 import signal
 import socket
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from PIL import Image
 
+from isomax import harness
 from tests.service.cases import PNG
 from tests.service.conftest import Server, run_server
 
@@ -148,6 +153,38 @@ def test_a_stalled_body_is_cut_after_the_body_timeout(guarded: Server) -> None:
     assert healthz_ok(guarded)
 
 
+def test_body_bytes_in_flight_are_capped_across_connections(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """Two uploads of 1 MiB declared and stalled fill a 2 MiB budget: a third is refused with
+    503 + Retry-After before its body is read; once they are gone, uploads are taken again."""
+    env = {
+        "ISOMAX_MAX_INFLIGHT_BODY_BYTES": str(2 * 1024 * 1024),
+        "ISOMAX_MAX_BODY_BYTES": str(1024 * 1024),
+        "ISOMAX_MAX_IMAGE_BYTES": str(1024 * 1024),
+        "ISOMAX_BODY_TIMEOUT_S": "30",
+    }
+    with run_server(models_dir, tmp_path / "log", **env) as srv:
+        held = [connect(srv) for _ in range(2)]
+        head = request("POST", "/classify", Content_Type="image/png")
+        head = head.replace(b"Content-Length: 0", f"Content-Length: {1024 * 1024}".encode())
+        for s in held:
+            s.sendall(head + b"\0" * 1000)
+        time.sleep(0.5)  # both are being read
+        with connect(srv) as s:
+            s.sendall(head)
+            status, headers, body = read_response(s)
+        assert status == 503, body
+        assert headers["retry-after"] and headers["connection"] == "close"
+        assert "in flight" in json.loads(body)["detail"]
+        for s in held:
+            s.close()
+        time.sleep(0.5)
+        with connect(srv) as s:
+            s.sendall(classify_png())
+            assert read_response(s)[0] == 200
+
+
 # -- finding 10: shutdown ------------------------------------------------------------------------
 
 
@@ -174,3 +211,182 @@ def test_keep_alive_requests_just_after_sigterm_are_answered(
             s.close()
         assert answers == [(200, "close")] * len(conns)
         assert srv.proc.wait(30) in (0, -signal.SIGTERM)
+
+
+def test_a_request_cut_by_the_graceful_timeout_gets_a_json_503(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """A request still reading its body when ISOMAX_GRACEFUL_TIMEOUT_S=1 runs out is answered
+    with the JSON 503 and Retry-After, not uvicorn's plain-text 500."""
+    env = {"ISOMAX_GRACEFUL_TIMEOUT_S": "1", "ISOMAX_BODY_TIMEOUT_S": "30"}
+    with run_server(models_dir, tmp_path / "log", **env) as srv, connect(srv) as s:
+        head = request("POST", "/classify", Content_Type="image/png")
+        s.sendall(head.replace(b"Content-Length: 0", b"Content-Length: 5000") + PNG[:20])
+        time.sleep(0.3)
+        srv.proc.send_signal(signal.SIGTERM)
+        status, headers, body = read_response(s)
+        assert status == 503, body
+        assert headers["content-type"] == "application/json" and headers["retry-after"]
+        assert "shutting down" in json.loads(body)["detail"]
+        assert srv.proc.wait(30) in (0, -signal.SIGTERM)
+
+
+# -- findings 2 and 6: decoded bytes ---------------------------------------------------------------
+
+
+def png_gray16(width: int, height: int) -> bytes:
+    """A valid 16-bit grayscale PNG of zeros: a few KB on the wire, 2 bytes per pixel decoded."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return len(data).to_bytes(4, "big") + kind + data + crc.to_bytes(4, "big")
+
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([16, 0, 0, 0, 0])
+    comp = zlib.compressobj(9)
+    row = b"\x00" * (2 * width + 1)
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def peak_rss_kib(pid: int) -> int:
+    """VmHWM: the most resident memory the process has had so far."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM")
+
+
+# Peak memory the refused requests below may add to the server, in KiB: their bodies, parsing and
+# one image header each. Decoding one of them would add at least 50 MB (the 16-bit pixels alone).
+PEAK_GROWTH_BOUND_KIB = 20 * 1024
+
+
+def test_a_16bit_5000x5000_png_is_refused_before_decoding(models_dir: Path, tmp_path: Path) -> None:
+    """25 Mpx (within the pixel limit) x 2 bytes = 50 MB decoded > 40 MiB: 413 from the header,
+    and the server's peak memory stays within PEAK_GROWTH_BOUND_KIB. Four of them in one
+    request, each under a raised per-image limit, exceed the per-request budget."""
+    big = png_gray16(5000, 5000)
+    with run_server(models_dir, tmp_path / "log") as srv:
+        with connect(srv) as s:  # warm: the first requests allocate the server's own buffers
+            s.sendall(classify_png())
+            assert read_response(s)[0] == 200
+        before = peak_rss_kib(srv.proc.pid)
+        for _ in range(3):
+            with connect(srv) as s:
+                s.sendall(request("POST", "/classify", big, Content_Type="image/png"))
+                status, _, body = read_response(s)
+            assert status == 413, body
+            assert "40 MiB" in json.loads(body)["detail"] or "41943040" in body.decode()
+        growth = peak_rss_kib(srv.proc.pid) - before
+    assert growth < PEAK_GROWTH_BOUND_KIB, f"peak memory grew by {growth} KiB"
+
+
+def test_the_decoded_bytes_of_a_request_are_bounded(models_dir: Path, tmp_path: Path) -> None:
+    part = png_gray16(3000, 3000)  # 18 MB decoded each
+    env = {"ISOMAX_MAX_REQUEST_DECODED_BYTES": str(64 * 1024 * 1024)}
+    with run_server(models_dir, tmp_path / "log", **env) as srv, srv.client() as c:
+        files = [("file", (f"{i}.png", part, "image/png")) for i in range(4)]
+        r = c.post("/classify", files=files)
+        assert r.status_code == 413, r.text
+        assert "per request" in r.json()["detail"]
+        r = c.post("/classify", files=files[:3])  # 54 MB: within the budget
+        assert r.status_code == 200, r.text
+
+
+# -- finding 7: formats --------------------------------------------------------------------------
+
+
+def test_only_allowed_formats_reach_a_decoder(guarded: Server) -> None:
+    """A TGA (which Pillow reads) sent as image/png is refused as not an allowed format; so is
+    an EPS (which Pillow would hand to Ghostscript)."""
+    buf = io.BytesIO()
+    Image.new("L", (28, 28), 100).save(buf, "TGA")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\nshowpage\n%%EOF\n"
+    with guarded.client() as c:
+        for data in (buf.getvalue(), eps):
+            r = c.post("/classify", content=data, headers={"content-type": "image/png"})
+            assert r.status_code == 400, r.text
+            assert "not PNG, JPEG, WebP, BMP, GIF, TIFF or PPM" in r.json()["detail"]
+    assert "Ghostscript" not in guarded.log_text()
+
+
+# -- finding 3: admission --------------------------------------------------------------------------
+
+
+def test_a_full_queue_refuses_before_reading_the_body(models_dir: Path, tmp_path: Path) -> None:
+    """ISOMAX_MAX_QUEUE_IMAGES=4: four uploads being read hold the four places; a fifth request
+    is refused with 503 + Retry-After from its head alone (its body is never sent), and is
+    taken again once the places are free."""
+    env = {
+        "ISOMAX_MAX_QUEUE_IMAGES": "4",
+        "ISOMAX_MAX_IMAGES_PER_REQUEST": "4",
+        "ISOMAX_BODY_TIMEOUT_S": "30",
+    }
+    with run_server(models_dir, tmp_path / "log", **env) as srv:
+        head = request("POST", "/classify", Content_Type="image/png")
+        head = head.replace(b"Content-Length: 0", f"Content-Length: {len(PNG)}".encode())
+        held = [connect(srv) for _ in range(4)]
+        for s in held:
+            s.sendall(head + PNG[:10])
+        time.sleep(0.5)
+        with connect(srv) as s:
+            s.sendall(head)  # no body at all
+            status, headers, body = read_response(s)
+        assert status == 503, body
+        assert headers["retry-after"] and headers["connection"] == "close"
+        assert "4 requests being read" in json.loads(body)["detail"]
+        for s in held:  # the held uploads complete and are answered
+            s.sendall(PNG[10:])
+            assert read_response(s)[0] == 200
+            s.close()
+        with connect(srv) as s:
+            s.sendall(classify_png())
+            assert read_response(s)[0] == 200
+
+
+# -- finding 11: disclosure ----------------------------------------------------------------------
+
+
+def test_errors_name_no_server_path_nor_raw_engine_message(tmp_path: Path) -> None:
+    """A bundle onnxruntime cannot load (bytes that are no ONNX graph, with a matching sha256):
+    /readyz, /models and the 503 say which bundle and why in the service's words; the absolute
+    models directory and onnxruntime's own message stay in the server log. A long model= value
+    comes back cut (or not at all)."""
+    import hashlib
+
+    from tests.service.bundles import write_bundle
+
+    models = tmp_path / "models"
+    write_bundle(models, "good", "1")
+    bad = write_bundle(models, "broken", "1")
+    junk = b"this is not an onnx graph " * 20
+    (bad / "model.onnx").write_bytes(junk)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["onnx"]["sha256"] = hashlib.sha256(junk).hexdigest()
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    # Ready to test when /readyz says 503: the good model loaded, the broken one failed.
+    with (
+        harness.isomax_serve(models, tmp_path / "log", ready=harness.status_is("/readyz", 503))
+        as srv,
+        httpx.Client(base_url=srv.url, timeout=30) as c,
+    ):  # fmt: skip
+        deadline = time.monotonic() + 30
+        while "failed" not in c.get("/models").text and time.monotonic() < deadline:
+            time.sleep(0.1)
+        answers = [
+            c.get("/readyz"),
+            c.get("/models"),
+            c.post("/classify", params={"model": "broken"}, content=PNG,
+                   headers={"content-type": "image/png"}),
+        ]  # fmt: skip
+        long_name = c.post(
+            "/classify", params={"model": "x" * 5000}, content=PNG,
+            headers={"content-type": "image/png"},
+        )  # fmt: skip
+        log = srv.log_text()
+    text = " ".join(r.text for r in answers)
+    assert "broken" in text and "onnxruntime cannot load" in text
+    assert str(models) not in text and str(tmp_path) not in text
+    assert "INVALID_PROTOBUF" not in text and "Protobuf parsing failed" not in text
+    assert "INVALID_PROTOBUF" in log or "Protobuf" in log  # the log keeps the engine's words
+    assert long_name.status_code in (404, 422) and len(long_name.text) < 400
