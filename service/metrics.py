@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -136,6 +136,7 @@ class PrometheusMetrics:
         # Label children resolved once: .labels() takes a lock and builds a key on every call.
         self._requests: dict[tuple[str, int], Counter] = {}
         self._durations = {e: self.request_duration.labels(e) for e in (*ENDPOINTS, OTHER_ENDPOINT)}
+        self._queued: dict[str, dict[str, int]] = {}  # name -> version -> images queued
         self._per_model: dict[str, tuple[Histogram, Counter, Counter]] = {}
         for endpoint in ENDPOINTS:
             self.requests.labels(endpoint, "200")
@@ -155,6 +156,21 @@ class PrometheusMetrics:
         self.model_ready.labels(name).set(0)
         self.loads.labels(name)
         self.load_failures.labels(name)
+
+    def queue_observer(self, name: str, version: str) -> Callable[[int], None]:
+        """The batcher callback of one version: the model's gauge is the sum over its versions.
+
+        With hot reload (or ISOMAX_KEEP_VERSIONS > 1) two versions of a model may have images
+        queued at once; setting the gauge from each would show whichever updated last.
+        """
+        per_version = self._queued.setdefault(name, {})
+        gauge = self.queue_images.labels(name)
+
+        def observe(pending: int) -> None:
+            per_version[version] = pending
+            gauge.set(sum(per_version.values()))
+
+        return observe
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         """`endpoint` is one of ENDPOINTS or OTHER_ENDPOINT."""

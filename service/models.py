@@ -375,7 +375,7 @@ def load_model(
         max_wait_s=settings.max_wait_s,
         max_queue_images=settings.max_queue_images,
         on_batch=on_batch,
-        on_queue=metrics.queue_images.labels(ref.name).set,
+        on_queue=metrics.queue_observer(ref.name, ref.version),
     )
     return LoadedModel(
         ref=ref,

@@ -224,3 +224,17 @@ def test_a_symlink_inside_the_models_directory_is_fine(repo: Path) -> None:
         assert (
             "symbolic link" not in (info["error"] or "") and "manifest says tiny:1" in info["error"]
         )
+
+
+def test_the_queue_gauge_adds_up_the_versions_of_a_model() -> None:
+    """Two versions with images queued during a swap: the model's gauge is their sum."""
+    from service.metrics import PrometheusMetrics
+
+    m = PrometheusMetrics()
+    m.add_model("tiny")
+    old, new = m.queue_observer("tiny", "1"), m.queue_observer("tiny", "2")
+    old(3)
+    new(4)
+    assert m.registry.get_sample_value("isomax_queue_images", {"model": "tiny"}) == 7
+    old(0)
+    assert m.registry.get_sample_value("isomax_queue_images", {"model": "tiny"}) == 4
