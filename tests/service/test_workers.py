@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from service.workers import WorkerBoard, merge_entries, merge_models
+from tests.service.bundles import write_bundle
+from tests.service.conftest import app_client
 
 
 def info(version: str, status: str, default: bool = False) -> dict:
@@ -44,3 +46,26 @@ def test_merged_answers_are_ready_only_where_every_worker_is() -> None:
     assert all(m["workers"] == 2 for m in models.values())
     c = {"entries": {"m": {"status": "loading", "version": None, "detail": None}}, "models": []}
     assert merge_entries([a, c])["m"]["status"] == "loading"
+
+
+def test_readiness_waits_for_every_worker_and_forgets_dead_ones(tmp_path: Path) -> None:
+    models, state = tmp_path / "models", tmp_path / "state"
+    write_bundle(models, "tiny", "1")
+    with app_client(models_dir=models, workers=2, state_dir=state) as c:
+        c.app.state.registry.wait_loaded(30)  # type: ignore[attr-defined]
+        r = c.get("/readyz")  # this worker is ready, the other never published
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert "1 of 2 workers have not started" in r.json()["detail"]
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            mine = json.loads(next(state.glob("worker-*.json")).read_text())
+            (state / f"worker-{other.pid}.json").write_text(json.dumps({**mine, "pid": other.pid}))
+            r = c.get("/readyz")
+            assert r.status_code == 200 and r.json()["workers"] == 2
+            (info,) = c.get("/models").json()["models"]
+            assert info["workers_ready"] == 2 and info["status"] == "ready"
+        finally:
+            other.kill()
+            other.wait()
+        assert c.get("/readyz").status_code == 503  # the dead worker no longer counts
+        assert not (state / f"worker-{other.pid}.json").exists()
