@@ -6,8 +6,10 @@ Prometheus runs the repository's rule files with the compose scrape job, at 1 s 
 evaluation intervals (the only changes), on loopback ports with a temporary data directory;
 the job lists both replicas, as a PodMonitor does for the pods of the Kubernetes Deployment.
 Traffic is a fixed mix of Fashion-MNIST test images (in-distribution) and MNIST digits
-(near-OOD), sent as PNG files in multipart batches, all before the queried evaluation: the
-first replica gets every image once, the second every image twice.
+(near-OOD), sent as PNG files in batches, all before the queried evaluation: the first
+replica gets every image once through POST /classify, the second every image twice, once
+through /classify and once through the Open Inference Protocol's infer (the files as a BYTES
+tensor), whose verdicts must be counted alike.
 
 Why the equality is exact and not approximate: `rate()` extrapolates each counter's increase
 to the window edges, but both verdict series of a replica are pre-created at zero and scraped
@@ -247,14 +249,45 @@ def classify_all(base: str, model: str, pngs: list[bytes]) -> list[bool]:
     return verdicts
 
 
+def infer_all(base: str, model: str, pngs: list[bytes]) -> list[bool]:
+    """The same through v2 infer: the files as a binary BYTES tensor; the is_ood tensor back."""
+    import httpx
+
+    verdicts: list[bool] = []
+    with httpx.Client(base_url=base, timeout=30) as client:
+        for start in range(0, len(pngs), BATCH):
+            chunk = pngs[start : start + BATCH]
+            blob = b"".join(len(p).to_bytes(4, "little") + p for p in chunk)
+            head = json.dumps({
+                "inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [len(chunk)],
+                            "parameters": {"binary_data_size": len(blob)}}],
+                "outputs": [{"name": "is_ood"}],
+            }).encode()  # fmt: skip
+            r = client.post(
+                f"/v2/models/{model}/infer",
+                content=head + blob,
+                headers={"Inference-Header-Content-Length": str(len(head))},
+            )
+            assert r.status_code == 200, r.text
+            (out,) = r.json()["outputs"]
+            assert out["name"] == "is_ood" and out["shape"] == [len(chunk)]
+            verdicts += [bool(v) for v in out["data"]]
+    return verdicts
+
+
 @pytest.fixture(scope="module")
 def sent(stack: Stack, images: tuple[list[bytes], np.ndarray]) -> Sent:
-    """Every image ROUNDS[i] times to replica i; count the verdicts the replicas returned."""
+    """Every image ROUNDS[i] times to replica i (the last pass of the second through v2 infer);
+    count the verdicts the replicas returned."""
     pngs, is_mnist = images
     passes = [
-        np.array(classify_all(base, stack.model, pngs))
-        for base, rounds in zip(stack.services, ROUNDS, strict=True)
-        for _ in range(rounds)
+        np.array(
+            infer_all(base, stack.model, pngs)
+            if (i, r) == (len(ROUNDS) - 1, rounds - 1) and rounds > 1
+            else classify_all(base, stack.model, pngs)
+        )
+        for i, (base, rounds) in enumerate(zip(stack.services, ROUNDS, strict=True))
+        for r in range(rounds)
     ]
     first = passes[0]
     for other in passes[1:]:  # one model, the same images: the same verdicts on every replica
@@ -305,6 +338,19 @@ def test_recorded_ood_ratio_equals_the_returned_verdicts(stack: Stack, sent: Sen
     assert per_instance == {
         f"127.0.0.1:{p}": n for p, n in zip(stack.ports, sent.per_replica, strict=True)
     }
+
+
+def test_v2_requests_are_counted_under_their_route(stack: Stack, sent: Sent) -> None:
+    """The v2 infer calls of the second replica, under one route template, model folded in."""
+    n_requests = -(-sent.per_replica[0] // BATCH)  # one pass of every image, BATCH per call
+    expr = 'sum(isomax_requests_total{endpoint="/v2/models/{model}/infer", status="200"})'
+    wait_for(
+        "the v2 requests scraped",
+        lambda: stack.prom.scalar(expr) == n_requests,
+        20, stack.prom_proc,
+    )  # fmt: skip
+    # No v2 path fell through to the catch-all label.
+    assert stack.prom.query('isomax_requests_total{endpoint="other"} > 0') == []
 
 
 def test_verdicts_are_meaningful_with_the_default_model(stack: Stack, sent: Sent) -> None:
