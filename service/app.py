@@ -319,18 +319,18 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
     # Direct: counted by its own metrics layer. Routed (a path the direct table does not match,
     # e.g. behind an unexpected prefix): the app's middleware counts it already.
     app.add_direct_post("/classify", RequestMetricsMiddleware(endpoint, metrics), endpoint)
-    _document_classify(app)
+    _document_classify(app, settings.max_images_per_request)
     return app
 
 
-def _document_classify(app: FastAPI) -> None:
+def _document_classify(app: FastAPI, max_images: int) -> None:
     """Add POST /classify, which FastAPI does not route, to the generated OpenAPI document."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             spec = generate()
-            operation, schemas = openapi_operation()
+            operation, schemas = openapi_operation(max_images)
             spec.setdefault("paths", {})["/classify"] = {"post": operation}
             spec.setdefault("components", {}).setdefault("schemas", {}).update(schemas)
             app.openapi_schema = spec

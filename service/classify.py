@@ -77,8 +77,8 @@ class ClassifyQuery(BaseModel):
     """The query of POST /classify: the one declaration that validates it and documents it.
 
     The endpoint validates the query string with this model, and `openapi_operation` builds the
-    OpenAPI parameters from its JSON schema, so the two cannot drift apart. The upper bound of
-    `top_k` is the model's number of labels, checked once the model is known.
+    OpenAPI parameters from its JSON schema, so the two cannot drift apart. `top_k` has no upper
+    bound: above the model's number of labels, all of them are listed.
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -100,7 +100,8 @@ class ClassifyQuery(BaseModel):
     top_k: int = Field(
         default=DEFAULT_TOP_K,
         ge=1,
-        description="How many classes to list per image (at most the model's number of labels).",
+        description="How many classes to list per image (all of them when it exceeds the "
+        "model's number of labels).",
         examples=[3],
     )
 
@@ -110,9 +111,8 @@ class ClassifyQuery(BaseModel):
         if not query_string:
             return _DEFAULT_QUERY
         raw = dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
-        for key in ("model", "version"):
-            if raw.get(key) == "":
-                raw.pop(key)
+        if raw.get("model") == "":  # `model=`: none named (`version=` must be a number)
+            raw.pop("model")
         try:
             return cls.model_validate(raw)
         except ValidationError as e:
@@ -437,9 +437,8 @@ class ClassifyEndpoint:
         query = ClassifyQuery.parse(scope["query_string"])
         model, top_k = registry.resolve(query.model, query.version), query.top_k
         with model.lease():  # a hot swap retires this version only after the answer
-            k = len(model.labels)
-            if top_k > k:
-                raise InvalidParameterError(f"top_k must be between 1 and {k} for {model.name}")
+            # top_k above the model's number of labels lists them all: any top_k >= 1 that
+            # the OpenAPI document allows is served (one document for models of any size).
             batcher = model.batcher
             batcher.admit()  # a full queue refuses here, before the body is read
             reservation = Reservation(self.bodies)
@@ -478,8 +477,10 @@ _ERROR_RESPONSES = {
 }
 
 
-def openapi_operation() -> tuple[dict[str, Any], dict[str, Any]]:
+def openapi_operation(max_images: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the OpenAPI operation of POST /classify, the component schemas it refers to).
+
+    `max_images`: the server's ISOMAX_MAX_IMAGES_PER_REQUEST, documented as maxItems.
 
     Built from the same declarations the endpoint runs on: `ClassifyQuery` for the parameters,
     the response models of service/schemas.py for the answers.
@@ -528,10 +529,14 @@ def openapi_operation() -> tuple[dict[str, Any], dict[str, Any]]:
                     "schema": {
                         "type": "object",
                         "required": [FORM_FIELD],
+                        # any other field is refused (422): say so, so that clients and
+                        # schema-driven tests know
+                        "additionalProperties": False,
                         "properties": {
                             FORM_FIELD: {
                                 "type": "array",
                                 "minItems": 1,
+                                **({"maxItems": max_images} if max_images else {}),
                                 "items": {"type": "string", "format": "binary"},
                                 "description": "One part per image, all named `file`; results "
                                 "come back in the same order.",
