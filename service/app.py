@@ -313,6 +313,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
             route.summary = route.summary or (route.description or "").split("\n")[0] or None
     app.router.routes.extend(v2_routes())  # Open Inference Protocol v2 (service/v2)
     endpoint = ClassifyEndpoint(app.state, settings, metrics)
+    app.state.body_budget = endpoint.bodies  # in-flight body bytes, shared with service/v2
     if settings.page:
         add_page(app)  # GET / and /static/*: ordinary routes, off the /classify shortcut
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)

@@ -7,7 +7,9 @@ Two ways in, one path after them:
   /classify decodes them (`service.classify.decode_uploads`, the manifest-driven decode of
   isomax.contract.decode, with the same size and pixel limits).
 
-Then the batcher (shared with /classify, so images from both share onnxruntime runs and the
+`model_input` checks and builds the input (routes.py reads the body under the same admission
+as /classify: queue room and the in-flight body budget, taken before the body is read); `run`
+hands it to the batcher (shared with /classify, so images from both share onnxruntime runs and the
 queue limit), the verdict of isomax.contract.verdict (`Thresholds.judge`, the one rule), and
 the metrics (`isomax_images_total` by verdict, `isomax_min_distance`), as for /classify.
 """
@@ -38,6 +40,7 @@ from service.v2.tensors import (
 BYTES_INPUT = "image_bytes"
 CLASS_INDEX, THRESHOLD, IS_OOD = "class_index", "threshold", "is_ood"
 PLATFORM = "onnxruntime_onnx"
+Wanted = list[tuple[str, bool]]  # (output name, as binary data)
 
 
 def input_metadata(model: LoadedModel) -> list[dict[str, Any]]:
@@ -134,7 +137,7 @@ async def decoded(tensor: InputTensor, model: LoadedModel, settings: Settings) -
     return await decode_uploads(uploads, model, settings)
 
 
-def _outputs(request: InferRequest, model: LoadedModel) -> list[tuple[str, bool]]:
+def _outputs(request: InferRequest, model: LoadedModel) -> Wanted:
     known = [o["name"] for o in output_metadata(model)]
     if request.outputs is None:
         return [(name, request.binary_output) for name in known]
@@ -146,13 +149,13 @@ def _outputs(request: InferRequest, model: LoadedModel) -> list[tuple[str, bool]
     return wanted
 
 
-async def infer(
-    request: InferRequest,
-    model: LoadedModel,
-    settings: Settings,
-    metrics: PrometheusMetrics,
-) -> tuple[bytes, int | None]:
-    """Run one request on `model`; (response body, JSON length if binary data follows)."""
+async def model_input(
+    request: InferRequest, model: LoadedModel, settings: Settings
+) -> tuple[np.ndarray, Wanted]:
+    """The request's images as the model's input [N, C, H, W], and the outputs it wants.
+
+    Everything a client can get wrong is checked here, before the model runs.
+    """
     if len(request.inputs) != 1:
         raise TensorError(
             f"send exactly one input: {model.manifest.onnx.input_name!r} (FP32 pixels) or "
@@ -161,15 +164,24 @@ async def infer(
     (tensor,) = request.inputs
     wanted = _outputs(request, model)  # unknown names are refused before any work
     if tensor.name == model.manifest.onnx.input_name:
-        x = pixels(tensor, model, settings)
-    elif tensor.name == BYTES_INPUT:
-        x = await decoded(tensor, model, settings)
-    else:
-        raise TensorError(
-            f"unknown input {tensor.name!r}; {model.name} takes "
-            f"{model.manifest.onnx.input_name!r} (FP32 [N, C, H, W] in [0, 1]) or "
-            f"{BYTES_INPUT!r} (BYTES [N]: encoded image files)"
-        )
+        return pixels(tensor, model, settings), wanted
+    if tensor.name == BYTES_INPUT:
+        return await decoded(tensor, model, settings), wanted
+    raise TensorError(
+        f"unknown input {tensor.name!r}; {model.name} takes "
+        f"{model.manifest.onnx.input_name!r} (FP32 [N, C, H, W] in [0, 1]) or "
+        f"{BYTES_INPUT!r} (BYTES [N]: encoded image files)"
+    )
+
+
+async def run(
+    request: InferRequest,
+    model: LoadedModel,
+    x: np.ndarray,
+    wanted: Wanted,
+    metrics: PrometheusMetrics,
+) -> tuple[bytes, int | None]:
+    """The shared batcher, the verdict, the metrics; (response body, JSON length if binary)."""
     logits, distance = await model.batcher.submit(x)
     predicted = np.argmax(logits, axis=1)
     thresholds, is_ood = model.thresholds.judge(predicted, distance)

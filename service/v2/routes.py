@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from service.admission import BodyBudget, Reservation
 from service.errors import (
     RETRY_AFTER,
     NotReadyError,
@@ -27,7 +28,7 @@ from service.errors import (
 )
 from service.models import LoadedModel, ModelRegistry
 from service.settings import Settings
-from service.v2.infer import infer, model_metadata
+from service.v2.infer import model_input, model_metadata, run
 from service.v2.tensors import HEADER_LENGTH, TensorError, parse_request
 
 log = logging.getLogger(__name__)
@@ -108,17 +109,32 @@ async def model_meta(request: Request) -> Response:
         return _error(e, settings)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise PayloadTooLargeError(f"the request body is {length} bytes; the limit is {limit}")
+async def _read_body(request: Request, limit: int, reservation: Reservation) -> bytes:
+    """The body, within `limit`; its bytes taken from the process's in-flight budget first
+    (the Content-Length at once, else each chunk as it arrives), as /classify does."""
+    header = request.headers.get("content-length")
+    length = int(header) if header is not None and header.isdigit() else None
+    if length is not None:
+        if length > limit:
+            raise PayloadTooLargeError(f"the request body is {length} bytes; the limit is {limit}")
+        reservation.take(length)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise PayloadTooLargeError(f"the request body exceeds {limit} bytes")
+        if length is None:
+            reservation.take(len(chunk))
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _body_budget(request: Request, settings: Settings) -> BodyBudget:
+    """The in-flight body budget shared with /classify (one per process)."""
+    budget: BodyBudget | None = getattr(request.app.state, "body_budget", None)
+    if budget is None:  # an app without /classify's endpoint: a budget of its own
+        budget = request.app.state.body_budget = BodyBudget(settings.max_inflight_body_bytes)
+    return budget
 
 
 async def model_infer(request: Request) -> Response:
@@ -129,9 +145,18 @@ async def model_infer(request: Request) -> Response:
             encoding = request.headers.get("content-encoding", "identity").lower()
             if encoding != "identity":
                 raise TensorError(f"Content-Encoding {encoding!r} is not supported")
-            body = await _read_body(request, settings.max_body_bytes)
-            parsed = parse_request(body, request.headers.get(HEADER_LENGTH))
-            content, json_length = await infer(parsed, model, settings, request.app.state.metrics)
+            # As /classify: a full queue or body budget refuses before the body is read.
+            model.batcher.admit()
+            reservation = Reservation(_body_budget(request, settings))
+            try:
+                body = await _read_body(request, settings.max_body_bytes, reservation)
+                parsed = parse_request(body, request.headers.get(HEADER_LENGTH))
+                x, wanted = await model_input(parsed, model, settings)
+            finally:
+                model.batcher.release()
+                reservation.release()
+            metrics = request.app.state.metrics
+            content, json_length = await run(parsed, model, x, wanted, metrics)
     except Exception as e:
         return _error(e, settings)
     if json_length is None:

@@ -373,3 +373,43 @@ def test_images_are_counted_by_verdict_whatever_the_endpoint(
     assert images("ood") - before["ood"] == n_ood
     assert images("in") - before["in"] == len(FILES) - n_ood
     assert infer_requests() - requests_before == 1
+
+
+# -- shared admission ------------------------------------------------------------------------
+
+
+def test_in_flight_body_budget_is_shared_with_classify(v2_models: Path, tmp_path: Path) -> None:
+    """A /classify upload that holds most of the process's body budget makes a v2 request that
+    does not fit wait for nothing: 503 + Retry-After before its body is read. Once the upload
+    is gone, v2 is served again."""
+    import socket
+    import time
+
+    budget = TEST_LIMITS["max_body_bytes"]
+    limits = {f"ISOMAX_{k.upper()}": str(v) for k, v in TEST_LIMITS.items()}
+    limits["ISOMAX_MAX_INFLIGHT_BODY_BYTES"] = str(budget)
+    with run_server(v2_models, tmp_path / "s.log", "--models", f"{MODEL}:2", **limits) as s:
+        host, port = s.url.removeprefix("http://").split(":")
+        held = budget * 3 // 4
+        with socket.create_connection((host, int(port)), timeout=10) as upload:
+            upload.sendall(
+                b"POST /classify HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: multipart/form-data; boundary=b0\r\n"
+                + f"Content-Length: {held}\r\n\r\n".encode()
+                + b"--b0\r\n"  # the rest never comes while the v2 request is made
+            )
+            time.sleep(0.5)  # the upload's Content-Length is reserved
+            with s.client() as http:
+                big = {"inputs": [{**PIXEL, "shape": [2, 1, 28, 28], "data": [0.5] * 1568}],
+                       "padding": "x" * (budget - held)}  # fmt: skip
+                r = http.post(f"/v2/models/{MODEL}/infer", json=big)
+                assert r.status_code == 503, r.text
+                assert r.headers["retry-after"] and "in flight" in r.json()["error"]
+        with s.client() as http:  # the upload's bytes were given back when it went away
+            deadline = time.monotonic() + 10
+            while True:
+                r = http.post(f"/v2/models/{MODEL}/infer", json=big)
+                if r.status_code == 200 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert r.status_code == 200, r.text
