@@ -22,6 +22,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -77,6 +79,25 @@ class ServiceApp(FastAPI):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.direct_posts: dict[str, ASGIApp] = {}  # path (without root_path) -> endpoint
+        # What every request goes through first, direct routes included: `_dispatch`, or the
+        # Host-header and CORS layers around it when they are configured (`guard`).
+        self._entry: ASGIApp = self._dispatch
+
+    def guard(self, trusted_hosts: tuple[str, ...], cors_origins: tuple[str, ...]) -> None:
+        """Put the Host allow-list and the CORS policy (Starlette's middleware) in front of
+        every route, the direct ones included; empty tuples leave that layer out."""
+        entry: ASGIApp = self._dispatch
+        if cors_origins:
+            entry = CORSMiddleware(
+                entry,
+                allow_origins=list(cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Content-Type", "Authorization"],
+                max_age=600,
+            )
+        if trusted_hosts:
+            entry = TrustedHostMiddleware(entry, allowed_hosts=list(trusted_hosts))
+        self._entry = entry
 
     def add_direct_post(self, path: str, endpoint: ASGIApp, routed: ASGIApp) -> None:
         """Serve POST `path` with `endpoint` directly; `routed` answers it via the router."""
@@ -84,6 +105,9 @@ class ServiceApp(FastAPI):
         self.router.routes.append(Route(path, routed, methods=["POST"], include_in_schema=False))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._entry(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             endpoint = self.direct_posts.get(route_path(scope))
             if endpoint is not None:
@@ -321,6 +345,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
     # e.g. behind an unexpected prefix): the app's middleware counts it already.
     app.add_direct_post("/classify", RequestMetricsMiddleware(endpoint, metrics), endpoint)
     _document_classify(app, settings.max_images_per_request)
+    app.guard(settings.trusted_hosts, settings.cors_origins)
     return app
 
 

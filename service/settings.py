@@ -106,10 +106,17 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(default=10.0, gt=0.0, le=3600.0)
     body_timeout_s: float = Field(default=15.0, gt=0.0, le=3600.0)
     keep_alive_s: float = Field(default=5.0, gt=0.0, le=3600.0)
+    # Host header allow-list, comma-separated ("api.example.com,localhost"; "*.example.com"
+    # matches subdomains): other hosts get 400, which keeps DNS-rebinding pages away from a
+    # service on a private address. Empty (the default): any host.
+    trusted_hosts: Annotated[tuple[str, ...], NoDecode] = ()
+    # Origins whose browser pages may call the API (CORS), comma-separated; empty (the
+    # default): none, the browser's same-origin rule applies. "*" allows every origin.
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "trusted_hosts", "cors_origins", mode="before")
     @classmethod
-    def _split_models(cls, v: object) -> object:
+    def _split_lists(cls, v: object) -> object:
         if isinstance(v, str):
             return tuple(s.strip() for s in v.split(",") if s.strip())
         return v

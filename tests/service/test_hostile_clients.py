@@ -390,3 +390,41 @@ def test_errors_name_no_server_path_nor_raw_engine_message(tmp_path: Path) -> No
     assert "INVALID_PROTOBUF" not in text and "Protobuf parsing failed" not in text
     assert "INVALID_PROTOBUF" in log or "Protobuf" in log  # the log keeps the engine's words
     assert long_name.status_code in (404, 422) and len(long_name.text) < 400
+
+
+# -- finding 13: Host header and CORS ----------------------------------------------------------
+
+
+def test_trusted_hosts_and_cors_when_configured(models_dir: Path, tmp_path: Path) -> None:
+    """ISOMAX_TRUSTED_HOSTS: another Host header gets 400 on every route, /classify included
+    (a DNS-rebinding page names its own host). ISOMAX_CORS_ORIGINS: that origin may call the
+    API from a browser; another is refused its preflight."""
+    env = {
+        "ISOMAX_TRUSTED_HOSTS": "api.example.com,127.0.0.1",
+        "ISOMAX_CORS_ORIGINS": "https://app.example.com",
+    }
+    png = {"content-type": "image/png"}
+    with run_server(models_dir, tmp_path / "log", **env) as srv, srv.client() as c:
+        assert c.get("/healthz", headers={"host": "api.example.com"}).status_code == 200
+        assert c.get("/healthz", headers={"host": "rebind.attacker.test"}).status_code == 400
+        r = c.post("/classify", content=PNG, headers={**png, "host": "rebind.attacker.test"})
+        assert r.status_code == 400
+        r = c.post("/classify", content=PNG, headers={**png, "origin": "https://app.example.com"})
+        assert r.status_code == 200
+        assert r.headers["access-control-allow-origin"] == "https://app.example.com"
+        preflight = {"access-control-request-method": "POST"}
+        ok = c.options("/classify", headers={**preflight, "origin": "https://app.example.com"})
+        assert ok.status_code == 200
+        bad = c.options("/classify", headers={**preflight, "origin": "https://evil.test"})
+        assert bad.status_code == 400 and "access-control-allow-origin" not in bad.headers
+
+
+def test_no_cross_origin_grant_by_default(guarded: Server) -> None:
+    with guarded.client() as c:
+        r = c.post(
+            "/classify",
+            content=PNG,
+            headers={"content-type": "image/png", "origin": "https://evil.test"},
+        )
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+        assert c.get("/healthz", headers={"host": "any.name.test"}).status_code == 200
