@@ -14,7 +14,7 @@
 #                                        goes to $OUT when set, else DIR/report.
 #
 # The GPU machine's python3 has torch with CUDA, onnxruntime (CPU build), numpy, pillow, onnx,
-# prometheus-client and pyyaml; FastAPI, uvicorn and pydantic are carried. Python: $PYTHON or
+# prometheus-client and pyyaml; FastAPI, uvicorn, pydantic and pyspng are carried. Python: $PYTHON or
 # python3. The whole run is bounded by GPU_CHECK_TIMEOUT seconds (default 290).
 set -euo pipefail
 
@@ -25,7 +25,8 @@ python=${PYTHON:-python3}
 
 # Service wheels the GPU machine's Python does not have (versions from the image constraints).
 WHEELS=(fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv
-        python-multipart uvicorn annotated-types annotated-doc typing-inspection typing-extensions)
+        python-multipart uvicorn annotated-types annotated-doc typing-inspection typing-extensions
+        pyspng)
 
 prepare() {
     mkdir -p "$dir/wheels" "$dir/fashion-mnist"

@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 import orjson
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 from python_multipart.exceptions import FormParserError
@@ -38,6 +39,8 @@ from isomax.contract.decode import (
     image_to_uint8,
     open_header,
 )
+from isomax.contract.plain_png import decoded_bytes as plain_decoded_bytes
+from isomax.contract.plain_png import plain_png_uint8
 from service.admission import BodyBudget, Reservation
 from service.errors import (
     RETRY_AFTER,
@@ -304,28 +307,39 @@ async def decode_uploads(
         cls = PayloadTooLargeError if isinstance(e, ImageTooLargeError) else BadImageError
         return cls(what + str(e))
 
-    # Every header first (no pixel decoded yet): the request's decoded size is known before
-    # any of its images costs memory or CPU.
-    images = []
+    # Plain PNGs at the model's size decode at once (libspng, isomax/contract/plain_png.py:
+    # the same array as Pillow's, ~8x cheaper). For the others, every header first (no pixel
+    # decoded yet): the request's decoded size is known before any of them costs memory or CPU.
+    items: list[np.ndarray | Image.Image] = []
     total = 0
     for i, up in enumerate(uploads, 1):
+        arr = plain_png_uint8(
+            up.data, spec, settings.max_image_pixels, settings.max_image_decoded_bytes
+        )
+        if arr is not None:
+            total += plain_decoded_bytes(spec.width, spec.height, spec.color_mode)
+            items.append(arr)
+            continue
         try:
             img = open_header(up.data, settings.max_image_pixels, settings.max_image_decoded_bytes)
         except (ImageDecodeError, ImageTooLargeError) as e:
             raise failed(i, up, e) from e
         total += decoded_bytes(img)
-        images.append(img)
+        items.append(img)
     if total > settings.max_request_decoded_bytes:
         raise PayloadTooLargeError(
             f"the {len(uploads)} images decode to {total} bytes; the limit is "
             f"{settings.max_request_decoded_bytes} per request"
         )
-    for i, (up, img) in enumerate(zip(uploads, images, strict=True), 1):
+    for i, (up, item) in enumerate(zip(uploads, items, strict=True), 1):
+        if isinstance(item, np.ndarray):
+            arrays.append(item)
+            continue
         try:
-            if img.width * img.height <= settings.inline_decode_max_pixels:
-                arr = image_to_uint8(img, spec)
+            if item.width * item.height <= settings.inline_decode_max_pixels:
+                arr = image_to_uint8(item, spec)
             else:
-                arr = await loop.run_in_executor(None, image_to_uint8, img, spec)
+                arr = await loop.run_in_executor(None, image_to_uint8, item, spec)
         except (ImageDecodeError, ImageTooLargeError) as e:
             raise failed(i, up, e) from e
         arrays.append(arr)
