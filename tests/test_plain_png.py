@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from isomax.contract import plain_png
 from isomax.contract.decode import (
     ImageDecodeError,
     ImageTooLargeError,
@@ -207,3 +208,8 @@ def test_the_pixel_and_memory_limits_still_apply() -> None:
     assert plain_png_uint8(png, GRAY, max_decoded_bytes=28 * 28 - 1) is None
     with pytest.raises(ImageTooLargeError):
         decode_uint8(png, GRAY, max_pixels=100)
+
+
+def test_libspng_is_installed() -> None:
+    """pyspng is a base dependency: without it the shortcut silently never runs."""
+    assert plain_png.pyspng is not None

@@ -25,9 +25,13 @@ import struct
 import zlib
 
 import numpy as np
-import pyspng
 
 from isomax.contract.manifest import Preprocess
+
+try:  # a base dependency; without it (a platform with no wheel) every PNG takes Pillow's path
+    import pyspng
+except ImportError:  # pragma: no cover - tests/test_plain_png.py requires it
+    pyspng = None
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # (colour type, bit depth) -> Pillow's mode for the file
@@ -52,7 +56,9 @@ def plain_png_uint8(
     An image over `max_pixels` or `max_decoded_bytes` (as `decode.decoded_bytes` counts them)
     is declined too, so that Pillow's path refuses it as usual.
     """
-    if len(data) < 45 or not data.startswith(SIGNATURE) or data[12:16] != b"IHDR":
+    if pyspng is None or len(data) < 45 or not data.startswith(SIGNATURE):
+        return None
+    if data[12:16] != b"IHDR":
         return None
     width, height, depth, color, _, _, _ = struct.unpack_from(">IIBBBBB", data, 16)
     mode = _MODES.get((color, depth))
