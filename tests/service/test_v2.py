@@ -294,6 +294,20 @@ BAD: list[tuple[str, int, Any, str]] = [
     ("header length past the body", 400,
      (b'{"inputs": []}', {"Inference-Header-Content-Length": "999"}), "the body has"),
     ("not JSON", 400, (b"{nope", {}), "not valid JSON"),
+    ("inputs not a list", 400, {"inputs": {"name": "image"}}, "non-empty list"),
+    ("input not an object", 400, {"inputs": [3]}, "must be a JSON object"),
+    ("shape not integers", 400, {"inputs": [{**PIXEL, "shape": ["1", 1, 28, 28]}]},
+     "list of integers"),
+    ("no datatype", 400, {"inputs": [{k: v for k, v in PIXEL.items() if k != "datatype"}]},
+     "needs a datatype"),
+    ("no data", 400, {"inputs": [{k: v for k, v in PIXEL.items() if k != "data"}]},
+     "neither data nor binary_data_size"),
+    ("id not a string", 400, {"id": 7, "inputs": [PIXEL]}, "id must be a string"),
+    ("binary_data_output not a flag", 400,
+     {"inputs": [PIXEL], "parameters": {"binary_data_output": "yes"}}, "true or false"),
+    ("outputs not a list", 400, {"inputs": [PIXEL], "outputs": {"name": "is_ood"}},
+     "outputs must be a list"),
+    ("JSON not an object", 400, [PIXEL], "must be a JSON object"),
     ("too many images", 413,
      {"inputs": [{**PIXEL, "shape": [LIMIT + 1, 1, 28, 28], "data": [0.5] * 784 * (LIMIT + 1)}]},
      f"limit is {LIMIT}"),
@@ -307,8 +321,10 @@ def test_bad_requests_get_their_4xx_and_the_server_keeps_serving(
     http: httpx.Client, status: int, body: Any, words: str
 ) -> None:
     url = f"/v2/models/{MODEL}/infer"
-    r = http.post(url, json=body) if isinstance(body, dict) else http.post(url, content=body[0],
-                                                                           headers=body[1])  # fmt: skip
+    if isinstance(body, tuple):
+        r = http.post(url, content=body[0], headers=body[1])
+    else:
+        r = http.post(url, json=body)
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert isinstance(error, str) and words in error, error
