@@ -34,7 +34,6 @@ from service.v2.tensors import (
     TensorError,
     byte_elements,
     numeric,
-    response_body,
 )
 
 BYTES_INPUT = "image_bytes"
@@ -180,8 +179,11 @@ async def run(
     x: np.ndarray,
     wanted: Wanted,
     metrics: PrometheusMetrics,
-) -> tuple[bytes, int | None]:
-    """The shared batcher, the verdict, the metrics; (response body, JSON length if binary)."""
+) -> tuple[dict[str, Any], list[tuple[OutputTensor, bool]]]:
+    """The shared batcher, the verdict, the metrics; (response head, wanted output tensors).
+
+    `response_body` (tensors.py) writes them as a REST answer.
+    """
     logits, distance = await model.batcher.submit(x)
     predicted = np.argmax(logits, axis=1)
     thresholds, is_ood = model.thresholds.judge(predicted, distance)
@@ -199,4 +201,4 @@ async def run(
     head: dict[str, Any] = {"model_name": model.name, "model_version": model.version}
     if request.id is not None:
         head["id"] = request.id
-    return response_body(head, [(tensors[name], binary) for name, binary in wanted])
+    return head, [(tensors[name], binary) for name, binary in wanted]

@@ -29,7 +29,7 @@ from service.errors import (
 from service.models import LoadedModel, ModelRegistry
 from service.settings import Settings
 from service.v2.infer import model_input, model_metadata, run
-from service.v2.tensors import HEADER_LENGTH, TensorError, parse_request
+from service.v2.tensors import HEADER_LENGTH, TensorError, parse_request, response_body
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ async def model_infer(request: Request) -> Response:
                 model.batcher.release()
                 reservation.release()
             metrics = request.app.state.metrics
-            content, json_length = await run(parsed, model, x, wanted, metrics)
+            content, json_length = response_body(*await run(parsed, model, x, wanted, metrics))
     except Exception as e:
         return _error(e, settings)
     if json_length is None:
