@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Sampler
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -91,14 +90,28 @@ class Distributed:
             )
         return batch_size // self.world
 
-    def sampler(self, dataset: Dataset, seed: int) -> Sampler | None:
-        if self.world == 1:
-            return None
-        from torch.utils.data.distributed import DistributedSampler
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Give every process rank 0's buffers (BatchNorm running statistics).
 
-        return DistributedSampler(
-            dataset, self.world, self.rank, shuffle=True, seed=seed, drop_last=True
-        )
+        DDP averages gradients, so parameters stay equal, but each process updates its running
+        statistics from its own share of the batch; rank 0's are the ones checkpointed.
+        """
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)
+
+    def weight_spread(self, model: nn.Module) -> float:
+        """Largest difference of any parameter or buffer between the processes (0: in sync)."""
+        import torch.distributed as dist
+
+        flat = torch.cat([t.detach().float().flatten() for t in model.state_dict().values()])
+        hi, lo = flat.clone(), flat.clone()
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        return float((hi - lo).max())
 
     def wrap(self, model: nn.Module, find_unused: bool = False) -> nn.Module:
         """DDP around `model` (gradients averaged over processes), or `model` itself."""

@@ -206,12 +206,12 @@ def train(
         files = ImageFiles(data.train_files, data.train_y, data.preprocess, augment=cfg.augment)
         loader = FileBatches(
             files,
-            local_batch,
+            cfg.batch_size,
             cfg.seed,
             device,
             workers=cfg.workers,
             channels_last=channels_last,
-            sampler=dist.sampler(files, cfg.seed),
+            shard=(dist.rank, dist.world),
         )
     else:
         loader = BatchLoader(
@@ -301,6 +301,7 @@ def train(
             n += len(y)
             bar.set_postfix(loss=f"{total / n:.4f}")
         model.backbone.requires_grad_(True)
+        dist.sync_buffers(model)
         train_seconds = time.perf_counter() - t0
         if not dist.is_main:
             continue
@@ -351,6 +352,15 @@ def train(
         # any point resumes from the epoch its history ends with.
         with open(run_dir / "history.jsonl", "a") as history:
             history.write(json.dumps(record) + "\n")
+    if dist.world > 1:
+        # DDP keeps replicas equal by construction; check it, since a silent divergence would
+        # make the saved rank-0 weights a sample of one.
+        spread = dist.weight_spread(model)
+        if dist.is_main:
+            (run_dir / "distributed.json").write_text(
+                json.dumps({"world": dist.world, "max_weight_difference_across_ranks": spread})
+            )
+        log.info("%d processes: weights differ across ranks by at most %.3g", dist.world, spread)
     dist.close()
     return RunResult(run_dir, best_acc, best_epoch, elapsed)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from isomax.contract.decode import ImageDecodeError, load_file_uint8
 from isomax.contract.manifest import Preprocess
@@ -124,11 +124,40 @@ def check_files(
     return np.asarray(kept, dtype=np.int64), mean.tolist(), std.tolist()
 
 
+class GlobalBatches(Sampler[list[int]]):
+    """Index lists of one epoch: a seeded permutation cut into global batches of
+    `batch_size`, of which this process takes every `world`-th index from `rank` on.
+
+    Every process draws the same permutation, so a run on N processes trains on exactly the
+    global batches a single process would (DistributedSampler would deal the images out
+    differently), which is what makes the two comparable.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1) -> None:
+        if batch_size % world:
+            raise ValueError(f"batch_size {batch_size} does not split over {world} processes")
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
+        self.seed = 0
+
+    def set_epoch_seed(self, seed: int) -> None:
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed))
+        for i in range(len(self)):
+            batch = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield batch[self.rank :: self.world].tolist()
+
+
 class FileBatches:
     """Training batches from files: `(float images in [0, 1] on device, labels)`.
 
-    Shuffled by a sampler reseeded every epoch from `gen` (whose state the checkpoint keeps, so
-    a resumed run draws the same orders), or by a `DistributedSampler` under torchrun.
+    `batch_size` is the global batch; under torchrun each of `world` processes gets its
+    share (`GlobalBatches`). The permutation is reseeded every epoch from `gen`, whose state
+    the checkpoint keeps, so a resumed run draws the same orders.
     """
 
     def __init__(
@@ -139,32 +168,23 @@ class FileBatches:
         device: torch.device,
         workers: int = 2,
         channels_last: bool = False,
-        sampler: Sampler | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
-        self.dataset, self.batch_size, self.device = dataset, batch_size, device
-        self.workers, self.channels_last, self.sampler = workers, channels_last, sampler
+        self.dataset, self.device = dataset, device
+        self.workers, self.channels_last = workers, channels_last
+        self.batches = GlobalBatches(len(dataset), batch_size, *shard)
         self.gen = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
-        n = len(self.sampler) if self.sampler is not None else len(self.dataset)  # type: ignore[arg-type]
-        return n // self.batch_size
+        return len(self.batches)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch_seed = int(torch.randint(0, 2**62, (1,), generator=self.gen))
-        if self.sampler is None:
-            sampler: Sampler = RandomSampler(
-                self.dataset, generator=torch.Generator().manual_seed(epoch_seed)
-            )
-        else:
-            sampler = self.sampler
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch_seed % 2**31)
+        self.batches.set_epoch_seed(epoch_seed)
         loader = DataLoader(
             self.dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
+            batch_sampler=self.batches,
             num_workers=self.workers,
-            drop_last=True,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(epoch_seed + 1),  # workers' augmentation seeds
         )

@@ -1,0 +1,73 @@
+"""Bring your own images, end to end: a folder of real photographs -> fine-tune the pretrained
+EfficientNet-Lite0 with the IsoMax+ head -> export -> a real `isomax serve` -> POST JPEGs.
+
+In-distribution photos must get their class; photos of kinds never trained on must be flagged
+far more often. Small on purpose (64 px, 80 training images, 2 epochs, the first with the
+backbone frozen) so it fits CI; the README shows the same commands at 224 px.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from isomax import harness
+from isomax.contract.manifest import Manifest
+from training.cli import main
+from training.data.sample_photos import ID_PHOTOS, make_photo_folder
+from training.models.pretrained import LITE_MEAN, LITE_STD
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+def test_fine_tune_export_serve_classify(tmp_path: Path) -> None:
+    data = make_photo_folder(tmp_path / "photos", train=16, val=8, test=6, ood=4, seed=0)
+    run, models = tmp_path / "run", tmp_path / "models"
+    assert (
+        main(
+            [
+                "train", "--quiet", "--dataset", "folder", "--data-dir", str(data),
+                "--arch", "efficientnet-lite0", "--weights", "imagenet", "--image-size", "64",
+                "--epochs", "2", "--freeze-backbone-epochs", "1", "--batch-size", "16",
+                "--lr", "0.1", "--backbone-lr-scale", "0.1", "--no-head-weight-decay",
+                "--schedule", "cosine", "--warmup-epochs", "0.2", "--augment",
+                "--workers", "1", "--threads", "2", "--out", str(run),
+            ]
+        )  # fmt: skip
+        == 0
+    )
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 2
+    assert main(
+        ["export", str(run), "--models-dir", str(models), "--name", "photos",
+         "--ood-folder", f"other-photos={data / 'ood'}"]
+    ) == 0  # fmt: skip
+    manifest = Manifest.read(models / "photos" / "1")
+    pre = manifest.preprocess
+    assert (pre.height, pre.width, pre.resize_mode) == (64, 64, "center_crop")
+    # The manifest's normalization is the one inside the graph: the backbone's own.
+    assert pre.mean == pytest.approx(LITE_MEAN) and pre.std == pytest.approx(LITE_STD)
+    assert manifest.labels == tuple(sorted(ID_PHOTOS))
+
+    with harness.isomax_serve(models, tmp_path / "server.log") as server:
+
+        def verdicts(paths: list[Path]) -> list[dict]:
+            out = []
+            for p in paths:
+                status, body = server.post("/classify", p.read_bytes(), "image/jpeg")
+                assert status == 200, body
+                out.append(json.loads(body)["results"][0])
+            return out
+
+        test_paths = sorted((data / "test").rglob("*.jpg"))
+        ood_paths = sorted((data / "ood").rglob("*.jpg"))
+        ids = verdicts(test_paths)
+        oods = verdicts(ood_paths)
+    correct = sum(r["label"] == p.parent.name for r, p in zip(ids, test_paths, strict=True))
+    assert correct / len(ids) >= 0.9, [(r["label"], p.parent.name) for r, p in zip(ids, test_paths, strict=True)]
+    id_flagged = sum(r["is_ood"] for r in ids) / len(ids)
+    ood_flagged = sum(r["is_ood"] for r in oods) / len(oods)
+    assert id_flagged <= 0.25
+    assert ood_flagged >= id_flagged + 0.5, (id_flagged, ood_flagged)
