@@ -72,7 +72,7 @@ def test_augmented_batches_are_seeded_and_shaped(tmp_path: Path) -> None:
     assert len(a) == 2 and a[0].shape == (3, 3, 64, 64) and a[0].dtype == torch.float32
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.equal(torch.cat(a), torch.cat(epoch(2)))
-    assert 0.0 <= float(a[0].min()) and float(a[0].max()) <= 1.0
+    assert float(a[0].min()) >= 0.0 and float(a[0].max()) <= 1.0
 
 
 def test_check_files_gives_channel_statistics(tmp_path: Path) -> None:

@@ -25,25 +25,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 def test_fine_tune_export_serve_classify(tmp_path: Path) -> None:
     data = make_photo_folder(tmp_path / "photos", train=16, val=8, test=6, ood=4, seed=0)
     run, models = tmp_path / "run", tmp_path / "models"
-    assert (
-        main(
-            [
-                "train", "--quiet", "--dataset", "folder", "--data-dir", str(data),
-                "--arch", "efficientnet-lite0", "--weights", "imagenet", "--image-size", "64",
-                "--epochs", "2", "--freeze-backbone-epochs", "1", "--batch-size", "16",
-                "--lr", "0.1", "--backbone-lr-scale", "0.1", "--no-head-weight-decay",
-                "--schedule", "cosine", "--warmup-epochs", "0.2", "--augment",
-                "--workers", "1", "--threads", "2", "--out", str(run),
-            ]
-        )  # fmt: skip
-        == 0
-    )
+    train = (
+        "train --quiet --dataset folder --arch efficientnet-lite0 --weights imagenet "
+        "--image-size 64 --epochs 2 --freeze-backbone-epochs 1 --batch-size 16 --lr 0.1 "
+        "--backbone-lr-scale 0.1 --no-head-weight-decay --schedule cosine --warmup-epochs 0.2 "
+        "--augment --workers 1 --threads 2"
+    ).split()
+    assert main([*train, "--data-dir", str(data), "--out", str(run)]) == 0
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert len(history) == 2
-    assert main(
-        ["export", str(run), "--models-dir", str(models), "--name", "photos",
-         "--ood-folder", f"other-photos={data / 'ood'}"]
-    ) == 0  # fmt: skip
+    ood = f"other-photos={data / 'ood'}"
+    export = ["export", str(run), "--models-dir", str(models), "--name", "photos"]
+    assert main([*export, "--ood-folder", ood]) == 0
     manifest = Manifest.read(models / "photos" / "1")
     pre = manifest.preprocess
     assert (pre.height, pre.width, pre.resize_mode) == (64, 64, "center_crop")
