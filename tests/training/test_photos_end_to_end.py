@@ -9,6 +9,7 @@ backbone frozen) so it fits CI; the README shows the same commands at 224 px.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -25,12 +26,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 def test_fine_tune_export_serve_classify(tmp_path: Path) -> None:
     data = make_photo_folder(tmp_path / "photos", train=16, val=8, test=6, ood=4, seed=0)
     run, models = tmp_path / "run", tmp_path / "models"
-    train = (
+    train = shlex.split(
         "train --quiet --dataset folder --arch efficientnet-lite0 --weights imagenet "
         "--image-size 64 --epochs 2 --freeze-backbone-epochs 1 --batch-size 16 --lr 0.1 "
         "--backbone-lr-scale 0.1 --no-head-weight-decay --schedule cosine --warmup-epochs 0.2 "
         "--augment --workers 1 --threads 2"
-    ).split()
+    )
     assert main([*train, "--data-dir", str(data), "--out", str(run)]) == 0
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert len(history) == 2
@@ -59,7 +60,9 @@ def test_fine_tune_export_serve_classify(tmp_path: Path) -> None:
         ids = verdicts(test_paths)
         oods = verdicts(ood_paths)
     correct = sum(r["label"] == p.parent.name for r, p in zip(ids, test_paths, strict=True))
-    assert correct / len(ids) >= 0.9, [(r["label"], p.parent.name) for r, p in zip(ids, test_paths, strict=True)]
+    assert correct / len(ids) >= 0.9, [
+        (r["label"], p.parent.name) for r, p in zip(ids, test_paths, strict=True)
+    ]
     id_flagged = sum(r["is_ood"] for r in ids) / len(ids)
     ood_flagged = sum(r["is_ood"] for r in oods) / len(oods)
     assert id_flagged <= 0.25
