@@ -87,44 +87,15 @@ def _load_run(run_dir: str, checkpoint: str):
     return model, cfg, meta, load_dataset(cfg)
 
 
-def _ood_sets(names: str | None, splits, folders: list[str] | None = None, spec=None) -> dict:
-    """The bundled OOD sets (28x28 grayscale models only), users' folders, held-out classes."""
-    from training.data.ood import load_ood_sets
-
-    sets = {}
-    if splits.shape == (1, 28, 28):
-        sets = load_ood_sets(names.split(",") if names else None)
-    else:
-        log.warning(
-            "the bundled OOD sets are 28x28 grayscale; skipping them for input shape %s",
-            splits.shape,
-        )
-    sets.update(_ood_folders(folders or [], spec))
-    if splits.held_out_x is not None:
-        sets["held-out-classes"] = splits.held_out_x
-    return sets
-
-
-def _ood_folders(folders: list[str], spec) -> dict:
-    from training.data.folders import load_ood_folder
-
-    out = {}
-    for item in folders:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--ood-folder takes NAME=DIR, got {item!r}")
-        out[name] = load_ood_folder(Path(path), spec)
-    return out
-
-
 def cmd_evaluate(a: argparse.Namespace) -> int:
+    from training.data.ood import ood_sets_for
     from training.evaluate import evaluate, markdown_table, write_report
     from training.train import predict, serving_preprocess
 
     model, cfg, meta, splits = _load_run(a.run_dir, a.checkpoint)
     if splits.test_x is None:
         raise ValueError("this data set has no test split to evaluate on")
-    sets = _ood_sets(a.ood, splits, a.ood_folder, serving_preprocess(meta, cfg))
+    sets = ood_sets_for(splits, a.ood, a.ood_folder, serving_preprocess(meta, cfg))
     report, outputs = evaluate(
         lambda x: predict(model, x, __import__("torch").device("cpu")),
         cfg.head,
@@ -145,10 +116,11 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     from isomax.contract.manifest import CalibrationError, EvaluationMetrics
     from isomax.contract.verdict import Thresholds
+    from training.data.ood import ood_sets_for
     from training.evaluate import evaluate, markdown_table
     from training.export import export_bundle
     from training.temperature import ECE_BINS, expected_calibration_error, plot_reliability
-    from training.train import serving_preprocess
+    from training.train import last_record, serving_preprocess
 
     model, cfg, meta, splits = _load_run(a.run_dir, a.checkpoint)
     if cfg.head == "softmax":
@@ -165,7 +137,7 @@ def cmd_export(a: argparse.Namespace) -> int:
             return EvaluationMetrics(
                 accuracy={"val": float((val_logits.argmax(1) == splits.val_y).mean())}
             )
-        sets = _ood_sets(a.ood, splits, a.ood_folder, serving_preprocess(meta, cfg))
+        sets = ood_sets_for(splits, a.ood, a.ood_folder, serving_preprocess(meta, cfg))
         served = Thresholds.lookup(cal)
         per_class = served.per_class
         r, outputs = evaluate(
@@ -213,7 +185,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         training={
             **cfg.to_dict(),
             "checkpoint": a.checkpoint,
-            "train_seconds": round(_seconds(a.run_dir), 1),
+            "train_seconds": round((last_record(Path(a.run_dir)) or {}).get("seconds", 0.0), 1),
         },
         evaluate=evaluate_graph,
         calibration_labels=None if a.no_temperature else splits.val_y,
@@ -241,16 +213,14 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
-def _seconds(run_dir: str) -> float:
-    lines = (
-        (Path(run_dir) / "history.jsonl").read_text().splitlines()
-        if (Path(run_dir) / "history.jsonl").exists()
-        else []
-    )
-    return json.loads(lines[-1])["seconds"] if lines else 0.0
-
-
 def cmd_data(a: argparse.Namespace) -> int:
+    if a.photos:
+        from training.data.sample_photos import make_photo_folder
+
+        root = make_photo_folder(Path(a.photos))
+        counts = {p.name: sum(1 for _ in p.rglob("*.jpg")) for p in sorted(root.iterdir())}
+        print(json.dumps({"photo_folder": str(root), "images": counts}))
+        return 0
     from training.data import fmnist
     from training.data.ood import load_ood_sets
 
@@ -398,6 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples", default=None, help="write sample PNGs (Fashion-MNIST and MNIST) here"
     )
     p.add_argument("-n", type=int, default=5, help="samples of each kind")
+    p.add_argument(
+        "--photos",
+        default=None,
+        metavar="DIR",
+        help="instead: write a small photo folder (train/val/test classes + ood/) made from "
+        "scikit-image's photographs, to try image-folder training",
+    )
     p.set_defaults(func=cmd_data)
     return parser
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from isomax.contract.manifest import Preprocess
@@ -233,10 +232,10 @@ def train(
         )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(loader)))
     loss_fn = make_loss(cfg.head)
-    step_model: nn.Module = model
+    # DDP first, then compile (the order torch documents); checkpoints save `model` itself.
+    step_model = dist.wrap(model, find_unused=cfg.freeze_backbone_epochs > 0)
     if cfg.compile:
         step_model = torch.compile(step_model)  # type: ignore[assignment]
-    step_model = dist.wrap(step_model, find_unused=cfg.freeze_backbone_epochs > 0)
     amp = Precision.for_device(device, cfg.amp)
     log.info(
         "training on %s%s, %s, %d images/step per process",
@@ -363,6 +362,13 @@ def train(
         log.info("%d processes: weights differ across ranks by at most %.3g", dist.world, spread)
     dist.close()
     return RunResult(run_dir, best_acc, best_epoch, elapsed)
+
+
+def last_record(run_dir: Path) -> dict[str, Any] | None:
+    """The last line of a run's `history.jsonl` (its latest finished epoch), or None."""
+    path = Path(run_dir) / "history.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return json.loads(lines[-1]) if lines else None
 
 
 def _save_atomic(obj: dict[str, Any], path: Path) -> None:

@@ -21,6 +21,7 @@ import importlib.util
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -197,4 +198,33 @@ def load_ood_sets(
     for name in dict.fromkeys(wanted):  # drop repeats, keep order
         sets[name] = _SAMPLED[name](n_synthetic, seed) if name in _SAMPLED else OOD_SETS[name]()
         log.info("OOD set %s: %s %s", name, sets[name].shape, sets[name].dtype)
+    return sets
+
+
+def ood_sets_for(
+    splits: Any,
+    names: str | None = None,
+    folders: list[str] | None = None,
+    spec: Any = None,
+) -> dict[str, np.ndarray]:
+    """The OOD sets to score a run against: the bundled ones (28x28 grayscale models only,
+    `names` comma-separated, default all), users' `NAME=DIR` folders decoded with the model's
+    preprocessing `spec`, and the held-out classes of an open-set run."""
+    from training.data.folders import load_ood_folder
+
+    sets: dict[str, np.ndarray] = {}
+    if splits.shape == (1, 28, 28):
+        sets = load_ood_sets(names.split(",") if names else None)
+    else:
+        log.warning(
+            "the bundled OOD sets are 28x28 grayscale; skipping them for input shape %s",
+            splits.shape,
+        )
+    for item in folders or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--ood-folder takes NAME=DIR, got {item!r}")
+        sets[name] = load_ood_folder(Path(path), spec)
+    if splits.held_out_x is not None:
+        sets["held-out-classes"] = splits.held_out_x
     return sets
