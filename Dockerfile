@@ -10,7 +10,14 @@
 # cpu: Debian slim Python with the CPU build of onnxruntime, same version.
 # Exactly one of onnxruntime / onnxruntime-gpu is installed per image, checked at build time:
 # both at once is a known cause of sessions that silently run on the CPU.
-# Versions of everything come from deploy/docker/constraints.txt (scripts/lock_image_deps.py).
+# Versions and sha256 of every wheel come from deploy/docker/locked-{cpu,gpu}.txt
+# (scripts/lock_image_deps.py); pip installs them with --require-hashes.
+#
+# Base images are given by tag. To pin them by digest (recommended for production; the digest
+# needs registry access to look up, e.g. `docker buildx imagetools inspect python:3.12-slim-bookworm`):
+#   docker build --build-arg PYTHON_IMAGE=python:3.12-slim-bookworm@sha256:<digest> ...
+#   docker build --build-arg CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04@sha256:<digest> ...
+# or write `@sha256:<digest>` into the two ARG defaults below (tests/deploy checks the form).
 
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
@@ -20,7 +27,7 @@ FROM ${CUDA_IMAGE} AS cuda-python
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
-# Ubuntu 24.04's python3 is 3.12, the version constraints.txt was resolved for; the base image's
+# Ubuntu 24.04's python3 is 3.12, the version the locks were resolved for; the base image's
 # apt sources pin the rest, so package versions are left to the base image tag.
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -38,15 +45,18 @@ ENV PIP_NO_CACHE_DIR=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python3 -m venv /opt/venv
 WORKDIR /src
-COPY deploy/docker/constraints.txt deploy/docker/image_deps.py deploy/docker/check_runtime.py /build/
+COPY deploy/docker/locked-gpu.txt deploy/docker/image_deps.py deploy/docker/check_runtime.py /build/
 COPY pyproject.toml README.md ./
-# Dependencies first (their own layer): pyproject's base list with onnxruntime -> onnxruntime-gpu.
+# Dependencies first (their own layer): pyproject's base list with onnxruntime -> onnxruntime-gpu
+# (image_deps.py, so that the project's metadata asks for the GPU build), installed from the
+# hash-locked list (scripts/lock_image_deps.py): every wheel is checked against its sha256, and
+# setuptools comes from the lock too, so building the project below fetches nothing.
 RUN python /build/image_deps.py gpu pyproject.toml /build/requirements.txt \
-    && pip install -c /build/constraints.txt -r /build/requirements.txt
+    && pip install --require-hashes -r /build/locked-gpu.txt
 COPY isomax ./isomax
 COPY service ./service
 COPY training ./training
-RUN pip install --no-deps . \
+RUN pip install --no-deps --no-build-isolation . \
     && pip check \
     && python /build/check_runtime.py gpu
 
@@ -58,14 +68,14 @@ ENV PIP_NO_CACHE_DIR=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /src
-COPY deploy/docker/constraints.txt deploy/docker/image_deps.py deploy/docker/check_runtime.py /build/
+COPY deploy/docker/locked-cpu.txt deploy/docker/image_deps.py deploy/docker/check_runtime.py /build/
 COPY pyproject.toml README.md ./
 RUN python /build/image_deps.py cpu pyproject.toml /build/requirements.txt \
-    && pip install -c /build/constraints.txt -r /build/requirements.txt
+    && pip install --require-hashes -r /build/locked-cpu.txt
 COPY isomax ./isomax
 COPY service ./service
 COPY training ./training
-RUN pip install --no-deps . \
+RUN pip install --no-deps --no-build-isolation . \
     && pip check \
     && python /build/check_runtime.py cpu
 

@@ -1,16 +1,24 @@
-"""Regenerate deploy/docker/constraints.txt: exact versions for the container images.
+"""Regenerate the container images' dependency locks: exact versions, and hashes.
 
     python scripts/lock_image_deps.py [--ort-version 1.26.0] [--python 3.12]
 
-Resolves the base dependencies of pyproject.toml (without onnxruntime) together with both
-`onnxruntime==V` and `onnxruntime-gpu==V` for CPython 3.12 on manylinux x86_64 (the Python of
-both image bases), with pip's own resolver in dry-run mode: nothing is installed, and pip reads
-the wheels' metadata only. Both onnxruntime builds appear in the constraints file; each image
-installs one of them (constraints never install anything by themselves).
+Writes, under deploy/docker/:
+  constraints.txt   every pin of both images (both onnxruntime builds), for reading and for the
+                    tests that check the pins against pyproject.toml;
+  locked-cpu.txt    what the CPU image installs: `name==version --hash=sha256:...` for every
+  locked-gpu.txt    package (the GPU one with onnxruntime-gpu), plus setuptools to build the
+                    project itself without fetching anything; the images install them with
+                    `pip install --require-hashes`, so a wheel that differs from the one locked
+                    here (a compromised index, a re-uploaded file) fails the build.
 
-Why 1.26.0: it is the newest onnxruntime-gpu on PyPI that is built for CUDA 12 + cuDNN 9
-(its `cuda` extra asks for nvidia-*-cu12 and nvidia-cudnn-cu12~=9); 1.27 and later ask for
-CUDA 13. The CPU image uses the same version so that CPU and GPU hosts run one engine version.
+Resolution is pip's own resolver in dry-run mode (nothing installed; pip reads the wheels'
+metadata only) for CPython 3.12 on manylinux x86_64, once per image, with the platform tags of
+that image's glibc in pip's order of preference (Debian bookworm: 2.36; Ubuntu 24.04: 2.39),
+so the wheel locked for a package is the one pip picks inside the image.
+
+Why onnxruntime 1.26.0: it is the newest onnxruntime-gpu on PyPI that is built for CUDA 12 +
+cuDNN 9 (its `cuda` extra asks for nvidia-*-cu12 and nvidia-cudnn-cu12~=9); 1.27 and later ask
+for CUDA 13. The CPU image uses the same version so that CPU and GPU hosts run one engine.
 """
 
 from __future__ import annotations
@@ -22,17 +30,43 @@ import sys
 import tempfile
 import tomllib
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "deploy" / "docker" / "constraints.txt"
-PLATFORMS = (
-    "manylinux_2_28_x86_64",
-    "manylinux_2_27_x86_64",
-    "manylinux_2_17_x86_64",
-    "manylinux2014_x86_64",
-    "manylinux_2_5_x86_64",
-    "manylinux1_x86_64",
-)
+DOCKER = ROOT / "deploy" / "docker"
+OUT = DOCKER / "constraints.txt"
+# glibc of each image's base: python:3.12-slim-bookworm (CPU), nvidia/cuda ...-ubuntu24.04 (GPU).
+GLIBC = {"cpu": 36, "gpu": 39}
+# The build backend of pyproject.toml, installed from the lock so `pip install .` needs no index.
+BUILD = ["setuptools>=68"]
+
+
+def platforms(glibc_minor: int) -> list[str]:
+    """manylinux tags a glibc 2.<minor> x86_64 system supports, most specific first (pip's order)."""
+    tags = [f"manylinux_2_{m}_x86_64" for m in range(glibc_minor, 16, -1)]
+    return [*tags, "manylinux2014_x86_64", "manylinux_2_5_x86_64", "manylinux1_x86_64"]
+
+
+def resolve(requirements: list[str], python: str, plats: list[str]) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        cmd = [
+            sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
+            "--quiet", "--report", str(report), "--python-version", python,
+            "--only-binary=:all:", "--target", str(Path(tmp) / "t"),
+            *(f"--platform={plat}" for plat in plats), *requirements,
+        ]  # fmt: skip
+        subprocess.run(cmd, check=True)
+        return list(json.loads(report.read_text())["install"])
+
+
+def locked_lines(items: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for i in sorted(items, key=lambda i: i["metadata"]["name"].lower()):
+        digest = i["download_info"]["archive_info"]["hashes"]["sha256"]
+        lines.append(f"{i['metadata']['name'].lower()}=={i['metadata']['version']} \\")
+        lines.append(f"    --hash=sha256:{digest}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,25 +77,30 @@ def main(argv: list[str] | None = None) -> int:
 
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     deps = [d for d in deps if not d.replace("_", "-").lower().startswith("onnxruntime")]
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "report.json"
-        cmd = [
-            sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
-            "--quiet", "--report", str(report), "--python-version", args.python,
-            "--only-binary=:all:", "--target", str(Path(tmp) / "t"),
-            *(f"--platform={plat}" for plat in PLATFORMS),
-            *deps, f"onnxruntime=={args.ort_version}", f"onnxruntime-gpu=={args.ort_version}",
-        ]  # fmt: skip
-        subprocess.run(cmd, check=True)
-        items = json.loads(report.read_text())["install"]
-    pins = sorted((i["metadata"]["name"].lower(), i["metadata"]["version"]) for i in items)
+    ort = {"cpu": f"onnxruntime=={args.ort_version}", "gpu": f"onnxruntime-gpu=={args.ort_version}"}
+    pins: set[tuple[str, str]] = set()
+    for flavor, glibc in GLIBC.items():
+        items = resolve([*deps, ort[flavor], *BUILD], args.python, platforms(glibc))
+        out = DOCKER / f"locked-{flavor}.txt"
+        header = [
+            f"# What the {flavor.upper()} image installs, with `pip install --require-hashes`.",
+            f"# Generated by scripts/lock_image_deps.py for CPython {args.python}, manylinux "
+            f"x86_64, glibc 2.{glibc}.",
+        ]
+        out.write_text("\n".join(header + locked_lines(items)) + "\n")
+        print(f"wrote {out.relative_to(ROOT)} ({len(items)} packages)")
+        pins |= {
+            (i["metadata"]["name"].lower(), i["metadata"]["version"])
+            for i in items
+            if i["metadata"]["name"].lower() != "setuptools"
+        }
     header = [
         "# Exact versions for the container images (constraints, not requirements).",
         f"# Generated by scripts/lock_image_deps.py for CPython {args.python}, manylinux x86_64.",
         f"# onnxruntime-gpu {args.ort_version}: CUDA 12 + cuDNN 9 build (1.27+ need CUDA 13).",
-        "# Each image installs exactly one of onnxruntime / onnxruntime-gpu.",
+        "# Each image installs exactly one of onnxruntime / onnxruntime-gpu (locked-*.txt).",
     ]
-    OUT.write_text("\n".join(header + [f"{n}=={v}" for n, v in pins]) + "\n")
+    OUT.write_text("\n".join(header + [f"{n}=={v}" for n, v in sorted(pins)]) + "\n")
     print(f"wrote {OUT.relative_to(ROOT)} ({len(pins)} pins)")
     return 0
 

@@ -128,7 +128,8 @@ def test_builders_install_one_onnxruntime_and_check_it(stages: dict[str, list]) 
     for flavor in ("gpu", "cpu"):
         runs = " ".join(" ".join(c.value) for c in stages[f"{flavor}-builder"] if c.cmd == "RUN")
         assert f"image_deps.py {flavor} " in runs
-        assert "-c /build/constraints.txt" in runs
+        assert f"pip install --require-hashes -r /build/locked-{flavor}.txt" in runs
+        assert "--no-build-isolation" in runs  # the project builds with the locked setuptools
         assert "pip check" in runs
         assert f"check_runtime.py {flavor}" in runs
         assert "torch" not in runs
@@ -232,3 +233,59 @@ def test_healthcheck_fails_without_a_server(monkeypatch: pytest.MonkeyPatch) -> 
         timeout=30, env={"ISOMAX_PORT": str(port)},
     )  # fmt: skip
     assert r.returncode == 1 and "/readyz" in r.stderr
+
+
+LOCK_LINE = re.compile(r"^([a-z0-9][a-z0-9._-]*)==(\S+) --hash=sha256:([0-9a-f]{64})$")
+
+
+def _locked(flavor: str) -> dict[str, str]:
+    """name -> version of deploy/docker/locked-<flavor>.txt, every entry with its sha256."""
+    text = (DOCKER_DIR / f"locked-{flavor}.txt").read_text().replace("\\\n", "")
+    out = {}
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        m = LOCK_LINE.match(" ".join(line.split()))
+        assert m, f"locked-{flavor}.txt: not `name==version --hash=sha256:...`: {line!r}"
+        out[re.sub(r"[-_.]+", "-", m.group(1))] = m.group(2)
+    return out
+
+
+@pytest.mark.parametrize("flavor, ort, other", [
+    ("cpu", "onnxruntime", "onnxruntime-gpu"), ("gpu", "onnxruntime-gpu", "onnxruntime"),
+])  # fmt: skip
+def test_hash_locks_pin_the_constraints_and_one_onnxruntime(
+    flavor: str, ort: str, other: str
+) -> None:
+    """Each image's lock has a hash for every package, agrees with constraints.txt, satisfies
+    pyproject.toml, holds exactly its own onnxruntime build, and the build backend."""
+    import tomllib
+
+    locked, pins = _locked(flavor), _pins()
+    assert ort in locked and other not in locked
+    assert "setuptools" in locked and "torch" not in locked
+    for name, version in locked.items():
+        if name != "setuptools":
+            assert pins.get(name) == version, (
+                f"{name}: locked {version}, constraints {pins.get(name)}"
+            )
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for d in map(Requirement, deps):
+        name = ort if d.name == "onnxruntime" else d.name.lower()
+        assert name in locked, f"{name} is missing from locked-{flavor}.txt"
+        assert d.specifier.contains(locked[name], prereleases=True)
+    build = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    for d in map(Requirement, build):
+        assert d.specifier.contains(locked[d.name.lower()], prereleases=True)
+
+
+DIGEST = re.compile(r"^[a-z0-9./_-]+:[A-Za-z0-9._-]+(@sha256:[0-9a-f]{64})?$")
+
+
+def test_base_images_are_tagged_and_pinnable(stages: dict[str, list]) -> None:
+    """Base images: `name:tag`, optionally `@sha256:<digest>` (the documented way to pin; the
+    digest needs registry access to look up, so the defaults carry tags only)."""
+    args = {v.split("=", 1)[0]: v.split("=", 1)[1] for c in stages["(global)"] for v in c.value}
+    for name in ("CUDA_IMAGE", "PYTHON_IMAGE"):
+        assert DIGEST.match(args[name]), f"{name}={args[name]}"
+    assert "@sha256:<digest>" in DOCKERFILE.read_text()  # the pinning instructions are there
