@@ -9,7 +9,10 @@ Candidates (the app and the model are the same; only the layer that parses HTTP 
   h11        uvicorn's pure-Python h11 protocol, head bounded by h11_max_incomplete_event_size;
   granian    granian's Rust HTTP/1 server (ASGI interface), header read timeout set.
 Rounds alternate the candidates (A B C D, A B C D, ...) so that a change in the machine's load
-hits all of them alike; the median of the rounds is reported, with the load average. One 28x28
+hits all of them alike; the median of the rounds is reported, with the load average. The figure
+to compare is the server's CPU time per request (its processes' user + system time over the
+run / requests answered): on a shared machine req/s swing with other jobs, CPU per request much
+less. One 28x28
 PNG per request as the raw body, 32 connections, one uvicorn/granian worker, wrk with one thread.
 Results: bench/results/http_layer.json and bench/results/http_layer.md.
 """
@@ -92,15 +95,39 @@ def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise TimeoutError("server not ready")
 
 
-def wrk(port: int, body: Path, conns: int, seconds: int) -> dict[str, Any]:
+def tree(pid: int) -> list[int]:
+    """`pid` and its descendants (granian serves from a child process)."""
+    out = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        for child in children:
+            out += tree(int(child))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of the server's processes so far (threads included)."""
+    total = 0
+    for p in tree(pid):
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(port: int, body: Path, conns: int, seconds: int, pid: int) -> dict[str, Any]:
     cmd = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", str(LUA)]
     cmd += [f"http://127.0.0.1:{port}/classify", "--", str(body), "image/png"]
+    cpu0 = cpu_seconds(pid)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    cpu = cpu_seconds(pid) - cpu0
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
     return {
         "rps": rps,
+        # robust to other processes on the machine, unlike req/s
+        "server_cpu_us_per_request": round(1e6 * cpu / max(total, 1), 1),
         "non_2xx": int(non2xx.group(1)) if non2xx else 0,
         "p99": p99.group(1) if p99 else None,
     }
@@ -133,8 +160,8 @@ def main() -> int:
             proc = start(layer, port, env)
             try:
                 wait_ready(port, proc)
-                wrk(port, body, args.connections, 2)  # warm-up
-                res = wrk(port, body, args.connections, args.duration)
+                wrk(port, body, args.connections, 2, proc.pid)  # warm-up
+                res = wrk(port, body, args.connections, args.duration, proc.pid)
                 res["load_1m"] = loadavg()
                 runs[layer].append(res)
                 print(f"round {r + 1} {layer:10s} {res}", flush=True)
@@ -148,11 +175,14 @@ def main() -> int:
     summary = {
         layer: {
             "median_rps": round(statistics.median(x["rps"] for x in rs), 1),
+            "median_cpu_us_per_request": round(
+                statistics.median(x["server_cpu_us_per_request"] for x in rs), 1
+            ),
             "runs": rs,
         }
         for layer, rs in runs.items()
     }
-    base = summary.get("httptools", {}).get("median_rps")
+    base = summary.get("httptools", {}).get("median_cpu_us_per_request")
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
@@ -166,20 +196,23 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "http_layer.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        "# HTTP server layer: POST /classify requests/s (one 28x28 PNG, raw body)",
+        "# HTTP server layer: POST /classify, server CPU per request (one 28x28 PNG, raw body)",
         "",
         f"{result['date']}, {result['cpus']} CPUs, {args.connections} connections, "
         f"{args.rounds} rounds x {args.duration} s, median of rounds; load average "
         f"{load_before} before, {result['load_1m_after']} after (a shared machine: compare "
         "the layers with each other, not with other runs).",
         "",
-        "| layer | req/s (median) | vs httptools | rounds |",
-        "|---|---:|---:|---|",
+        "| layer | server CPU us/request (median) | vs httptools | req/s (median) | req/s rounds |",
+        "|---|---:|---:|---:|---|",
     ]
     for layer, s in summary.items():
-        rel = f"{s['median_rps'] / base:.2f}" if base else "-"
+        rel = f"{s['median_cpu_us_per_request'] / base:.2f}" if base else "-"
         each = ", ".join(f"{x['rps']:.0f}" for x in s["runs"])
-        lines.append(f"| {layer} | {s['median_rps']:.0f} | {rel} | {each} |")
+        lines.append(
+            f"| {layer} | {s['median_cpu_us_per_request']:.0f} | {rel} | {s['median_rps']:.0f} "
+            f"| {each} |"
+        )
     (RESULTS / "http_layer.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -1,0 +1,212 @@
+"""Overload: successful requests/s far past the queue limit, as a fraction of the peak.
+
+    .venv/bin/python bench/overload_bench.py                       # this checkout
+    .venv/bin/python bench/overload_bench.py --repo OTHER_CHECKOUT --label before
+
+One `isomax serve` worker over the default bundle with ISOMAX_MAX_QUEUE_IMAGES=Q (default 256),
+under wrk (one 28x28 PNG per request as the raw body) at a few connection counts up to 4 x Q.
+Past Q, requests must be refused (503 + Retry-After) cheaply, so that the ones accepted are still
+served at the peak rate: the figure of merit is
+
+    ratio = successful req/s at 4 x Q connections / the best successful req/s of the lower counts
+
+(1.0: overload costs nothing; the issue measured 0.035 at 2,048 connections with Q = 1,024,
+i.e. 2 x Q). `--repo` runs another checkout's server (e.g. the code before the change) with this
+script, so both are measured the same way in the same sitting. The machine's load average is
+recorded: on a shared machine, compare runs of one sitting only.
+Results: bench/results/overload[-LABEL].json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+LUA = REPO / "bench" / "wrk_post.lua"
+FDS = 16384
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def _more_fds() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(FDS, hard), hard))
+
+
+def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                if s.recv(32).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("server not ready")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of the server process so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(port: int, body: Path, conns: int, seconds: int, pid: int) -> dict[str, Any]:
+    cmd = ["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--timeout", "10s", "--latency"]
+    cmd += ["-s", str(LUA), f"http://127.0.0.1:{port}/classify", "--", str(body), "image/png"]
+    load = loadavg()
+    cpu0 = cpu_seconds(pid)
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, check=True, preexec_fn=_more_fds
+    ).stdout
+    cpu = cpu_seconds(pid) - cpu0
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    wall = re.search(r"requests in ([\d.]+)(m?s)", out)
+    secs = float(wall.group(1)) * (1.0 if wall.group(2) == "s" else 0.001) if wall else seconds
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    refused = int(non2xx.group(1)) if non2xx else 0
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    return {
+        "connections": conns,
+        "answered": total,
+        "refused_non_2xx": refused,
+        "ok_rps": round((total - refused) / secs, 1),
+        "p99": p99.group(1) if p99 else None,
+        # less sensitive to other processes than req/s: CPU the server spent per answer
+        "server_cpu_ms_per_answer": round(1000 * cpu / max(total, 1), 3),
+        "socket_errors": dict(
+            zip(("connect", "read", "write", "timeout"), map(int, sock.groups()), strict=True)
+        )
+        if sock
+        else {},
+        "load_1m": load,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repo", type=Path, default=REPO, help="checkout whose server to run")
+    ap.add_argument("--label", default="", help="suffix of the result files")
+    ap.add_argument("--queue", type=int, default=256, help="ISOMAX_MAX_QUEUE_IMAGES")
+    ap.add_argument("--duration", type=int, default=8)
+    ap.add_argument("--connections", default="", help="comma-separated (default 32,Q/2,Q,4Q)")
+    args = ap.parse_args()
+    q = args.queue
+    conns = [int(c) for c in args.connections.split(",") if c] or [32, q // 2, q, 4 * q]
+
+    out_dir = REPO / "bench" / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    body = out_dir / "overload.png"
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "L").save(buf, "PNG")
+    body.write_bytes(buf.getvalue())
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ISOMAX_")}
+    env.update(
+        ISOMAX_MAX_QUEUE_IMAGES=str(q),
+        ISOMAX_MAX_IMAGES_PER_REQUEST=str(min(64, q)),
+        ISOMAX_LOG_LEVEL="warning",
+        PYTHONPATH=str(args.repo),
+    )
+    port = free_port()
+    cmd = [sys.executable, "-m", "isomax", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--models-dir", str(REPO / "models")]
+    proc = subprocess.Popen(
+        cmd, cwd=args.repo, env=env, stdout=subprocess.DEVNULL, preexec_fn=_more_fds
+    )
+    runs = []
+    load_before = loadavg()
+    try:
+        wait_ready(port, proc)
+        wrk(port, body, 32, 2, proc.pid)  # warm-up
+        for c in conns:
+            r = wrk(port, body, c, args.duration, proc.pid)
+            runs.append(r)
+            print(json.dumps(r), flush=True)
+            time.sleep(2)  # let refused connections drain
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    peak = max(r["ok_rps"] for r in runs if r["connections"] < 4 * q)
+    at_4q = next(r["ok_rps"] for r in runs if r["connections"] == 4 * q)
+    commit = subprocess.run(
+        ["git", "-C", str(args.repo), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    result = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": commit,
+        "label": args.label,
+        "cpus": os.cpu_count(),
+        "queue_limit": q,
+        "duration_s": args.duration,
+        "load_1m_before": load_before,
+        "load_1m_after": loadavg(),
+        "runs": runs,
+        "peak_ok_rps": peak,
+        "ok_rps_at_4x_queue": at_4q,
+        "ratio_4x_to_peak": round(at_4q / peak, 3) if peak else None,
+    }
+    suffix = f"-{args.label}" if args.label else ""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"overload{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"# Overload ({args.label or 'this checkout'}, commit {commit})",
+        "",
+        f"{result['date']}, {result['cpus']} CPUs, ISOMAX_MAX_QUEUE_IMAGES={q}, one worker, "
+        f"{args.duration} s per run, load average {load_before} before, "
+        f"{result['load_1m_after']} after (shared machine).",
+        "",
+        "| connections | successful req/s | refused (503) | server CPU ms/answer | p99 | socket errors |",
+        "|---:|---:|---:|---:|---|---|",
+    ]
+    for r in runs:
+        errs = ", ".join(f"{k} {v}" for k, v in r["socket_errors"].items() if v) or "-"
+        lines.append(
+            f"| {r['connections']} | {r['ok_rps']:.0f} | {r['refused_non_2xx']} | "
+            f"{r['server_cpu_ms_per_answer']} | {r['p99']} | {errs} |"
+        )
+    lines += ["", f"Successful req/s at 4 x Q / peak: **{result['ratio_4x_to_peak']}**"]
+    (RESULTS / f"overload{suffix}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
