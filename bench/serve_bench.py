@@ -347,18 +347,23 @@ def targets(args: argparse.Namespace, models_dir: Path, manifest: Manifest) -> l
                    answer_flat, env=bento_env, missing=missing)
         )  # fmt: skip
     ml_py, missing = peer_python("mlserver")
-    out.append(
-        Target("Seldon MLServer 1.7", "peer",
-               "custom runtime, adaptive batching (max 32, 2 ms), 1 onnxruntime thread",
-               [str(Path(ml_py).parent / "mlserver"), "start", "bench/peers/mlserver"],
-               "/v2/models/classifier/infer", [("v2-json", 32), ("v2-json", 128)], answer_v2,
-               port_args=lambda p: ([], {
-                   "MLSERVER_HTTP_PORT": str(p),
-                   "MLSERVER_GRPC_PORT": str(harness.free_port()),
-                   "MLSERVER_METRICS_PORT": str(harness.free_port()),
-                   "MLSERVER_HOST": harness.HOST,
-               }), missing=missing)
-    )  # fmt: skip
+    for workers, note in (
+        ("1", "its default: inference in 1 worker process (parallel_workers=1)"),
+        ("0", "inference in the server process (parallel_workers=0), no IPC"),
+    ):
+        out.append(
+            Target(f"Seldon MLServer 1.7 (parallel_workers={workers})", "peer",
+                   f"custom runtime, adaptive batching (max 32, 2 ms), 1 onnxruntime thread; {note}",
+                   [str(Path(ml_py).parent / "mlserver"), "start", "bench/peers/mlserver"],
+                   "/v2/models/classifier/infer", [("v2-json", 32), ("v2-json", 128)], answer_v2,
+                   env={"MLSERVER_PARALLEL_WORKERS": workers},
+                   port_args=lambda p: ([], {
+                       "MLSERVER_HTTP_PORT": str(p),
+                       "MLSERVER_GRPC_PORT": str(harness.free_port()),
+                       "MLSERVER_METRICS_PORT": str(harness.free_port()),
+                       "MLSERVER_HOST": harness.HOST,
+                   }), missing=missing)
+        )  # fmt: skip
     ray_py, missing = peer_python("ray")
     out.append(
         Target("Ray Serve", "peer",
