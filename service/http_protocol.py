@@ -77,6 +77,28 @@ def configure_from(settings: Settings) -> None:
     )
 
 
+class _Throttled:
+    """One log line per `every_s` for a kind of refusal, with the count of the ones it stands
+    for: a flood of slow or oversized requests is visible in the log without flooding it."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def log(self, now: float, kind: str, msg: str, *args: object) -> None:
+        if now - self._last.get(kind, float("-inf")) < self.every_s:
+            self._skipped[kind] = self._skipped.get(kind, 0) + 1
+            return
+        skipped = self._skipped.pop(kind, 0)
+        self._last[kind] = now
+        more = f" (and {skipped} more since the last such line)" if skipped else ""
+        log.warning(msg + more, *args)
+
+
+_throttled = _Throttled()
+
+
 class _Refused(Exception):
     """Raised from a parser callback to stop parsing; `status` and `detail` are the answer."""
 
@@ -148,7 +170,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             if refused is not None:
                 self._refuse(refused.status, refused.detail)
             else:
-                self.logger.warning("Invalid HTTP request received.")
+                _throttled.log(self.loop.time(), "400", "refused an invalid HTTP request")
                 self._refuse(400, "invalid HTTP request")
             return
         except httptools.HttpParserUpgrade:
@@ -176,6 +198,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, detail: str) -> None:
         """Answer `status` with a JSON detail (unless a response started) and close."""
         self._cancel_timers()
+        if status == 431:
+            _throttled.log(self.loop.time(), "431", "refused %s: %s", self._peer(), detail)
         if self.transport.is_closing():
             return
         cycle = self.cycle
@@ -237,7 +261,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()  # nothing was sent: no answer owed
             return
         timeout = self.limits.head_timeout_s
-        log.info("closing %s: request head incomplete after %.0f s", self._peer(), timeout)
+        _throttled.log(
+            self.loop.time(), "head", "closed %s: request head incomplete after %g s",
+            self._peer(), timeout,
+        )  # fmt: skip
         self._refuse(408, f"the request head did not arrive within {timeout:g} s")
 
     def _body_check(self) -> None:
@@ -255,7 +282,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             wait = timeout if self.flow.read_paused else timeout - idle
             self._body_timer = self.loop.call_later(wait, self._body_check)
             return
-        log.info("closing %s: request body stalled for %.0f s", self._peer(), timeout)
+        _throttled.log(
+            self.loop.time(), "body", "closed %s: request body stalled for %g s",
+            self._peer(), timeout,
+        )  # fmt: skip
         self._refuse(408, f"the request body stalled for more than {timeout:g} s")
 
     def _peer(self) -> str:

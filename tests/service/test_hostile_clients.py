@@ -138,6 +138,7 @@ def test_a_trickled_request_head_is_cut_after_the_head_timeout(guarded: Server) 
         assert time.monotonic() - t0 < SOCKET_TIMEOUT_S
         assert closed_by_server(silent)
     assert healthz_ok(guarded)
+    assert "request head incomplete after 1 s" in guarded.log_text()  # visible to operators
 
 
 # -- finding 4: bodies ---------------------------------------------------------------------------
