@@ -167,3 +167,27 @@ def test_label_count_mismatch_is_refused(tmp_path, trained, images):
             models_dir=tmp_path,
         )
     assert [p.name for p in (tmp_path / "bad").iterdir()] == []
+
+
+def test_manifest_records_the_normalization_inside_the_graph(bundle, tmp_path, images):
+    """The preprocess passed in said mean 0 / std 1; the graph normalizes with 0.5 / 0.25, and
+    the manifest must say what the graph does. A model that normalizes itself (mean/std
+    buffers, like training's Classifier) is read the same way."""
+    assert SPEC.mean == (0.0,) and SPEC.std == (1.0,)
+    m = Manifest.read(bundle)
+    assert m.preprocess.mean == (0.5,) and m.preprocess.std == (0.25,)
+
+    from training.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("smallcnn", "isomaxplus", 3, 1, [0.3], [0.2], image_size=8)
+    path = export_bundle(
+        model.eval(),
+        name="self-normalizing",
+        labels=["a", "b", "c"],
+        preprocess=SPEC,
+        calibration_images=images,
+        models_dir=tmp_path,
+    )
+    pre = Manifest.read(path).preprocess
+    assert pre.mean == pytest.approx((0.3,)) and pre.std == pytest.approx((0.2,))

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -82,3 +83,36 @@ def test_check_files_gives_channel_statistics(tmp_path: Path) -> None:
     kept, mean, std = check_files([*paths, tmp_path / "bad.jpg"], SPEC, "skip")
     assert kept.tolist() == [0, 1, 2]
     assert np.allclose(mean, [0.2, 0.4, 0.8], atol=0.02) and max(std) < 0.02
+
+
+def test_image_folder_run_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
+    """Killed while saving epoch 2 and resumed, an augmented image-folder run ends with the
+    weights of a run never interrupted (batches reseeded from the checkpointed generator)."""
+    from training import train as train_module
+    from training.config import TrainConfig
+
+    for k, cls in enumerate(("a", "b")):
+        for i in range(10):
+            _jpeg(_photo(60 + 5 * i, 50, seed=10 * k + i), tmp_path / "data" / cls / f"{i}.jpg")
+    cfg = TrainConfig(
+        dataset="folder", data_dir=str(tmp_path / "data"), image_size=24, epochs=2,
+        batch_size=4, lr=0.05, augment=True, workers=0, threads=1,
+    )  # fmt: skip
+    real_save = train_module.torch.save
+
+    def dying_save(obj, path, *args, **kwargs):
+        if obj.get("epoch") == 1:
+            raise KeyboardInterrupt
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(train_module.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(cfg, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(train_module.torch, "save", real_save)
+    train_module.train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    train_module.train(cfg, tmp_path / "straight", progress=False)
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 1
+    for name, value in a["model"].items():
+        assert torch.equal(b["model"][name], value), name
