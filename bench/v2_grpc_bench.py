@@ -80,7 +80,7 @@ def serve_grpc(port: int) -> None:
             outputs = [RequestedOutput(o.name, True) for o in request.outputs] or None
             req = InferRequest(request.id or None, inputs, outputs, True)
             with model.lease():
-                x, wanted = await model_input(req, model, app.state.settings)
+                x, wanted, _ = await model_input(req, model, app.state.settings)
                 head, tensors = await run(req, model, x, wanted, app.state.metrics)
             response = service_pb2.ModelInferResponse(
                 model_name=head["model_name"], model_version=head["model_version"]

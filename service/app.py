@@ -33,6 +33,7 @@ from service.classify import ClassifyEndpoint, openapi_operation
 from service.errors import (
     RETRY_AFTER,
     ServiceError,
+    error_body,
     error_detail,
     error_status,
     validation_detail,
@@ -51,6 +52,7 @@ from service.schemas import (
     ReadyResponse,
 )
 from service.settings import Settings
+from service.shutdown import SHUTTING_DOWN, AnswerWhenCut
 from service.v2.routes import routes as v2_routes
 from service.workers import WorkerBoard, merge_entries, merge_models
 
@@ -335,7 +337,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
         if isinstance(route, APIRoute):
             # The one-line docstring is the OpenAPI summary (FastAPI would use the function name).
             route.summary = route.summary or (route.description or "").split("\n")[0] or None
-    app.router.routes.extend(v2_routes())  # Open Inference Protocol v2 (service/v2)
+    app.router.routes.extend(v2_routes(settings))  # Open Inference Protocol v2 (service/v2)
     endpoint = ClassifyEndpoint(app.state, settings, metrics)
     app.state.body_budget = endpoint.bodies  # in-flight body bytes, shared with service/v2
     if settings.page:
@@ -343,7 +345,9 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     # Direct: counted by its own metrics layer. Routed (a path the direct table does not match,
     # e.g. behind an unexpected prefix): the app's middleware counts it already.
-    app.add_direct_post("/classify", RequestMetricsMiddleware(endpoint, metrics), endpoint)
+    # A request cut by the graceful-shutdown timeout: a JSON 503 (service/shutdown.py).
+    cut = AnswerWhenCut(endpoint, error_body(SHUTTING_DOWN), settings.retry_after_s)
+    app.add_direct_post("/classify", RequestMetricsMiddleware(cut, metrics), cut)
     _document_classify(app, settings.max_images_per_request)
     app.guard(settings.trusted_hosts, settings.cors_origins)
     return app

@@ -422,14 +422,6 @@ class ClassifyEndpoint:
 
         try:
             body = await self.classify(scope, receive_body)
-        except asyncio.CancelledError:
-            # uvicorn cancels what is still running when the graceful shutdown timeout ends:
-            # answer (its own answer would be a plain-text 500), then let the task end.
-            headers = [_JSON, (b"retry-after", str(self.settings.retry_after_s).encode())]
-            headers.append((b"connection", b"close"))
-            detail = "the server is shutting down: retry (another instance may answer)"
-            await _respond(send, 503, error_body(detail), headers)
-            raise
         except Exception as e:
             status = error_status(e)
             if status == 500 and not isinstance(e, ServiceError):

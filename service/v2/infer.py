@@ -10,16 +10,21 @@ Two ways in, one path after them:
 `model_input` checks and builds the input (routes.py reads the body under the same admission
 as /classify: queue room and the in-flight body budget, taken before the body is read); `run`
 hands it to the batcher (shared with /classify, so images from both share onnxruntime runs and the
-queue limit), the verdict of isomax.contract.verdict (`Thresholds.judge`, the one rule), and
-the metrics (`isomax_images_total` by verdict, `isomax_min_distance`), as for /classify.
+queue limit), the verdict of isomax.contract.verdict (`Thresholds.judge`, the one rule), the
+metrics (`isomax_images_total` by verdict, `isomax_min_distance`) and the capture of flagged
+inputs (service/capture.py, when enabled), as for /classify. Only `image_bytes` is captured: the
+capture keeps the bytes a client sent, and FP32 pixels are not an image file (a PNG made from
+them would be the client's preprocessing, quantized, not its input), so they are not offered.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from service.capture import CaptureWriter
 from service.classify import Upload, decode_uploads
 from service.errors import PayloadTooLargeError
 from service.metrics import PrometheusMetrics
@@ -117,8 +122,11 @@ def pixels(tensor: InputTensor, model: LoadedModel, settings: Settings) -> np.nd
     return x
 
 
-async def decoded(tensor: InputTensor, model: LoadedModel, settings: Settings) -> np.ndarray:
-    """Encoded image files -> float32 [N, C, H, W], exactly as POST /classify decodes them."""
+async def decoded(
+    tensor: InputTensor, model: LoadedModel, settings: Settings
+) -> tuple[np.ndarray, list[bytes]]:
+    """Encoded image files -> (float32 [N, C, H, W], exactly as POST /classify decodes them;
+    the files, for the capture)."""
     _expect(tensor, BYTES)
     if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
         raise TensorError(
@@ -133,7 +141,7 @@ async def decoded(tensor: InputTensor, model: LoadedModel, settings: Settings) -
                 f"{tensor.name}[{i}] is {len(data)} bytes; the limit is {settings.max_image_bytes}"
             )
     uploads = [Upload(f"{tensor.name}[{i}]", data) for i, data in enumerate(files)]
-    return await decode_uploads(uploads, model, settings)
+    return await decode_uploads(uploads, model, settings), files
 
 
 def _outputs(request: InferRequest, model: LoadedModel) -> Wanted:
@@ -150,8 +158,9 @@ def _outputs(request: InferRequest, model: LoadedModel) -> Wanted:
 
 async def model_input(
     request: InferRequest, model: LoadedModel, settings: Settings
-) -> tuple[np.ndarray, Wanted]:
-    """The request's images as the model's input [N, C, H, W], and the outputs it wants.
+) -> tuple[np.ndarray, Wanted, list[bytes] | None]:
+    """The request's images as the model's input [N, C, H, W], the outputs it wants, and the
+    encoded image files it sent (None for FP32 pixels: nothing to capture).
 
     Everything a client can get wrong is checked here, before the model runs.
     """
@@ -163,14 +172,31 @@ async def model_input(
     (tensor,) = request.inputs
     wanted = _outputs(request, model)  # unknown names are refused before any work
     if tensor.name == model.manifest.onnx.input_name:
-        return pixels(tensor, model, settings), wanted
+        return pixels(tensor, model, settings), wanted, None
     if tensor.name == BYTES_INPUT:
-        return await decoded(tensor, model, settings), wanted
+        x, files = await decoded(tensor, model, settings)
+        return x, wanted, files
     raise TensorError(
         f"unknown input {tensor.name!r}; {model.name} takes "
         f"{model.manifest.onnx.input_name!r} (FP32 [N, C, H, W] in [0, 1]) or "
         f"{BYTES_INPUT!r} (BYTES [N]: encoded image files)"
     )
+
+
+def capture_rows(
+    model: LoadedModel,
+    predicted: np.ndarray,
+    distances: list[float],
+    thresholds: np.ndarray,
+    is_ood: np.ndarray,
+) -> list[dict[str, Any]]:
+    """The fields of /classify's results that a capture record keeps, image by image."""
+    labels = model.labels
+    columns = (predicted.tolist(), distances, thresholds.tolist(), is_ood.tolist())
+    return [
+        {"class_index": c, "label": labels[c], "min_distance": d, "threshold": t, "is_ood": o}
+        for c, d, t, o in zip(*columns, strict=True)
+    ]
 
 
 async def run(
@@ -179,8 +205,11 @@ async def run(
     x: np.ndarray,
     wanted: Wanted,
     metrics: PrometheusMetrics,
+    capture: CaptureWriter | None = None,
+    files: Sequence[bytes] | None = None,
 ) -> tuple[dict[str, Any], list[tuple[OutputTensor, bool]]]:
-    """The shared batcher, the verdict, the metrics; (response head, wanted output tensors).
+    """The shared batcher, the verdict, the metrics, the capture of `files` (the encoded image
+    files, when the request sent them); (response head, wanted output tensors).
 
     `response_body` (tensors.py) writes them as a REST answer.
     """
@@ -188,7 +217,15 @@ async def run(
     predicted = np.argmax(logits, axis=1)
     thresholds, is_ood = model.thresholds.judge(predicted, distance)
     n_ood = int(is_ood.sum())
-    metrics.observe_images(model.name, distance.tolist(), n_ood, len(x))
+    distances = distance.tolist()
+    metrics.observe_images(model.name, distances, n_ood, len(x))
+    if capture is not None and files is not None:
+        capture.offer(
+            model.name,
+            model.version,
+            files,
+            capture_rows(model, predicted, distances, thresholds, is_ood),
+        )
 
     names = model.manifest.onnx
     tensors = {

@@ -2,7 +2,7 @@
 
 Errors are v2's: a JSON body `{"error": "<what was wrong>"}`, 400 for a bad request (whatever
 /classify would answer 400, 415 or 422), 404 for an unknown model or version, 413 past a size
-limit, 503 (+ Retry-After) when not ready or overloaded. Health answers carry no body: 200 for
+limit, 503 (+ Retry-After) when not ready, overloaded, or cut by a shutdown. Health answers carry no body: 200 for
 true, 400 for false (as the protocol says), 404 for a model or version that is not served.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Route, request_response
 
 from service.admission import BodyBudget, Reservation
 from service.errors import (
@@ -28,6 +28,7 @@ from service.errors import (
 )
 from service.models import LoadedModel, ModelRegistry
 from service.settings import Settings
+from service.shutdown import SHUTTING_DOWN, AnswerWhenCut
 from service.v2.infer import model_input, model_metadata, run
 from service.v2.tensors import HEADER_LENGTH, TensorError, parse_request, response_body
 
@@ -151,12 +152,13 @@ async def model_infer(request: Request) -> Response:
             try:
                 body = await _read_body(request, settings.max_body_bytes, reservation)
                 parsed = parse_request(body, request.headers.get(HEADER_LENGTH))
-                x, wanted = await model_input(parsed, model, settings)
+                x, wanted, files = await model_input(parsed, model, settings)
             finally:
                 model.batcher.release()
                 reservation.release()
-            metrics = request.app.state.metrics
-            content, json_length = response_body(*await run(parsed, model, x, wanted, metrics))
+            state = request.app.state
+            answer = await run(parsed, model, x, wanted, state.metrics, state.capture, files)
+            content, json_length = response_body(*answer)
     except Exception as e:
         return _error(e, settings)
     if json_length is None:
@@ -168,8 +170,13 @@ async def model_infer(request: Request) -> Response:
     )
 
 
-def routes() -> list[BaseRoute]:
-    """Every v2 route, with and without a version in the path."""
+def routes(settings: Settings) -> list[BaseRoute]:
+    """Every v2 route, with and without a version in the path.
+
+    Infer, cut by the graceful-shutdown timeout, answers a v2 error 503 (service/shutdown.py).
+    """
+    cut = orjson.dumps({"error": SHUTTING_DOWN})
+    infer = AnswerWhenCut(request_response(model_infer), cut, settings.retry_after_s)
     out: list[BaseRoute] = [
         Route("/v2", server_metadata, methods=["GET"]),
         Route("/v2/health/live", server_live, methods=["GET"]),
@@ -179,6 +186,6 @@ def routes() -> list[BaseRoute]:
         out += [
             Route(prefix, model_meta, methods=["GET"]),
             Route(prefix + "/ready", model_ready, methods=["GET"]),
-            Route(prefix + "/infer", model_infer, methods=["POST"]),
+            Route(prefix + "/infer", infer, methods=["POST"]),
         ]
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from pathlib import Path
 
@@ -9,11 +10,13 @@ import numpy as np
 import pytest
 
 from isomax.cli import main as isomax_main
+from isomax.contract.decode import decode
+from isomax.contract.manifest import Manifest
 from service.capture import CaptureWriter, extension, read_records
 from service.metrics import PrometheusMetrics
 from service.settings import Settings
 from tests.service.bundles import LABELS, png_bytes, sample_images
-from tests.service.conftest import app_client, wait_ready
+from tests.service.conftest import app_client, run_server, wait_ready
 from training.data.folders import find_images
 
 PNG_HEADERS = {"content-type": "image/png"}
@@ -166,3 +169,50 @@ def test_capture_is_off_by_default(models_dir: Path, tmp_path: Path) -> None:
         wait_ready(c)
         assert c.app.state.capture is None  # type: ignore[attr-defined]
         assert c.post("/classify", content=sample_images(0, 1)[0][1], headers=PNG_HEADERS).json()
+
+
+# What a record says about its image (the rest, `file` and `time`, is the writer's own).
+VERDICT_FIELDS = ("model", "version", "verdict", "min_distance", "threshold", "class_index",
+                  "label", "bytes", "sampled_share")  # fmt: skip
+
+
+@pytest.mark.e2e
+def test_v2_infer_captures_image_files_as_classify_does(models_dir: Path, tmp_path: Path) -> None:
+    """A real server: the same files through POST /classify and v2 `image_bytes` give the same
+    records and bytes; FP32 `image` pixels (no file was sent) are not captured."""
+    cap = tmp_path / "cap"
+    images = sample_images(3, 2)
+    files = [data for _, data in images]
+    env = {"ISOMAX_CAPTURE_DIR": str(cap), "ISOMAX_CAPTURE_ID_SHARE": "1.0"}
+    with run_server(models_dir, tmp_path / "log", **env) as srv, srv.client() as c:
+        r = c.post("/classify", files=[("file", (n, d, "image/png")) for n, d in images])
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert {x["is_ood"] for x in results} == {True, False}  # both verdicts are captured
+        by_classify = wait_files(cap, len(files))
+        url = f"/v2/models/{r.json()['model']}/infer"
+        # FP32 pixels first: were they captured, the writer (FIFO) would write them before the
+        # files of the next request.
+        spec = Manifest.read(models_dir / "tiny" / "2").preprocess
+        x = np.stack([decode(d, spec) for d in files]).astype(np.float32)
+        pixels = {"name": "image", "datatype": "FP32", "shape": list(x.shape),
+                  "data": x.reshape(-1).tolist()}  # fmt: skip
+        assert c.post(url, json={"inputs": [pixels]}).status_code == 200
+        encoded = {"name": "image_bytes", "datatype": "BYTES", "shape": [len(files)],
+                   "data": [base64.b64encode(d).decode() for d in files]}  # fmt: skip
+        r = c.post(url, json={"inputs": [encoded], "outputs": [{"name": "is_ood"}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["outputs"][0]["data"] == [x["is_ood"] for x in results]
+        wait_files(cap, 2 * len(files))
+        time.sleep(0.2)  # anything else queued would be written by now
+        records = read_records(cap)
+    assert len(records) == 2 * len(files)
+    by_v2 = [rec for rec in records if rec not in by_classify]
+
+    def seen(recs: list[dict]) -> list[tuple]:
+        return sorted(
+            (*[rec[k] for k in VERDICT_FIELDS], (cap / rec["file"]).read_bytes()) for rec in recs
+        )
+
+    assert seen(by_v2) == seen(by_classify)
+    assert sorted((cap / rec["file"]).read_bytes() for rec in by_v2) == sorted(files)

@@ -214,21 +214,31 @@ def test_keep_alive_requests_just_after_sigterm_are_answered(
         assert srv.proc.wait(30) in (0, -signal.SIGTERM)
 
 
+@pytest.mark.parametrize(
+    ("path", "content_type", "start", "key"),
+    [
+        ("/classify", "image/png", PNG[:20], "detail"),
+        # v2 infer answers in v2's error format (service/shutdown.py, one wrapper for both)
+        ("/v2/models/tiny/infer", "application/json", b'{"inputs": [{"name": "image_by', "error"),
+    ],
+    ids=["classify", "v2-infer"],
+)
 def test_a_request_cut_by_the_graceful_timeout_gets_a_json_503(
-    models_dir: Path, tmp_path: Path
+    models_dir: Path, tmp_path: Path, path: str, content_type: str, start: bytes, key: str
 ) -> None:
     """A request still reading its body when ISOMAX_GRACEFUL_TIMEOUT_S=1 runs out is answered
     with the JSON 503 and Retry-After, not uvicorn's plain-text 500."""
     env = {"ISOMAX_GRACEFUL_TIMEOUT_S": "1", "ISOMAX_BODY_TIMEOUT_S": "30"}
     with run_server(models_dir, tmp_path / "log", **env) as srv, connect(srv) as s:
-        head = request("POST", "/classify", Content_Type="image/png")
-        s.sendall(head.replace(b"Content-Length: 0", b"Content-Length: 5000") + PNG[:20])
+        head = request("POST", path, Content_Type=content_type)
+        s.sendall(head.replace(b"Content-Length: 0", b"Content-Length: 5000") + start)
         time.sleep(0.3)
         srv.proc.send_signal(signal.SIGTERM)
         status, headers, body = read_response(s)
         assert status == 503, body
         assert headers["content-type"] == "application/json" and headers["retry-after"]
-        assert "shutting down" in json.loads(body)["detail"]
+        assert headers["connection"] == "close"
+        assert list(json.loads(body)) == [key] and "shutting down" in json.loads(body)[key]
         assert srv.proc.wait(30) in (0, -signal.SIGTERM)
 
 
