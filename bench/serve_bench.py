@@ -574,20 +574,27 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 out[f"{key}_32_vs_raw_onnxruntime"] = r32["vs_raw_onnxruntime"]
             if r128:
                 out[f"{key}_128_p99_ms"] = r128["p99_ms"]
-    peers = [r for r in rows if r["group"] == "peer" and r["images_per_request"] == 1]
-    if peers:
+    single = [r for r in rows if r["images_per_request"] == 1]
+    for conns in (32, 128):
+        peers = [r for r in single if r["group"] == "peer" and r["connections"] == conns]
+        if not peers:
+            continue
         best = max(peers, key=lambda r: r["images_per_s"])
-        out["best_peer"] = {
-            k: best[k] for k in ("server", "request", "connections", "images_per_s")
+        out[f"best_peer_{conns}"] = {
+            k: best[k]
+            for k in ("server", "request", "images_per_s", "p99_ms", "server_cpu_ms_per_image")
         }
         for workers in (1, 2):
             label = f"isomax serve, {workers} worker" + ("s" if workers > 1 else "")
-            ours = [r for r in rows if r["server"] == label and r["images_per_request"] == 1]
+            ours = [r for r in single if r["server"] == label and r["connections"] == conns]
             if ours:
                 top = max(ours, key=lambda r: r["images_per_s"])
-                out[f"{workers}w_best_vs_best_peer"] = round(
-                    top["images_per_s"] / best["images_per_s"], 2
-                )
+                out[f"{workers}w_vs_best_peer_{conns}"] = {
+                    "images_per_s": round(top["images_per_s"] / best["images_per_s"], 2),
+                    "cpu_per_image": round(
+                        best["server_cpu_ms_per_image"] / top["server_cpu_ms_per_image"], 2
+                    ),
+                }
     return out
 
 
