@@ -75,25 +75,14 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run(run_dir: str, checkpoint: str):
-    """-> (model, config, meta, splits) of a finished run; the data come from the run's config."""
-    from training.data.datasets import load_dataset
-    from training.train import load_checkpoint
-
-    path = Path(run_dir) / checkpoint
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: train first (isomax train --out {run_dir})")
-    model, cfg, meta = load_checkpoint(path)
-    return model, cfg, meta, load_dataset(cfg)
-
-
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from training.data.ood import ood_sets_for
     from training.evaluate import evaluate, markdown_table, write_report
+    from training.export_run import load_run
     from training.train import predict, serving_preprocess
 
-    model, cfg, meta, splits = _load_run(a.run_dir, a.checkpoint)
-    if splits.test_x is None:
+    model, cfg, meta, splits = load_run(Path(a.run_dir), a.checkpoint)
+    if splits.test_x is None or splits.test_y is None:
         raise ValueError("this data set has no test split to evaluate on")
     sets = ood_sets_for(splits, a.ood, a.ood_folder, serving_preprocess(meta, cfg))
     report, outputs = evaluate(
@@ -112,98 +101,40 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    import numpy as np
+    from training.evaluate import markdown_table
+    from training.export_run import export_run
+    from training.temperature import plot_reliability
 
-    from isomax.contract.manifest import CalibrationError, EvaluationMetrics
-    from isomax.contract.verdict import Thresholds
-    from training.data.ood import ood_sets_for
-    from training.evaluate import evaluate, markdown_table
-    from training.export import export_bundle
-    from training.temperature import ECE_BINS, expected_calibration_error, plot_reliability
-    from training.train import last_record, serving_preprocess
-
-    model, cfg, meta, splits = _load_run(a.run_dir, a.checkpoint)
-    if cfg.head == "softmax":
-        raise ValueError(
-            "a SoftMax model has no distance to serve; export an IsoMax+ (or IsoMax) run"
-        )
-    name = a.name or f"{cfg.dataset}-{cfg.head}"
-    report: dict = {}
-    tested: dict = {}  # the test split's logits and the temperature, for the reliability diagram
-
-    def evaluate_graph(predictor, cal) -> EvaluationMetrics:
-        if splits.test_x is None or a.no_eval:
-            val_logits = predictor(splits.val_x)[0]
-            return EvaluationMetrics(
-                accuracy={"val": float((val_logits.argmax(1) == splits.val_y).mean())}
-            )
-        sets = ood_sets_for(splits, a.ood, a.ood_folder, serving_preprocess(meta, cfg))
-        served = Thresholds.lookup(cal)
-        per_class = served.per_class
-        r, outputs = evaluate(
-            predictor,
-            cfg.head,
-            splits.test_x,
-            splits.test_y,
-            sets,
-            val=(splits.val_x, splits.val_y),
-            score_thresholds=None if per_class is None else {"mds_class": np.asarray(per_class)},
-        )
-        report.update(r)
-        # Share of each set the served verdict flags: ~1 - target_tpr on "test" by design.
-        flagged = {
-            ("test" if k == "in" else k): float(served.judge(o[0].argmax(1), o[1])[1].mean())
-            for k, o in outputs.items()
-            if o[1] is not None
-        }
-        report["flagged_at_threshold"] = flagged
-        ece = {}
-        if cal.temperature is not None:  # ECE of `probability` on the test split, T=1 vs fitted
-            test_logits = outputs["in"][0]
-            tested["logits"], tested["temperature"] = test_logits, cal.temperature
-            ece["test"] = CalibrationError(
-                bins=ECE_BINS,
-                before=expected_calibration_error(test_logits, splits.test_y),
-                after=expected_calibration_error(test_logits, splits.test_y, cal.temperature),
-            )
-            report["calibration_error"] = {k: v.model_dump() for k, v in ece.items()}
-        # r["accuracy"] holds val and test: evaluate() ran the graph on the validation split.
-        return EvaluationMetrics(
-            accuracy=r["accuracy"], ood=r["ood"], flagged=flagged, calibration_error=ece
-        )
-
-    bundle = export_bundle(
-        model,
-        name=name,
+    done = export_run(
+        Path(a.run_dir),
+        a.checkpoint,
+        name=a.name,
         version=a.version,
-        labels=splits.labels,
-        preprocess=serving_preprocess(meta, cfg),
-        calibration_images=splits.val_x,
         models_dir=a.models_dir,
         target_tpr=a.target_tpr,
-        calibration_split=f"{cfg.dataset} validation ({len(splits.val_x)} images held out of train, split seed {cfg.split_seed})",
-        training={
-            **cfg.to_dict(),
-            "checkpoint": a.checkpoint,
-            "train_seconds": round((last_record(Path(a.run_dir)) or {}).get("seconds", 0.0), 1),
-        },
-        evaluate=evaluate_graph,
-        calibration_labels=None if a.no_temperature else splits.val_y,
+        ood=a.ood,
+        ood_folders=a.ood_folder,
+        evaluate_sets=not a.no_eval,
+        temperature=not a.no_temperature,
         per_class=not a.global_threshold,
-        description=a.description
-        or f"{cfg.arch} trained with the {cfg.head} loss on {cfg.dataset}",
+        description=a.description,
     )
+    bundle, report = done.bundle, done.report
     if report:
         print(markdown_table(report))
         print(
             "flagged as OOD at the calibrated threshold:",
             json.dumps(report["flagged_at_threshold"]),
         )
-    if tested:
+    if (
+        done.test_logits is not None
+        and done.test_labels is not None
+        and done.temperature is not None
+    ):
         plot = plot_reliability(
-            tested["logits"],
-            splits.test_y,
-            tested["temperature"],
+            done.test_logits,
+            done.test_labels,
+            done.temperature,
             Path(a.run_dir) / "export" / f"{bundle.parent.name}-{bundle.name}-reliability.png",
             f"{bundle.parent.name}:{bundle.name} on the test split",
         )
