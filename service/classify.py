@@ -321,7 +321,9 @@ async def decode_uploads(
             items.append(arr)
             continue
         try:
-            img = open_header(up.data, settings.max_image_pixels, settings.max_image_decoded_bytes)
+            img = open_header(
+                up.data, settings.max_image_pixels, settings.max_image_decoded_bytes, spec
+            )
         except (ImageDecodeError, ImageTooLargeError) as e:
             raise failed(i, up, e) from e
         total += decoded_bytes(img)

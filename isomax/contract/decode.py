@@ -56,13 +56,18 @@ def decoded_bytes(img: Image.Image) -> int:
 
 
 def open_header(
-    data: bytes, max_pixels: int | None = None, max_decoded_bytes: int | None = None
+    data: bytes,
+    max_pixels: int | None = None,
+    max_decoded_bytes: int | None = None,
+    spec: Preprocess | None = None,
 ) -> Image.Image:
     """Parse only the header of `data`: format and size are known, no pixel is decoded yet.
 
     Only the decoders of FORMATS are tried. With `max_pixels` the declared size is checked
     against it; without, Pillow's own decompression-bomb limit applies (its warning is turned
-    into an error). With `max_decoded_bytes`, so is the decoded size (`decoded_bytes`).
+    into an error). With `max_decoded_bytes`, so is the decoded size (`decoded_bytes`), of the
+    image as it will be decoded for `spec`: a JPEG after its draft scaling (`_draft`), so that a
+    12-megapixel photo for a small model counts the ~1/64 of its pixels it will decode.
     """
     if not data:
         raise ImageDecodeError("cannot decode image: it is empty")
@@ -87,7 +92,10 @@ def open_header(
     w, h = img.size
     if max_pixels is not None and w * h > max_pixels:
         raise ImageTooLargeError(f"image is {w}x{h} = {w * h} pixels; limit is {max_pixels}")
+    if spec is not None:
+        _draft(img, spec)  # image_to_uint8 drafts again: a no-op once set
     if max_decoded_bytes is not None and decoded_bytes(img) > max_decoded_bytes:
+        w, h = img.size
         raise ImageTooLargeError(
             f"image is {w}x{h} in mode {img.mode}: {decoded_bytes(img)} bytes decoded; the limit "
             f"is {max_decoded_bytes}"

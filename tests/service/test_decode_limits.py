@@ -104,3 +104,15 @@ def test_wide_integer_images_convert_without_float_copies(dtype: type, mode: str
     finally:
         tracemalloc.stop()
     assert peak < 5 * size, f"peak {peak} bytes for {size} decoded"
+
+
+def test_a_photo_counts_the_pixels_its_jpeg_draft_decodes() -> None:
+    """A 12-megapixel JPEG (48 MB as Pillow's RGB) for a small model: the decoder scales it by
+    1/8 (draft), so its decoded size is within the limit; without a spec it is not."""
+    data = encode(Image.new("RGB", (4032, 3024), (120, 30, 200)), "JPEG", quality=90)
+    limit = 40 * 1024 * 1024
+    img = open_header(data, max_decoded_bytes=limit, spec=L28)
+    assert img.size == (504, 378) and decoded_bytes(img) < limit
+    assert image_to_uint8(img, L28).shape == (1, 28, 28)
+    with pytest.raises(ImageTooLargeError, match="4032x3024 in mode RGB"):
+        open_header(data, max_decoded_bytes=limit)

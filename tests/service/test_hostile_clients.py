@@ -292,6 +292,16 @@ def test_a_16bit_5000x5000_png_is_refused_before_decoding(models_dir: Path, tmp_
     assert growth < PEAK_GROWTH_BOUND_KIB, f"peak memory grew by {growth} KiB"
 
 
+def test_a_12_megapixel_photo_is_served_under_the_default_limits(guarded: Server) -> None:
+    """The decoded-bytes limit refuses what would decode big, not big photos: a JPEG is
+    counted at the scale its decoder will use for the model (draft)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (4032, 3024), (120, 30, 200)).save(buf, "JPEG", quality=90)
+    with guarded.client() as c:
+        r = c.post("/classify", content=buf.getvalue(), headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+
+
 def test_the_decoded_bytes_of_a_request_are_bounded(models_dir: Path, tmp_path: Path) -> None:
     part = png_gray16(3000, 3000)  # 18 MB decoded each
     env = {"ISOMAX_MAX_REQUEST_DECODED_BYTES": str(64 * 1024 * 1024)}
