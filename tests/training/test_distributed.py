@@ -5,6 +5,8 @@
 - With the same global batch, two processes train the same model as one process: compared with
   the backbone frozen, where the math is identical (BatchNorm statistics over each process's
   half batch would otherwise differ from the whole batch's), to 1e-5.
+- A job killed after its first epoch and relaunched with --resume ends where an uninterrupted
+  job does.
 """
 
 from __future__ import annotations
@@ -86,3 +88,41 @@ def test_ranks_hold_identical_weights_after_full_training(tmp_path: Path) -> Non
     assert record == {"world": 2, "max_weight_difference_across_ranks": 0.0}
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]  # rank 0 alone wrote the history
+
+
+def test_a_killed_torchrun_job_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:
+    """Stop the whole job once epoch 1 is on disk, relaunch with --resume: the result equals
+    a job that was never stopped (rank 0's checkpoint carries what every rank needs)."""
+    import signal
+    import time
+
+    data = _folder(tmp_path / "data")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = ["--epochs", "3"]
+    _torchrun([*_args(data, straight, frozen=False), *args])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    job = subprocess.Popen(
+        [*cmd, "-m", "isomax", *_args(data, resumed, frozen=False), *args],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    history = resumed / "history.jsonl"
+    deadline = time.monotonic() + 300
+    try:
+        while not (history.is_file() and history.read_text().strip()):
+            assert job.poll() is None and time.monotonic() < deadline, "job ended before epoch 1"
+            time.sleep(0.05)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait(60)
+    _torchrun([*_args(data, resumed, frozen=False), *args, "--resume"])
+    lines = history.read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines][-1] == 3
+    a = torch.load(straight / "last.pt", weights_only=False)["model"]
+    b = torch.load(resumed / "last.pt", weights_only=False)["model"]
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, rtol=0, atol=TOLERANCE, msg=name)
