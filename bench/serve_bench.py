@@ -317,6 +317,7 @@ class Target:
     )
     start_timeout: float = 120.0
     missing: str | None = None  # why it cannot run here (venv absent)
+    workers: int = 0  # isomax serve's worker processes: ready when each has its models ready
 
 
 def peer_python(name: str) -> tuple[str, str | None]:
@@ -335,14 +336,15 @@ def targets(args: argparse.Namespace, models_dir: Path, manifest: Manifest) -> l
     extra = [("multipart-8", 32), ("multipart-8", 128)] if args.full else []
     out = [
         Target("isomax serve, 1 worker", "isomax", "defaults", serve, "/classify",
-               single + extra, answer_isomax),
+               single + extra, answer_isomax, workers=1),
         Target("isomax serve, 2 workers", "isomax", "--workers 2", [*serve, "--workers", "2"],
-               "/classify", single + extra, answer_isomax),
+               "/classify", single + extra, answer_isomax, workers=2),
     ]  # fmt: skip
     if args.full:
         out.append(
             Target("isomax serve, batching off", "isomax", "1 worker, --max-batch-size 1",
-                   [*serve, "--max-batch-size", "1"], "/classify", single[:3], answer_isomax)
+                   [*serve, "--max-batch-size", "1"], "/classify", single[:3], answer_isomax,
+                   workers=1)
         )  # fmt: skip
     mp = [("multipart", 32), ("multipart", 128)]
     uvicorn = [py, "-m", "uvicorn", "bench.peers.fastapi_naive:app", "--host", harness.HOST]
@@ -423,7 +425,11 @@ def run_target(
     extra_args, extra_env = t.port_args(port)
     first = bodies[t.runs[0][0]]
 
+    every_worker = harness.every_worker_ready(t.workers) if t.workers else None
+
     def ready(server: harness.Server) -> bool:
+        if every_worker is not None and not every_worker(server):
+            return False  # one worker's 200 says nothing about the others
         return first.post(server, t.path)[0] == 200
 
     log = OUT / "logs" / (re.sub(r"\W+", "_", t.label).strip("_") + ".log")
@@ -510,7 +516,13 @@ def main() -> int:
         print(f"{t.label} ({t.note})", flush=True)
         try:
             rows += run_target(t, bodies, env, args, expected)
-        except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as e:
+        except (
+            RuntimeError,
+            TimeoutError,
+            subprocess.CalledProcessError,
+            ValueError,
+            KeyError,
+        ) as e:
             print(f"  ! {t.label} failed: {e}", flush=True)
             skipped[t.label] = f"failed: {str(e)[-500:]}"
 
