@@ -16,6 +16,7 @@ recalibrating.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -55,8 +56,13 @@ class Thresholds:
         both `(N,)`. The thresholds come back as float64, `is_ood` as bool.
         """
         d = np.asarray(min_distance)
-        if self.per_class is None:
+        if self._per_class_array is None:
             t = np.full(d.shape, self.overall, dtype=np.float64)
         else:
-            t = np.asarray(self.per_class, dtype=np.float64)[np.asarray(predicted)]
+            t = self._per_class_array[np.asarray(predicted)]
         return t, d > t
+
+    @cached_property
+    def _per_class_array(self) -> np.ndarray | None:
+        # Built once per model, not per request (~10 us each on the service's hot path).
+        return None if self.per_class is None else np.asarray(self.per_class, dtype=np.float64)
