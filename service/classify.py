@@ -368,11 +368,13 @@ def result_rows(
     """
     labels = model.labels
     temperature = model.temperature
-    thresholds, flags = model.thresholds.judge(np.argmax(logits, axis=1), distance)
-    n_ood = int(flags.sum())
+    rows_of_logits = logits.tolist()
+    distances = distance.tolist()
+    predicted = [row.index(max(row)) for row in rows_of_logits]  # argmax: first of ties
+    thresholds, flags = model.thresholds.judge(predicted, distances)
+    n_ood = sum(flags)
     results = []
-    columns = (uploads, logits.tolist(), distance.tolist(), thresholds.tolist(), flags.tolist())
-    rows = zip(*columns, strict=True)
+    rows = zip(uploads, rows_of_logits, distances, thresholds, flags, strict=True)
     for up, row, d, t, is_ood in rows:
         top = max(row)
         if temperature is None:

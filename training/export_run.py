@@ -92,7 +92,9 @@ def export_run(
         done.report.update(r)
         # Share of each set the served verdict flags: ~1 - target_tpr on "test" by design.
         flagged = {
-            ("test" if k == "in" else k): float(served.judge(o[0].argmax(1), o[1])[1].mean())
+            ("test" if k == "in" else k): float(
+                np.mean(served.judge(o[0].argmax(1).tolist(), o[1].tolist())[1])
+            )
             for k, o in outputs.items()
             if o[1] is not None
         }

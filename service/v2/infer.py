@@ -215,9 +215,10 @@ async def run(
     """
     logits, distance = await model.batcher.submit(x)
     predicted = np.argmax(logits, axis=1)
-    thresholds, is_ood = model.thresholds.judge(predicted, distance)
-    n_ood = int(is_ood.sum())
     distances = distance.tolist()
+    judged = model.thresholds.judge(predicted.tolist(), distances)
+    thresholds, is_ood = np.asarray(judged[0], np.float64), np.asarray(judged[1], np.bool_)
+    n_ood = int(is_ood.sum())
     metrics.observe_images(model.name, distances, n_ood, len(x))
     if capture is not None and files is not None:
         capture.offer(

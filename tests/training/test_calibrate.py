@@ -158,15 +158,15 @@ def test_class_thresholds_move_along_their_own_tables() -> None:
 def test_the_verdict_judges_by_the_predicted_class_threshold() -> None:
     d, classes = _two_classes(np.random.default_rng(3))
     per_class = calibrate(d, val_classes=classes, num_classes=3)
-    thresholds, flags = Thresholds.lookup(per_class).judge(classes, d)
+    thresholds, flags = Thresholds.lookup(per_class).judge(classes.tolist(), d.tolist())
     want = np.array(per_class.class_thresholds_for(0.95))[classes]
     np.testing.assert_array_equal(thresholds, want)
     np.testing.assert_array_equal(flags, d > want)
     global_only = calibrate(d)
-    thresholds, flags = Thresholds.lookup(global_only).judge(classes, d)
+    thresholds, flags = Thresholds.lookup(global_only).judge(classes.tolist(), d.tolist())
     np.testing.assert_array_equal(flags, d > global_only.threshold)
     # Class thresholds turned off: the global one, whatever the bundle holds.
-    _, flags = Thresholds.lookup(per_class, per_class=False).judge(classes, d)
+    _, flags = Thresholds.lookup(per_class, per_class=False).judge(classes.tolist(), d.tolist())
     np.testing.assert_array_equal(flags, d > per_class.threshold)
     # Another operating point: the tables' reading at that target.
     moved = Thresholds.lookup(per_class, 0.9)
