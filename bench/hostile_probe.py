@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -32,13 +31,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from isomax import harness  # noqa: E402
+
 RESULTS = REPO / "bench" / "results"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def status_of(sock: socket.socket) -> int:
@@ -165,36 +162,19 @@ def main() -> int:
     args = ap.parse_args()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ISOMAX_")}
     env.update(ISOMAX_LOG_LEVEL="warning", PYTHONPATH=str(args.repo))
-    port = free_port()
+    port = harness.free_port()
     cmd = [sys.executable, "-m", "isomax", "serve", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--models-dir", str(REPO / "models")]
-    proc = subprocess.Popen(cmd, cwd=args.repo, env=env, stdout=subprocess.DEVNULL)
     out: dict[str, Any] = {}
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if get(port, "/readyz") == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("not ready")
-            time.sleep(0.2)
+    log = REPO / "bench" / "out" / "hostile-server.log"
+    with harness.serve(cmd, port, log, env=env, cwd=args.repo, timeout=90) as server:
         out["load_1m_before"] = float(Path("/proc/loadavg").read_text().split()[0])
         out["header"] = probe_header(port, args.header_bytes)
         print(out["header"], flush=True)
-        out["png16"] = probe_png16(port, proc.pid)
+        out["png16"] = probe_png16(port, server.proc.pid)
         print(out["png16"], flush=True)
         out["slowloris"] = probe_slowloris(port)
         print(out["slowloris"], flush=True)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     out["date"] = datetime.now(UTC).isoformat(timespec="seconds")
     out["commit"] = subprocess.run(
         ["git", "-C", str(args.repo), "rev-parse", "--short", "HEAD"],

@@ -24,12 +24,9 @@ import io
 import json
 import os
 import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +35,11 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.serve_bench import cpu_seconds  # noqa: E402
+from isomax import harness  # noqa: E402
+
 RESULTS = REPO / "bench" / "results"
 LUA = REPO / "bench" / "wrk_post.lua"
 
@@ -56,17 +58,11 @@ uvicorn.run(app_from_env(), host="127.0.0.1", port=int(sys.argv[1]), http=http,
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-def start(layer: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def command(layer: str, port: int) -> list[str]:
     if layer == "granian":
         cmd = [
             str(Path(sys.executable).parent / "granian"), "--interface", "asgi", "--factory",
@@ -76,42 +72,7 @@ def start(layer: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]
         ]  # fmt: skip
     else:
         cmd = [sys.executable, "-c", UVICORN, str(port), layer]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
-
-
-def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                if s.recv(32).startswith(b"HTTP/1.1 200"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError("server not ready")
-
-
-def tree(pid: int) -> list[int]:
-    """`pid` and its descendants (granian serves from a child process)."""
-    out = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children = (task / "children").read_text().split()
-        for child in children:
-            out += tree(int(child))
-    return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of the server's processes so far (threads included)."""
-    total = 0
-    for p in tree(pid):
-        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+    return cmd
 
 
 def wrk(port: int, body: Path, conns: int, seconds: int, pid: int) -> dict[str, Any]:
@@ -156,22 +117,15 @@ def main() -> int:
     load_before = loadavg()
     for r in range(args.rounds):
         for layer in layers:
-            port = free_port()
-            proc = start(layer, port, env)
-            try:
-                wait_ready(port, proc)
-                wrk(port, body, args.connections, 2, proc.pid)  # warm-up
-                res = wrk(port, body, args.connections, args.duration, proc.pid)
+            port = harness.free_port()
+            log = out_dir / f"http_layer-{layer}.log"
+            with harness.serve(command(layer, port), port, log, env=env) as server:
+                pid = server.proc.pid
+                wrk(port, body, args.connections, 2, pid)  # warm-up
+                res = wrk(port, body, args.connections, args.duration, pid)
                 res["load_1m"] = loadavg()
                 runs[layer].append(res)
                 print(f"round {r + 1} {layer:10s} {res}", flush=True)
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
     summary = {
         layer: {
             "median_rps": round(statistics.median(x["rps"] for x in rs), 1),

@@ -25,8 +25,6 @@ import json
 import os
 import re
 import resource
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,15 +36,14 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.serve_bench import cpu_seconds  # noqa: E402
+from isomax import harness  # noqa: E402
+
 RESULTS = REPO / "bench" / "results"
 LUA = REPO / "bench" / "wrk_post.lua"
 FDS = 16384
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def loadavg() -> float:
@@ -58,36 +55,12 @@ def _more_fds() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(FDS, hard), hard))
 
 
-def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                if s.recv(32).startswith(b"HTTP/1.1 200"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("server not ready")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of the server process so far (its threads included)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def wrk(port: int, body: Path, conns: int, seconds: int, pid: int) -> dict[str, Any]:
     cmd = ["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--timeout", "10s", "--latency"]
     cmd += ["-s", str(LUA), f"http://127.0.0.1:{port}/classify", "--", str(body), "image/png"]
     load = loadavg()
     cpu0 = cpu_seconds(pid)
-    out = subprocess.run(
-        cmd, capture_output=True, text=True, check=True, preexec_fn=_more_fds
-    ).stdout
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     cpu = cpu_seconds(pid) - cpu0
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     wall = re.search(r"requests in ([\d.]+)(m?s)", out)
@@ -139,29 +112,21 @@ def main() -> int:
         ISOMAX_LOG_LEVEL="warning",
         PYTHONPATH=str(args.repo),
     )
-    port = free_port()
+    _more_fds()  # inherited by the server and by wrk: thousands of connections each
+    port = harness.free_port()
     cmd = [sys.executable, "-m", "isomax", "serve", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--models-dir", str(REPO / "models")]
-    proc = subprocess.Popen(
-        cmd, cwd=args.repo, env=env, stdout=subprocess.DEVNULL, preexec_fn=_more_fds
-    )
     runs = []
     load_before = loadavg()
-    try:
-        wait_ready(port, proc)
-        wrk(port, body, 32, 2, proc.pid)  # warm-up
+    log = out_dir / "overload-server.log"
+    with harness.serve(cmd, port, log, env=env, cwd=args.repo, timeout=90) as server:
+        pid = server.proc.pid
+        wrk(port, body, 32, 2, pid)  # warm-up
         for c in conns:
-            r = wrk(port, body, c, args.duration, proc.pid)
+            r = wrk(port, body, c, args.duration, pid)
             runs.append(r)
             print(json.dumps(r), flush=True)
             time.sleep(2)  # let refused connections drain
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     peak = max(r["ok_rps"] for r in runs if r["connections"] < 4 * q)
     at_4q = next(r["ok_rps"] for r in runs if r["connections"] == 4 * q)
     commit = subprocess.run(
