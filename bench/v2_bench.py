@@ -26,13 +26,11 @@ import base64
 import json
 import os
 import re
-import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from isomax import harness  # noqa: E402
 from isomax.contract.decode import decode  # noqa: E402
 from isomax.contract.manifest import Manifest  # noqa: E402
 
@@ -50,12 +49,6 @@ RESULTS = REPO / "bench" / "results"
 LUA = REPO / "bench" / "wrk_post.lua"
 BOUNDARY = "isomaxv2benchboundary"
 OUTPUTS = ["logits", "min_distance", "class_index", "threshold", "is_ood"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def sample_png() -> bytes:
@@ -215,7 +208,7 @@ def main() -> int:
     spec = Manifest.read(models / MODEL / version).preprocess
     png = sample_png()
     pixels = decode(png, spec).astype(np.float32)
-    port = free_port()
+    port = harness.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ISOMAX_")}
     env.update(ISOMAX_DEVICE="cpu", ISOMAX_LOG_LEVEL="warning")
     cmd = [sys.executable, "-m", "isomax", "serve", "--host", "127.0.0.1", "--port", str(port),
@@ -223,27 +216,16 @@ def main() -> int:
     base = f"http://127.0.0.1:{port}"
     results: list[dict[str, Any]] = []
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory() as tmp, subprocess.Popen(cmd, env=env) as server:
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if urllib.request.urlopen(f"{base}/readyz", timeout=2).status == 200:
-                        break
-                except OSError:
-                    time.sleep(0.2)
-                if time.monotonic() > deadline:
-                    raise RuntimeError("server not ready")
-            for n in (1, 8):
-                for name, (path, body, ctype, hl) in bodies(png, pixels, n).items():
-                    r: dict[str, Any] = dict(wrk(base + path, body, ctype, hl, args, Path(tmp)))
-                    r.update(config=name, images_per_request=n, body_bytes=len(body))
-                    r["images_per_s"] = r["requests_per_s"] * n
-                    results.append(r)
-                    print(f"{n} img  {name:28} {r['requests_per_s']:8.0f} req/s  "
-                          f"p50 {r['p50_ms']:6.2f} ms  {len(body):7d} B  non-2xx {r['non_2xx']}")  # fmt: skip
-        finally:
-            server.terminate()
+    log = REPO / "bench" / "out" / "v2-server.log"
+    with tempfile.TemporaryDirectory() as tmp, harness.serve(cmd, port, log, env=env):
+        for n in (1, 8):
+            for name, (path, body, ctype, hl) in bodies(png, pixels, n).items():
+                r: dict[str, Any] = dict(wrk(base + path, body, ctype, hl, args, Path(tmp)))
+                r.update(config=name, images_per_request=n, body_bytes=len(body))
+                r["images_per_s"] = r["requests_per_s"] * n
+                results.append(r)
+                print(f"{n} img  {name:28} {r['requests_per_s']:8.0f} req/s  "
+                      f"p50 {r['p50_ms']:6.2f} ms  {len(body):7d} B  non-2xx {r['non_2xx']}")  # fmt: skip
     framing = framing_cost(png)
     asgi = asgi_cost(png, models)
     print(framing, asgi)
