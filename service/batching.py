@@ -9,16 +9,19 @@ the next batch starts at once if it is full or its oldest image has already wait
 back to back and fill by themselves; `max_wait_s` is the latency a request may pay to share a
 run when the model is idle or fast.
 
-Batches are formed on the event loop (appending to a deque, one timer while idle); the thread is
-woken once per batch and answers with one `call_soon_threadsafe` per batch. An earlier version
-formed batches in the thread with a blocking queue read per request: each read had to win the
-GIL back from the busy event loop, which made the thread, not the model, the bottleneck.
+The batching thread forms the batches itself, from a deque the event loop appends requests to:
+when a run ends, the thread hands its outputs to the event loop (one `call_soon_threadsafe` per
+batch) and takes the next batch at once, in the same hold of the GIL. It sleeps on a lock only
+when no batch is due, and the event loop wakes it only then (when a request arrives, or a
+batch fills). Two earlier designs cost more than the model: forming batches on the event loop
+made every batch wait for the busy loop to notice the previous run had ended and for the
+thread to win the GIL back on its wake-up (measured: a 3.7 ms gap between runs of 4.5 ms, the
+model idle 45% of the time at 32 connections, docs/serving.md, "Where the time goes"); a
+blocking queue read per request in the thread paid that wake-up once per request.
 
-While a batch runs, the next one is handed to the thread as soon as it is full, so that the
-model starts it the moment the current run ends. Without that, each run waited for the event
-loop to take its results and form the next batch: under overload, with thousands of
-connections, one turn of the loop takes long, and the model idled (busy 77% -> 11% of the time
-at 1,000 -> 2,048 connections, docs/serving.md). At most two batches are with the thread.
+Requests may hand over their images as decoded uint8 pixels: the thread converts the whole
+batch to the graph's float input at once (`to_float`, the same values as per image), which
+takes one numpy call per batch off the event loop instead of one per request.
 
 A request with more images than fit in the current batch is split across batches. The number
 of images accepted and not yet answered is bounded; beyond it `submit` raises `OverloadedError`
@@ -32,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -40,11 +42,13 @@ from collections.abc import Callable
 
 import numpy as np
 
+from isomax.contract.decode import to_float
+
 from service.errors import InferenceError, NotReadyError, OverloadedError
 
 log = logging.getLogger(__name__)
 
-# (images [B, C, H, W] float32) -> (logits [B, K], min_distance [B])
+# (images [B, C, H, W] float32 in [0, 1]) -> (logits [B, K], min_distance [B])
 RunFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 # Called from the batching thread after each run: (batch size, seconds).
 BatchObserver = Callable[[int, float], None]
@@ -65,7 +69,7 @@ class _Job:
         self.images = images
         self.n = len(images)
         self.future = future
-        self.enqueued = enqueued  # loop.time() at submit
+        self.enqueued = enqueued  # time.monotonic() at submit (compared in the thread)
         self.taken = 0  # images put into a batch (event loop)
         self.done = 0  # images with outputs written (batching thread)
         self.logits: np.ndarray | None = None
@@ -73,10 +77,24 @@ class _Job:
         self.error: BaseException | None = None
 
 
-_STOP = object()
+def batch_input(arrays: list[np.ndarray]) -> np.ndarray:
+    """The images of a batch as one float32 array: uint8 pixels converted once, after the
+    concatenation when they all are (the usual case), else part by part."""
+    if all(a.dtype == np.uint8 for a in arrays):
+        x = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        return to_float(x)
+    floats = [to_float(a) if a.dtype == np.uint8 else a for a in arrays]
+    return floats[0] if len(floats) == 1 else np.concatenate(floats)
 
 
 class Batcher:
+    """One model's queue of images and the thread that runs its batches (module doc).
+
+    State shared by the two threads is written by one side only: the event loop appends jobs
+    to `_waiting` and counts `_submitted`; the thread pops them and counts `_taken`. Under the
+    GIL, single-writer updates and deque append/popleft need no lock.
+    """
+
     def __init__(
         self,
         name: str,
@@ -95,17 +113,18 @@ class Batcher:
         self.max_queue_images = max_queue_images
         self._on_batch = on_batch
         self._on_queue = on_queue
-        # Event-loop state.
+        # Shared with the thread.
         self._waiting: deque[_Job] = deque()  # jobs with images not yet in a batch
-        self._waiting_images = 0
+        self._submitted = 0  # images ever submitted (event loop writes)
+        self._taken = 0  # images ever put into a batch (thread writes)
+        self._wants = 0  # the sleeping thread's wish: 0 none, else waiting images to wake for
+        self._bell = threading.Lock()  # locked; the event loop releases it to wake the thread
+        self._bell.acquire()
+        self._closed = True
+        # Event-loop state.
         self._pending = 0  # images accepted and not yet answered
         self._admitted = 0  # requests admitted and not yet submitted (or given up)
-        self._inflight = 0  # batches handed to the thread and not yet back (0, 1 or 2)
-        self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._closed = True
-        # Thread.
-        self._work: queue.SimpleQueue[list[Part] | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     @property
@@ -138,7 +157,8 @@ class Batcher:
         self._thread.start()
 
     async def submit(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Queue `images` [n, C, H, W]; wait for (logits [n, K], min_distance [n])."""
+        """Queue `images` [n, C, H, W], float32 graph input or uint8 pixels (converted with
+        `to_float` in the thread); wait for (logits [n, K], min_distance [n])."""
         loop = self._loop
         if self._closed or loop is None:
             raise NotReadyError(f"model {self.name} is shutting down")
@@ -148,77 +168,40 @@ class Batcher:
                 f"model {self.name} has {self._pending} images queued (limit "
                 f"{self.max_queue_images}); retry later"
             )
-        job = _Job(images, loop.create_future(), loop.time())
+        job = _Job(images, loop.create_future(), time.monotonic())
         self._waiting.append(job)
-        self._waiting_images += n
+        self._submitted += n
         self._pending += n
-        self._maybe_dispatch()
+        wants = self._wants
+        if wants and self._submitted - self._taken >= wants:
+            self._ring()
         return await job.future
 
     def stop(self, timeout: float = 10.0) -> None:
         """Let the running batch finish, end the thread; queued jobs get NotReadyError."""
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if self._thread is not None:
-            self._work.put(_STOP)
+            self._ring()
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("batcher %s did not stop within %.1f s", self.name, timeout)
             self._thread = None
         error = NotReadyError(f"model {self.name} is shutting down")
+        self._taken = self._submitted
         while self._waiting:
             job = self._waiting.popleft()
             if not job.future.done():
                 job.future.set_exception(error)
 
+    def _ring(self) -> None:
+        """Wake the thread (only the event loop releases the bell, so the check is not racy)."""
+        if self._bell.locked():
+            self._bell.release()
+
     # -- event loop --------------------------------------------------------------------------
 
-    def _maybe_dispatch(self) -> None:
-        if not self._waiting or self._loop is None or self._inflight >= 2:
-            return
-        if self._inflight == 1:
-            # A batch runs: queue the next one behind it only when it is full (a partial one
-            # may still grow while the run lasts).
-            if self._waiting_images >= self.max_batch_size:
-                self._dispatch()
-            return
-        due = self._waiting[0].enqueued + self.max_wait_s
-        if self._waiting_images >= self.max_batch_size or self._loop.time() >= due:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            self._dispatch()
-        elif self._timer is None:
-            self._timer = self._loop.call_at(due, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self._inflight == 0 and self._waiting:
-            self._dispatch()
-
-    def _dispatch(self) -> None:
-        """Move up to max_batch_size waiting images into a batch and hand it to the thread."""
-        parts: list[Part] = []
-        size = 0
-        while self._waiting and size < self.max_batch_size:
-            job = self._waiting[0]
-            take = min(job.n - job.taken, self.max_batch_size - size)
-            parts.append((job, job.taken, job.taken + take))
-            job.taken += take
-            size += take
-            if job.taken == job.n:
-                self._waiting.popleft()
-        self._waiting_images -= size
-        self._inflight += 1
-        self._work.put(parts)
-        if self._on_queue is not None:
-            self._on_queue(self._pending)
-
     def _batch_done(self, finished: list[_Job]) -> None:
-        """A batch came back: wake its finished requests, start the next batch."""
-        self._inflight -= 1
+        """A batch came back: wake its finished requests."""
         for job in finished:
             self._pending -= job.n
             if job.future.done():  # the request was cancelled (client gone, shutdown timeout)
@@ -227,32 +210,64 @@ class Batcher:
                 job.future.set_exception(job.error)
             else:
                 job.future.set_result((job.logits, job.distance))
-        if not self._closed:
-            self._maybe_dispatch()
-            self._maybe_dispatch()  # with none in flight, a second full batch can follow
-        if self._inflight == 0 and self._on_queue is not None:
+        if self._on_queue is not None:
             self._on_queue(self._pending)
 
     # -- batching thread ---------------------------------------------------------------------
 
     def _worker(self) -> None:
+        loop = self._loop
+        assert loop is not None
         while True:
-            parts = self._work.get()
-            if parts is _STOP:
+            parts = self._next_batch()
+            if parts is None:
                 return
-            assert isinstance(parts, list)
             finished = self._run_batch(parts)
-            assert self._loop is not None
-            # A closed loop (RuntimeError) means nobody is waiting any more.
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._batch_done, finished)
+            if finished:
+                # A closed loop (RuntimeError) means nobody is waiting any more.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._batch_done, finished)
+
+    def _next_batch(self) -> list[Part] | None:
+        """Wait until a batch is due (full, or its oldest image waited max_wait_s) and take it;
+        None once the batcher is closed."""
+        while not self._closed:
+            waiting = self._submitted - self._taken
+            if waiting >= self.max_batch_size:
+                return self._take()
+            if waiting:
+                delay = self._waiting[0].enqueued + self.max_wait_s - time.monotonic()
+                if delay <= 0:
+                    return self._take()
+                wants, timeout = self.max_batch_size, delay
+            else:
+                wants, timeout = 1, -1.0
+            # Announce the wish, then look again: a submit in between may not have rung.
+            self._wants = wants
+            if self._submitted - self._taken < wants and not self._closed:
+                self._bell.acquire(timeout=timeout)
+            self._wants = 0
+        return None
+
+    def _take(self) -> list[Part]:
+        """Move up to max_batch_size waiting images into a batch."""
+        parts: list[Part] = []
+        size = 0
+        waiting = self._waiting
+        while waiting and size < self.max_batch_size:
+            job = waiting[0]
+            take = min(job.n - job.taken, self.max_batch_size - size)
+            parts.append((job, job.taken, job.taken + take))
+            job.taken += take
+            size += take
+            if job.taken == job.n:
+                waiting.popleft()
+        self._taken += size
+        return parts
 
     def _run_batch(self, parts: list[Part]) -> list[_Job]:
-        if len(parts) == 1:
-            job, a, b = parts[0]
-            x = job.images if (a, b) == (0, job.n) else job.images[a:b]
-        else:
-            x = np.concatenate([job.images[a:b] for job, a, b in parts])
+        x = batch_input([job.images if (a, b) == (0, job.n) else job.images[a:b]
+                          for job, a, b in parts])
         size = len(x)
         t0 = time.perf_counter()
         error: BaseException | None = None

@@ -1,7 +1,8 @@
 """The service turns a file into exactly the tensor training made of the same file.
 
 Training reads users' image folders with `training.data.folders.load_image_folder`; the service
-decodes uploads with `service.classify.decode_uploads`. Both must agree bit for bit, for every
+decodes uploads with `service.classify.decode_uploads` and its batcher turns the pixels into the
+graph's input (`service.batching.batch_input`). Both must agree bit for bit, for every
 format people upload, or a model would be served inputs it was never trained on.
 """
 
@@ -16,6 +17,7 @@ import pytest
 from PIL import Image
 
 from isomax.contract.manifest import Preprocess
+from service.batching import batch_input
 from service.classify import Upload, decode_uploads
 from service.settings import Settings
 from training.data.folders import load_image_folder
@@ -80,7 +82,8 @@ def test_service_tensor_equals_training_tensor(tmp_path, spec_name):
     train_x, _, _ = load_image_folder(tmp_path, spec)  # sorted by file name
     model = SimpleNamespace(manifest=SimpleNamespace(preprocess=spec))  # all decode_uploads reads
     uploads = [Upload(name, files[name]) for name in sorted(files)]
-    served = asyncio.run(decode_uploads(uploads, model, Settings()))  # type: ignore[arg-type]
+    pixels = asyncio.run(decode_uploads(uploads, model, Settings()))  # type: ignore[arg-type]
+    served = batch_input([pixels])  # what the batcher hands the graph
     assert served.dtype == np.float32 and served.shape == train_x.shape
     assert np.array_equal(served, train_x.astype(np.float32) / np.float32(255.0))
     # The inputs really differ (in gray, the lossless BMP and gray.png hold the same pixels).

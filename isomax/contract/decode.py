@@ -213,9 +213,18 @@ def decode_uint8(data: bytes, spec: Preprocess, max_pixels: int | None = None) -
     return arr if arr is not None else image_to_uint8(open_header(data, max_pixels), spec)
 
 
+def to_float(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels (any shape) -> the graph's float32 input in [0, 1]: pixels / 255.
+
+    Elementwise, so converting a batch at once gives the same values as converting its images
+    one by one (the service converts whole batches: service/batching.py).
+    """
+    return pixels.astype(np.float32) / np.float32(255.0)
+
+
 def decode(data: bytes, spec: Preprocess, max_pixels: int | None = None) -> np.ndarray:
     """Bytes -> float32 `[C, H, W]` in [0, 1], the graph's input for one image."""
-    return decode_uint8(data, spec, max_pixels).astype(np.float32) / np.float32(255.0)
+    return to_float(decode_uint8(data, spec, max_pixels))
 
 
 def load_file_uint8(path: Path, spec: Preprocess) -> np.ndarray:

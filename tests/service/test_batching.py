@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 
@@ -242,6 +243,71 @@ def test_admission_counts_queued_images_and_requests_being_read() -> None:
         b.release()
         model.gate.set()
         await held
+        b.stop()
+
+    run(main)
+
+
+def test_uint8_pixels_become_the_float_input_and_mix_with_float_requests() -> None:
+    """Pixels are converted per batch (pixels / 255, as `isomax.contract.decode.to_float`); a
+    float request in the same batch is passed through unchanged."""
+    seen: list[np.ndarray] = []
+
+    def model(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        seen.append(x.copy())
+        return x.reshape(len(x), -1)[:, :2], x[:, 0, 0, 0]
+
+    pixels = np.array([[[[0, 51], [102, 255]]]], np.uint8)  # [1, 1, 2, 2]
+    floats = np.full((1, 1, 2, 2), 0.5, np.float32)
+
+    async def main() -> None:
+        b = Batcher("fake", model, max_batch_size=4, max_wait_s=0.05, max_queue_images=100)
+        b.start(asyncio.get_running_loop())
+        (la, da), (lb, db) = await asyncio.gather(b.submit(pixels), b.submit(floats))
+        assert da.tolist() == [0.0] and db.tolist() == [0.5]
+        b.stop()
+
+    run(main)
+    assert len(seen) == 1 and seen[0].dtype == np.float32
+    assert np.array_equal(seen[0][0], pixels[0].astype(np.float32) / np.float32(255.0))
+    assert np.array_equal(seen[0][1], floats[0])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_no_request_is_lost_or_mixed_up_under_random_arrivals(seed: int) -> None:
+    """The event loop and the batching thread share the queue without a lock (module doc):
+    with random request sizes, arrival gaps, loop stalls and run times, every request gets its
+    own outputs and nothing hangs (a lost wake-up would time out here)."""
+    rng = random.Random(seed)
+    max_batch = rng.choice([1, 2, 4, 8])
+
+    def model(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if rng.random() < 0.3:
+            time.sleep(rng.random() * 0.001)
+        ids = x[:, 0, 0, 0]
+        return np.stack([ids, 2 * ids], axis=1), ids / 1000.0
+
+    async def main() -> None:
+        b = Batcher(
+            "fake", model, max_batch_size=max_batch, max_wait_s=rng.choice([0.0, 0.0002, 0.001]),
+            max_queue_images=10**6,
+        )  # fmt: skip
+        b.start(asyncio.get_running_loop())
+
+        async def client(k: int) -> None:
+            for i in range(40):
+                n = rng.randint(1, 5)
+                x = np.zeros((n, 1, 1, 1), np.float32)
+                x[:, 0, 0, 0] = np.arange(n) + 1000 * k + 10 * i
+                if rng.random() < 0.5:
+                    await asyncio.sleep(rng.random() * 0.0005)
+                if rng.random() < 0.2:
+                    time.sleep(0.0003)  # the event loop is busy elsewhere
+                logits, _ = await b.submit(x)
+                assert logits[:, 0].tolist() == x[:, 0, 0, 0].tolist()
+
+        await asyncio.wait_for(asyncio.gather(*[client(k) for k in range(30)]), 60)
+        assert b.pending == 0
         b.stop()
 
     run(main)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from isomax.contract.decode import decode_uint8, load_pixels, open_header
 from isomax.contract.manifest import Preprocess
+from service.batching import batch_input
 from service.classify import Upload, decode_uploads
 from service.settings import Settings
 from training.data.image_files import FileBatches, ImageFiles, check_files
@@ -47,7 +48,8 @@ def test_large_jpeg_is_draft_decoded_and_training_equals_serving(tmp_path: Path)
     # The training dataset's tensor (no augmentation) is the service's, bit for bit.
     train_x, label = ImageFiles([path], np.array([0]), SPEC)[0]
     model = SimpleNamespace(manifest=SimpleNamespace(preprocess=SPEC))
-    served = asyncio.run(decode_uploads([Upload("big.jpg", data)], model, Settings()))  # type: ignore[arg-type]
+    pixels = asyncio.run(decode_uploads([Upload("big.jpg", data)], model, Settings()))  # type: ignore[arg-type]
+    served = batch_input([pixels])  # what the batcher hands the graph
     assert label == 0 and train_x.dtype == torch.uint8
     assert np.array_equal(served[0], train_x.numpy().astype(np.float32) / np.float32(255.0))
     # And draft decoding stays close to a full decode (same picture, within JPEG noise).
