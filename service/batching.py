@@ -218,8 +218,10 @@ class Batcher:
     def _worker(self) -> None:
         loop = self._loop
         assert loop is not None
+        busy = False
         while True:
-            parts = self._next_batch()
+            parts = self._next_batch(busy)
+            busy = True
             if parts is None:
                 return
             finished = self._run_batch(parts)
@@ -228,7 +230,7 @@ class Batcher:
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(self._batch_done, finished)
 
-    def _next_batch(self) -> list[Part] | None:
+    def _next_batch(self, busy: bool) -> list[Part] | None:
         """Wait until a batch is due (full, or its oldest image waited max_wait_s) and take it;
         None once the batcher is closed."""
         while not self._closed:
@@ -236,12 +238,15 @@ class Batcher:
             if waiting >= self.max_batch_size:
                 return self._take()
             if waiting:
+                if busy:
+                    return self._take()
                 delay = self._waiting[0].enqueued + self.max_wait_s - time.monotonic()
                 if delay <= 0:
                     return self._take()
                 wants, timeout = self.max_batch_size, delay
             else:
                 wants, timeout = 1, -1.0
+            busy = False
             # Announce the wish, then look again: a submit in between may not have rung.
             self._wants = wants
             if self._submitted - self._taken < wants and not self._closed:
