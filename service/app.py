@@ -33,7 +33,6 @@ from service.classify import ClassifyEndpoint, openapi_operation
 from service.errors import (
     RETRY_AFTER,
     ServiceError,
-    error_body,
     error_detail,
     error_status,
     validation_detail,
@@ -52,7 +51,6 @@ from service.schemas import (
     ReadyResponse,
 )
 from service.settings import Settings
-from service.shutdown import SHUTTING_DOWN, AnswerWhenCut
 from service.v2.routes import routes as v2_routes
 from service.workers import WorkerBoard, merge_entries, merge_models
 
@@ -343,11 +341,10 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
     if settings.page:
         add_page(app)  # GET / and /static/*: ordinary routes, off the /classify shortcut
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-    # Direct: counted by its own metrics layer. Routed (a path the direct table does not match,
-    # e.g. behind an unexpected prefix): the app's middleware counts it already.
-    # A request cut by the graceful-shutdown timeout: a JSON 503 (service/shutdown.py).
-    cut = AnswerWhenCut(endpoint, error_body(SHUTTING_DOWN), settings.retry_after_s)
-    app.add_direct_post("/classify", RequestMetricsMiddleware(cut, metrics), cut)
+    # Direct: the endpoint counts its requests and answers a request cut by the graceful-shutdown
+    # timeout itself. Routed (a path the direct table does not match, e.g. behind an unexpected
+    # prefix): the app's middleware counts it already.
+    app.add_direct_post("/classify", endpoint, endpoint.routed)
     _document_classify(app, settings.max_images_per_request)
     app.guard(settings.trusted_hosts, settings.cors_origins)
     return app

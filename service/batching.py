@@ -43,7 +43,6 @@ from collections.abc import Callable
 import numpy as np
 
 from isomax.contract.decode import to_float
-
 from service.errors import InferenceError, NotReadyError, OverloadedError
 
 log = logging.getLogger(__name__)
@@ -271,8 +270,9 @@ class Batcher:
         return parts
 
     def _run_batch(self, parts: list[Part]) -> list[_Job]:
-        x = batch_input([job.images if (a, b) == (0, job.n) else job.images[a:b]
-                          for job, a, b in parts])
+        x = batch_input(
+            [job.images if (a, b) == (0, job.n) else job.images[a:b] for job, a, b in parts]
+        )
         size = len(x)
         t0 = time.perf_counter()
         error: BaseException | None = None

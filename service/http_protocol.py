@@ -33,10 +33,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.types import Message
-
 import httptools
 import orjson
+from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
     HttpToolsProtocol,
@@ -176,7 +175,7 @@ class OneWriteCycle(RequestResponseCycle):
 
     _held = b""
 
-    async def send(self, message: Message) -> None:
+    async def send(self, message: ASGISendEvent) -> None:
         if message["type"] == "http.response.start" and not self.response_started:
             transport, held = self.transport, _HeldHead()
             self.transport = held  # type: ignore[assignment]

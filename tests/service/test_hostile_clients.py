@@ -449,3 +449,34 @@ def test_no_cross_origin_grant_by_default(guarded: Server) -> None:
         )
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
         assert c.get("/healthz", headers={"host": "any.name.test"}).status_code == 200
+
+
+def test_head_and_first_body_in_one_write_keep_http_semantics(guarded: Server) -> None:
+    """The server writes a response head together with the first body chunk
+    (service/http_protocol.py `OneWriteCycle`): keep-alive, HEAD (a head and no body),
+    `Expect: 100-continue` (the interim 100 before the answer) and pipelined requests all still
+    answer in order on one connection."""
+    with connect(guarded) as s:
+        s.sendall(classify_png())
+        status, headers, body = read_response(s)
+        assert status == 200 and json.loads(body)["results"][0]["class_index"] >= 0
+        assert int(headers["content-length"]) == len(body)
+
+        s.sendall(request("HEAD", "/static/page.css"))
+        resp = http.client.HTTPResponse(s, method="HEAD")
+        resp.begin()
+        assert resp.status == 200 and resp.read() == b""
+        assert int(resp.getheader("content-length", "0")) > 0  # the GET's length, no body
+
+        head = request("POST", "/classify", Content_Type="image/png", Expect="100-continue")
+        s.sendall(head.replace(b"Content-Length: 0", f"Content-Length: {len(PNG)}".encode()))
+        interim = s.recv(64)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        s.sendall(PNG)
+        assert read_response(s)[0] == 200
+
+        s.sendall(classify_png() + request("GET", "/healthz") + classify_png())
+        answers = [read_response(s) for _ in range(3)]
+        assert [a[0] for a in answers] == [200, 200, 200]
+        assert "results" in json.loads(answers[0][2]) and "results" in json.loads(answers[2][2])
+        assert json.loads(answers[1][2])["status"] == "ok"
