@@ -40,6 +40,7 @@ from isomax.contract.manifest import (
     NAME_PATTERN,
     VERSION_PATTERN,
     Manifest,
+    Preprocess,
     sha256_file,
 )
 from isomax.contract.verdict import Thresholds
@@ -51,12 +52,19 @@ from service.errors import (
     UnknownModelError,
 )
 from service.metrics import PrometheusMetrics
+from service.sessions import (
+    CPU,
+    CUDA,
+    NoProviderError,
+    intra_op_threads,
+    is_heavy,
+    providers,
+    session_options,
+)
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
 
 # A retired version's batcher stops once nobody holds it, and not before this many seconds after
 # the swap: a request that read the old snapshot just before the swap takes its lease in the
@@ -195,44 +203,6 @@ def check_inside(ref: BundleRef, models_dir: Path, allow_symlinks: bool, *files:
             )
 
 
-def _providers(device: str) -> list[str]:
-    available = ort.get_available_providers()
-    if device == "cpu":
-        return [CPU]
-    if device == "cuda":
-        if CUDA not in available:
-            raise ModelLoadError(
-                f"ISOMAX_DEVICE=cuda but this onnxruntime has no CUDA provider (available: "
-                f"{available}); install onnxruntime-gpu with a matching CUDA, or use device=cpu"
-            )
-        return [CUDA, CPU]
-    return [CUDA, CPU] if CUDA in available else [CPU]
-
-
-def intra_op_threads(settings: Settings) -> int:
-    """The setting, or the cores left after one per worker's event loop, shared among workers.
-
-    On the 2-core machine with one worker, one onnxruntime thread beside the event loop served
-    ~10% more requests per second, at less CPU per request, than two threads fighting the
-    event loop for its core (docs/serving.md).
-    """
-    if settings.intra_op_threads:
-        return settings.intra_op_threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, ((cores or 1) - settings.workers) // settings.workers)
-
-
-def _session_options(settings: Settings) -> ort.SessionOptions:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = intra_op_threads(settings)
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Idle onnxruntime threads would otherwise spin on the cores the event loop needs.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    return opts
-
-
 @dataclass
 class LoadedModel:
     """A bundle ready to serve: session, threshold and batcher."""
@@ -315,24 +285,32 @@ def load_model(
     except ValueError as e:
         raise ModelLoadError(f"{ref.key}: {e}") from e
 
-    providers = _providers(settings.device)
     try:
-        session = ort.InferenceSession(
-            str(onnx_path), sess_options=_session_options(settings), providers=providers
-        )
-    except Exception as e:  # onnxruntime raises its own types for bad graphs
-        log.error("%s: onnxruntime cannot load %s: %s", ref.key, onnx_file, e)
-        raise ModelLoadError(
-            f"{ref.where}/{onnx_file}: onnxruntime cannot load it ({type(e).__name__}; "
-            "the server log has its message)"
-        ) from e
+        wanted = providers(settings.device)
+    except NoProviderError as e:
+        raise ModelLoadError(str(e)) from e
+
+    def open_session(threads: int) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(
+                str(onnx_path), sess_options=session_options(threads), providers=wanted
+            )
+        except Exception as e:  # onnxruntime raises its own types for bad graphs
+            log.error("%s: onnxruntime cannot load %s: %s", ref.key, onnx_file, e)
+            raise ModelLoadError(
+                f"{ref.where}/{onnx_file}: onnxruntime cannot load it ({type(e).__name__}; "
+                "the server log has its message)"
+            ) from e
+
+    threads = intra_op_threads(settings)
+    session = open_session(threads)
     provider = session.get_providers()[0]
     if settings.device == "cuda" and provider != CUDA:
         raise ModelLoadError(
             f"ISOMAX_DEVICE=cuda but onnxruntime runs {ref.key} on {provider} (the CUDA "
             "provider failed to initialise; see the onnxruntime log)"
         )
-    if providers[0] == CUDA and provider != CUDA:
+    if wanted[0] == CUDA and provider != CUDA:
         log.warning("%s: CUDA provider failed to initialise, running on %s", ref.key, provider)
 
     spec = manifest.preprocess
@@ -344,22 +322,19 @@ def load_model(
         logits, distance = session.run(outputs, {input_name: x})
         return logits, distance
 
-    # Warm up every batch size the batcher can form, checking the output shapes each time.
-    k = len(manifest.labels)
-    for b in range(1, settings.max_batch_size + 1):
-        x = np.zeros((b, spec.channels, spec.height, spec.width), dtype=np.float32)
-        try:
-            logits, distance = run(x)
-        except Exception as e:
-            log.error("%s: warm-up run with batch %d failed: %s", ref.key, b, e)
-            raise ModelLoadError(
-                f"{ref.key}: warm-up run with batch {b} failed ({type(e).__name__})"
-            ) from e
-        if logits.shape != (b, k) or distance.shape != (b,):
-            raise ModelLoadError(
-                f"{ref.key}: batch {b} gave logits {logits.shape} and min_distance "
-                f"{distance.shape}; expected ({b}, {k}) and ({b},) for {k} labels"
-            )
+    per_image_s = _warm_up(ref, run, settings.max_batch_size, spec, len(manifest.labels))
+    cpu_ms = per_image_s * threads * 1e3
+    heavy = provider == CPU and is_heavy(per_image_s, threads)
+    if heavy and intra_op_threads(settings, heavy=True) != threads:
+        # A heavy model: every core of the worker (service/sessions.py); a new session, warm.
+        threads = intra_op_threads(settings, heavy=True)
+        session = open_session(threads)
+        _warm_up(ref, run, settings.max_batch_size, spec, len(manifest.labels), only_last=True)
+    log.info(
+        "%s on %s: ~%.2f ms of CPU per image at batch %d (%s model), %d onnxruntime thread(s)",
+        ref.key, provider, cpu_ms, settings.max_batch_size, "heavy" if heavy else "light",
+        threads,
+    )  # fmt: skip
 
     batch_hist = metrics.batch_size.labels(ref.name)
     infer_hist = metrics.inference_duration.labels(ref.name)
@@ -388,6 +363,36 @@ def load_model(
         run=run,
         load_seconds=time.perf_counter() - t0,
     )
+
+
+def _warm_up(
+    ref: BundleRef,
+    run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    max_batch: int,
+    spec: Preprocess,
+    k: int,
+    only_last: bool = False,
+) -> float:
+    """Run every batch size the batcher can form (or only the largest), checking the output
+    shapes each time; seconds per image of the largest batch."""
+    seconds = 0.0
+    for b in range(max_batch if only_last else 1, max_batch + 1):
+        x = np.zeros((b, spec.channels, spec.height, spec.width), dtype=np.float32)
+        t0 = time.perf_counter()
+        try:
+            logits, distance = run(x)
+        except Exception as e:
+            log.error("%s: warm-up run with batch %d failed: %s", ref.key, b, e)
+            raise ModelLoadError(
+                f"{ref.key}: warm-up run with batch {b} failed ({type(e).__name__})"
+            ) from e
+        seconds = time.perf_counter() - t0
+        if logits.shape != (b, k) or distance.shape != (b,):
+            raise ModelLoadError(
+                f"{ref.key}: batch {b} gave logits {logits.shape} and min_distance "
+                f"{distance.shape}; expected ({b}, {k}) and ({b},) for {k} labels"
+            )
+    return seconds / max_batch
 
 
 def _check_io(session: ort.InferenceSession, manifest: Manifest, ref: BundleRef) -> None:

@@ -192,3 +192,33 @@ def test_config_errors_stop_start_up(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):  # noqa: SIM117
         with app_client(models_dir=tmp_path / "nowhere"):
             pass
+
+
+def _threads(model: object) -> int:
+    return model.session.get_session_options().intra_op_num_threads  # type: ignore[attr-defined]
+
+
+def test_threads_follow_the_models_cost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """service/sessions.py: a light model leaves one core per worker to the event loops, a heavy
+    one (at least HEAVY_MODEL_S of CPU per image) gets every core of its worker, a set value
+    is used as is."""
+    import service.sessions as sessions
+
+    bundle = write_bundle(tmp_path)
+    monkeypatch.setattr(sessions, "cores", lambda: 4)
+    assert _threads(load(bundle)) == 3  # the tiny graph is light: 4 cores - 1 event loop
+    assert _threads(load(bundle, workers=2)) == 1  # (4 - 2) / 2
+    assert _threads(load(bundle, intra_op_threads=2)) == 2
+    monkeypatch.setattr(sessions, "HEAVY_MODEL_S", 0.0)  # now every model is heavy
+    assert _threads(load(bundle)) == 4
+    assert _threads(load(bundle, workers=2)) == 2
+    assert _threads(load(bundle, intra_op_threads=1)) == 1
+
+
+def test_heavy_is_the_cost_at_one_thread() -> None:
+    from service.sessions import HEAVY_MODEL_S, is_heavy
+
+    assert not is_heavy(HEAVY_MODEL_S / 2, 1)
+    assert is_heavy(HEAVY_MODEL_S / 2, 2)  # half the time on two threads: the same CPU
+    assert is_heavy(0.045, 1)  # a 224-px ResNet-18 on this kind of machine
+    assert not is_heavy(0.00025, 1)  # the 28x28 Fashion-MNIST bundle
