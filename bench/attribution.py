@@ -52,8 +52,10 @@ def make_app():  # type: ignore[no-untyped-def]
     stage = VARIANTS.index(variant)
     if variant == "inline":
 
+        from service.batching import batch_input
+
         async def inline(self, x):  # type: ignore[no-untyped-def]
-            return self._run_fn(x)
+            return self._run_fn(batch_input([x]))
 
         Batcher.submit = inline  # type: ignore[method-assign]
     if variant == "no-onnx":
@@ -76,7 +78,7 @@ def make_app():  # type: ignore[no-untyped-def]
 
         async def no_decode(uploads, model, settings):  # type: ignore[no-untyped-def]
             s = model.manifest.preprocess
-            return np.zeros((len(uploads), s.channels, s.height, s.width), np.float32)
+            return np.zeros((len(uploads), s.channels, s.height, s.width), np.uint8)
 
         classify.decode_uploads = no_decode  # type: ignore[assignment]
     if stage >= VARIANTS.index("no-json"):
