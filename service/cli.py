@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--intra-op-threads",
         type=int,
-        help="onnxruntime threads per model (0: (cores - workers) / workers, >= 1)",
+        help="onnxruntime threads per model (0: by the model's cost, service/sessions.py)",
     )
     a("--max-batch-size", type=int, help="images per onnxruntime run at most (default 32)")
     a("--max-wait-ms", type=float, help="longest wait for a batch to fill (default 2 ms)")

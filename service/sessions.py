@@ -10,12 +10,16 @@ Threads (`ISOMAX_INTRA_OP_THREADS=0`, the default) follow the model's cost, meas
     the event loop needs a few percent of one core for the same requests, and leaving a core
     to it left the model at 0.44 of raw onnxruntime's throughput (0.70 with both cores,
     bench/results/serve224.json).
-A set value is used as is for every model.
+A set value is used as is for every model. "Cores" are those the process may use: its CPU
+affinity, capped by its cgroup's CPU limit (`cores`), so that a container limited to 2 CPUs
+on a 64-core node does not start 63 threads.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 import onnxruntime as ort
 
@@ -47,10 +51,38 @@ def providers(device: str) -> list[str]:
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def cgroup_cpu_limit(root: Path = CGROUP) -> int | None:
+    """The CPU limit of this process's cgroup, rounded up to whole cores; None when unlimited.
+
+    A container's CPU limit (Kubernetes `resources.limits.cpu`, `docker run --cpus`) is a CFS
+    quota, not a set of cores: the node's cores all stay visible, and a thread per visible core
+    would be throttled. cgroup v2 keeps it in `cpu.max` ("200000 100000": 2 cores), v1 in
+    `cpu/cpu.cfs_quota_us` and `cpu/cpu.cfs_period_us` (-1: none).
+    """
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        if quota == "max":
+            return None
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return max(1, math.ceil(quota_us / period_us)) if quota_us > 0 and period_us > 0 else None
+
+
 def cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
+    """The cores this process may use: its CPU affinity (a cpuset), capped by its cgroup's CPU
+    limit (a quota)."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return n or 1
+    limit = cgroup_cpu_limit()
+    return min(n or 1, limit) if limit else (n or 1)
 
 
 def intra_op_threads(settings: Settings, heavy: bool = False) -> int:

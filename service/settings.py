@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     models: Annotated[tuple[str, ...], NoDecode] = ()
     # auto: CUDA when onnxruntime offers it, else CPU. cuda: CUDA or not ready (never a silent CPU).
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # onnxruntime threads per model session; 0: (cores - workers) / workers, at least 1.
+    # onnxruntime threads per model session; 0: by the model's cost (service/sessions.py).
     intra_op_threads: int = Field(default=0, ge=0, le=256)
 
     # Dynamic batching: a batch runs when it holds max_batch_size images or when its oldest image

@@ -249,8 +249,10 @@ def test_cpu_variant_has_no_gpu() -> None:
     c = container(objects)
     assert env(c)["ISOMAX_DEVICE"] == "cpu"
     assert c["image"].endswith(":cpu")
-    # The service cannot see the CPU limit: its onnxruntime threads are set to fit it.
-    assert int(env(c)["ISOMAX_INTRA_OP_THREADS"]) < int(c["resources"]["limits"]["cpu"])
+    # The service sizes onnxruntime's threads from the CPU limit (its cgroup) and the model's
+    # cost (service/sessions.py): a fixed count here would be wrong for one kind of model.
+    assert "ISOMAX_INTRA_OP_THREADS" not in env(c)
+    assert int(c["resources"]["limits"]["cpu"]) >= 2
 
 
 @pytest.mark.parametrize("path", [*OVERLAYS, KSERVE])

@@ -222,3 +222,25 @@ def test_heavy_is_the_cost_at_one_thread() -> None:
     assert is_heavy(HEAVY_MODEL_S / 2, 2)  # half the time on two threads: the same CPU
     assert is_heavy(0.045, 1)  # a 224-px ResNet-18 on this kind of machine
     assert not is_heavy(0.00025, 1)  # the 28x28 Fashion-MNIST bundle
+
+
+@pytest.mark.parametrize(
+    ("files", "limit"),
+    [
+        ({"cpu.max": "200000 100000\n"}, 2),  # cgroup v2, `--cpus 2`
+        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 cores: rounded up
+        ({"cpu.max": "max 100000\n"}, None),  # v2, no limit
+        ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),  # no cgroup files at all
+    ],
+)
+def test_a_containers_cpu_limit_caps_the_cores(
+    tmp_path: Path, files: dict[str, str], limit: int | None
+) -> None:
+    from service.sessions import cgroup_cpu_limit
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_limit(tmp_path) == limit
