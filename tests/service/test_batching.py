@@ -263,7 +263,7 @@ def test_uint8_pixels_become_the_float_input_and_mix_with_float_requests() -> No
     async def main() -> None:
         b = Batcher("fake", model, max_batch_size=4, max_wait_s=0.05, max_queue_images=100)
         b.start(asyncio.get_running_loop())
-        (la, da), (lb, db) = await asyncio.gather(b.submit(pixels), b.submit(floats))
+        (_, da), (_, db) = await asyncio.gather(b.submit(pixels), b.submit(floats))
         assert da.tolist() == [0.0] and db.tolist() == [0.5]
         b.stop()
 
