@@ -51,7 +51,6 @@ def make_app():  # type: ignore[no-untyped-def]
         return hello
     stage = VARIANTS.index(variant)
     if variant == "inline":
-
         from service.batching import batch_input
 
         async def inline(self, x):  # type: ignore[no-untyped-def]
