@@ -33,7 +33,7 @@ def make_app():  # type: ignore[no-untyped-def]
     import numpy as np
 
     from service import classify
-    from service.app import create_app
+    from service.app import configure_process, create_app
     from service.batching import Batcher
     from service.settings import Settings
 
@@ -83,6 +83,7 @@ def make_app():  # type: ignore[no-untyped-def]
     if stage >= VARIANTS.index("no-json"):
         classify.result_rows = lambda model, uploads, *a: ([{} for _ in uploads], 0)  # type: ignore[assignment]
         classify.response_body = lambda *a: b'{"ok":1}'  # type: ignore[assignment]
+    configure_process("warning")  # as `isomax serve`: the GIL switch interval, logging
     return create_app(Settings())
 
 
@@ -100,6 +101,8 @@ def main() -> int:
         env = harness.service_env(BENCH_VARIANT=variant, ISOMAX_MODELS_DIR=str(models_dir))
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "bench.attribution:make_app"]
         cmd += ["--port", str(port), "--log-level", "warning", "--no-access-log"]
+        # The protocol `isomax serve` runs (limits, one write per response).
+        cmd += ["--http", "service.http_protocol:LimitedHttpToolsProtocol"]
         log = OUT / "logs" / f"attribution-{variant}.log"
         with harness.serve(cmd, port, log, env=env) as server:  # hello answers /readyz too
             url = f"{server.url}/classify"

@@ -66,11 +66,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     ap.add_argument("--name", default="revisions")
+    ap.add_argument("--body", default="raw", choices=["raw", "multipart"], help="request form")
     args = ap.parse_args(argv)
     conns = [int(c) for c in args.conns.split(",")]
 
     bundle, _ = pick_bundle()
-    body = write_bodies(test_png(bundle))["raw"]
+    body = write_bodies(test_png(bundle))[args.body]
     revs = [checkout(r) for r in args.revisions]
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {
         sha: {c: [] for c in conns} for sha, _ in revs
@@ -110,6 +111,7 @@ def main() -> int:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "serve_args": extra,
+        "request": body.kind,
         "rounds": args.rounds,
         "duration_s": args.duration,
         "load_average_before": load_before,
@@ -123,7 +125,7 @@ def main() -> int:
     lines = [
         f"# isomax serve by revision ({result['date']})",
         "",
-        f"One 28x28 PNG per request (raw body), {args.rounds} interleaved rounds of "
+        f"One 28x28 PNG per request ({body.kind}), {args.rounds} interleaved rounds of "
         f"{args.duration:.0f} s, medians; serve arguments: {' '.join(extra) or 'none'}; load "
         f"average before {load_before}, after {result['load_average_after']}. Produced by "
         "`bench/revisions_bench.py`.",

@@ -35,12 +35,7 @@ from typing import Any
 
 import httptools
 import orjson
-from uvicorn._types import ASGISendEvent
-from uvicorn.protocols.http.httptools_impl import (
-    STATUS_LINE,
-    HttpToolsProtocol,
-    RequestResponseCycle,
-)
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.settings import Settings
 
@@ -125,78 +120,6 @@ def error_response(status: int, detail: str) -> bytes:
             body,
         ]
     )
-
-
-class _HeldHead:
-    """Stands in for the transport while uvicorn writes a response head: keeps the bytes."""
-
-    __slots__ = ("parts",)
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.parts.append(data)
-
-
-class _HeadThenBody:
-    """Stands in for the transport while uvicorn writes the first body message: the held head
-    goes out in the same write (or before a close, or after a body-less HEAD answer)."""
-
-    __slots__ = ("head", "transport")
-
-    def __init__(self, transport: asyncio.Transport, head: bytes) -> None:
-        self.transport = transport
-        self.head = head
-
-    def write(self, data: bytes) -> None:
-        head, self.head = self.head, b""
-        self.transport.write(head + data if head else data)
-
-    def close(self) -> None:
-        self.flush()
-        self.transport.close()
-
-    def flush(self) -> None:
-        if self.head:
-            head, self.head = self.head, b""
-            self.transport.write(head)
-
-
-class OneWriteCycle(RequestResponseCycle):
-    """uvicorn's request cycle, with the response head and the first body chunk in one write.
-
-    uvicorn writes the head on `http.response.start` and the body on `http.response.body`:
-    two send() system calls and two TCP segments for every small JSON answer. Holding the head
-    until the first body message halves the syscalls of a response (measured in
-    docs/serving.md, "Where the time goes"). The ASGI spec allows it: a server may send the
-    head as late as the first body message.
-    """
-
-    _held = b""
-
-    async def send(self, message: ASGISendEvent) -> None:
-        if message["type"] == "http.response.start" and not self.response_started:
-            transport, held = self.transport, _HeldHead()
-            self.transport = held  # type: ignore[assignment]
-            try:
-                await super().send(message)
-            finally:
-                self.transport = transport
-            self._held = b"".join(held.parts)
-            return
-        if not self._held:
-            await super().send(message)
-            return
-        transport, first = self.transport, _HeadThenBody(self.transport, self._held)
-        self._held = b""
-        self.transport = first  # type: ignore[assignment]
-        try:
-            await super().send(message)
-        finally:
-            self.transport = transport
-            if not transport.is_closing():
-                first.flush()
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -311,8 +234,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._last_read = self.loop.time()
         super().on_headers_complete()
-        if self.cycle is not None and type(self.cycle) is RequestResponseCycle:
-            self.cycle.__class__ = OneWriteCycle
         if self._draining and self.cycle is not None:
             self.cycle.keep_alive = False  # answered with Connection: close
 

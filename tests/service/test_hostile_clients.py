@@ -451,11 +451,10 @@ def test_no_cross_origin_grant_by_default(guarded: Server) -> None:
         assert c.get("/healthz", headers={"host": "any.name.test"}).status_code == 200
 
 
-def test_head_and_first_body_in_one_write_keep_http_semantics(guarded: Server) -> None:
-    """The server writes a response head together with the first body chunk
-    (service/http_protocol.py `OneWriteCycle`): keep-alive, HEAD (a head and no body),
-    `Expect: 100-continue` (the interim 100 before the answer) and pipelined requests all still
-    answer in order on one connection."""
+def test_the_limited_protocol_keeps_http_semantics(guarded: Server) -> None:
+    """The protocol with limits (service/http_protocol.py) changes nothing a well-behaved
+    client sees: keep-alive, HEAD (a head and no body), `Expect: 100-continue` (the interim 100
+    before the answer) and pipelined requests all answer in order on one connection."""
     with connect(guarded) as s:
         s.sendall(classify_png())
         status, headers, body = read_response(s)
