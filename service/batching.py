@@ -3,11 +3,10 @@
 Two knobs, as in BentoML and Triton: a batch runs as soon as it holds `max_batch_size` images,
 or when its oldest image has waited `max_wait_s`. One batch per model runs at a time, in a
 dedicated thread (onnxruntime releases the GIL while it computes, and parallelises inside the
-run with its own threads); requests that arrive while it runs queue up, and when it finishes
-the next batch starts at once if it is full or its oldest image has already waited
-`max_wait_s`. Under load, when a run takes longer than `max_wait_s`, batches therefore run
-back to back and fill by themselves; `max_wait_s` is the latency a request may pay to share a
-run when the model is idle or fast.
+run with its own threads). Batches are work-conserving, as Triton's dynamic batcher is by
+default: when a run ends, what arrived during it forms the next batch at once (up to
+`max_batch_size`), since it has already waited a whole run; `max_wait_s` is the latency a
+request may pay to share a run when the model was idle.
 
 The batching thread forms the batches itself, from a deque the event loop appends requests to:
 when a run ends, the thread hands its outputs to the event loop (one `call_soon_threadsafe` per
@@ -16,7 +15,7 @@ when no batch is due, and the event loop wakes it only then (when a request arri
 batch fills). Two earlier designs cost more than the model: forming batches on the event loop
 made every batch wait for the busy loop to notice the previous run had ended and for the
 thread to win the GIL back on its wake-up (measured: a 3.7 ms gap between runs of 4.5 ms, the
-model idle 45% of the time at 32 connections, docs/serving.md, "Where the time goes"); a
+model idle 45% of the time at 32 connections; docs/serving.md, "Design notes"); a
 blocking queue read per request in the thread paid that wake-up once per request.
 
 Requests may hand over their images as decoded uint8 pixels: the thread converts the whole
@@ -230,8 +229,10 @@ class Batcher:
                     loop.call_soon_threadsafe(self._batch_done, finished)
 
     def _next_batch(self, busy: bool) -> list[Part] | None:
-        """Wait until a batch is due (full, or its oldest image waited max_wait_s) and take it;
-        None once the batcher is closed."""
+        """Wait until a batch is due and take it; None once the batcher is closed.
+
+        Due: full, or anything waiting right after a run (`busy`: work-conserving), or its
+        oldest image has waited max_wait_s."""
         while not self._closed:
             waiting = self._submitted - self._taken
             if waiting >= self.max_batch_size:
