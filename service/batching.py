@@ -41,7 +41,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from isomax.contract.decode import to_float
+from isomax.contract.decode import graph_input, to_float
 from service.errors import InferenceError, NotReadyError, OverloadedError
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class _Job:
         self.n = len(images)
         self.future = future
         self.enqueued = enqueued  # time.monotonic() at submit (compared in the thread)
-        self.taken = 0  # images put into a batch (event loop)
+        self.taken = 0  # images put into a batch (batching thread)
         self.done = 0  # images with outputs written (batching thread)
         self.logits: np.ndarray | None = None
         self.distance: np.ndarray | None = None
@@ -81,7 +81,7 @@ def batch_input(arrays: list[np.ndarray]) -> np.ndarray:
     if all(a.dtype == np.uint8 for a in arrays):
         x = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
         return to_float(x)
-    floats = [to_float(a) if a.dtype == np.uint8 else a for a in arrays]
+    floats = [graph_input(a) for a in arrays]
     return floats[0] if len(floats) == 1 else np.concatenate(floats)
 
 
@@ -271,9 +271,7 @@ class Batcher:
         return parts
 
     def _run_batch(self, parts: list[Part]) -> list[_Job]:
-        x = batch_input(
-            [job.images if (a, b) == (0, job.n) else job.images[a:b] for job, a, b in parts]
-        )
+        x = batch_input([job.images[a:b] for job, a, b in parts])
         size = len(x)
         t0 = time.perf_counter()
         error: BaseException | None = None

@@ -446,7 +446,7 @@ class ClassifyEndpoint:
             body = await self.classify(scope, receive_body)
         except asyncio.CancelledError:
             # Cut by the graceful-shutdown timeout before an answer (service/shutdown.py).
-            await answer_cut(send, self._cut_body, list(self._cut_headers))
+            await answer_cut(send, self._cut_body, self._cut_headers)
             raise
         except Exception as e:
             status = error_status(e)

@@ -325,9 +325,10 @@ def load_model(
     per_image_s = _warm_up(ref, run, settings.max_batch_size, spec, len(manifest.labels))
     cpu_ms = per_image_s * threads * 1e3
     heavy = provider == CPU and is_heavy(per_image_s, threads)
-    if heavy and intra_op_threads(settings, heavy=True) != threads:
+    heavy_threads = intra_op_threads(settings, heavy=True)
+    if heavy and heavy_threads != threads:
         # A heavy model: every core of the worker (service/sessions.py); a new session, warm.
-        threads = intra_op_threads(settings, heavy=True)
+        threads = heavy_threads
         session = open_session(threads)
         _warm_up(ref, run, settings.max_batch_size, spec, len(manifest.labels), only_last=True)
     log.info(

@@ -24,6 +24,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from isomax.contract.decode import graph_input
 from isomax.contract.manifest import (
     Calibration,
     EvaluationMetrics,
@@ -143,7 +144,7 @@ class OnnxPredictor:
         zs, ds = [], []
         for i in range(0, len(images), batch_size):
             x = images[i : i + batch_size]
-            x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+            x = graph_input(x)
             z, d = self.session.run(["logits", "min_distance"], {"image": x})
             zs.append(z)
             ds.append(d)
@@ -165,7 +166,7 @@ def check_parity(
         if len(images) < b:
             raise ValueError(f"parity needs at least {b} images, got {len(images)}")
         x = images[:b]
-        x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+        x = graph_input(x)
         with torch.no_grad():
             tz, td = graph(torch.from_numpy(x))
         oz, od = predictor(x)
@@ -258,9 +259,7 @@ def export_bundle(
         export_onnx(
             graph,
             onnx_path,
-            torch.from_numpy(
-                x0.astype(np.float32) / 255.0 if x0.dtype == np.uint8 else x0.astype(np.float32)
-            ),
+            torch.from_numpy(graph_input(x0)),
         )
         worst = check_parity(graph, onnx_path, parity_images)
         log.info("ONNX parity: max abs difference %.2e", worst)

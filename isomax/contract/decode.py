@@ -222,6 +222,14 @@ def to_float(pixels: np.ndarray) -> np.ndarray:
     return pixels.astype(np.float32) / np.float32(255.0)
 
 
+def graph_input(images: np.ndarray) -> np.ndarray:
+    """Images as the graph's float32 input: uint8 pixels through `to_float`, anything else
+    (already the float input) as float32."""
+    if images.dtype == np.uint8:
+        return to_float(images)
+    return images.astype(np.float32, copy=False)
+
+
 def decode(data: bytes, spec: Preprocess, max_pixels: int | None = None) -> np.ndarray:
     """Bytes -> float32 `[C, H, W]` in [0, 1], the graph's input for one image."""
     return to_float(decode_uint8(data, spec, max_pixels))
