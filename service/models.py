@@ -16,6 +16,11 @@ Policy (docs/serving.md, "Model versions and hot reload"):
   retired once the requests that hold them have finished.
 - A model is ready when it has a working version; one with none left and nothing loading has
   failed permanently (503 without Retry-After) until its directory changes.
+- With no models named in the configuration (ISOMAX_MODELS empty), a rescan also picks up new
+  `models/<name>/` directories that hold a version: loaded with the same checks, swapped in when
+  they work. Such a model never makes a ready service unready (a broken bundle dropped in must
+  not take the served ones out of rotation: /readyz shows its state, /models its error), and
+  leaves the served set again when its directory is removed.
 """
 
 from __future__ import annotations
@@ -498,6 +503,11 @@ class ModelRegistry:
             self.specs = list(dict.fromkeys(ModelSpec(s.name) for s in self.specs))
         check_config(self.specs, settings)
         self._names = sorted({s.name for s in self.specs})
+        # Start-up's models gate readiness; models picked up later do not (module docstring).
+        self._startup_names = frozenset(self._names)
+        # Requests without `model` keep going to the one start-up model when others join later.
+        self._sole = self._names[0] if len(self._names) == 1 else None
+        self._follow_dir = not settings.models
         self._view = _View()
         # name:version -> status (a snapshot); first the versions start-up will try first, so
         # that /models shows them as loading from the start.
@@ -536,8 +546,12 @@ class ModelRegistry:
 
     @property
     def ready(self) -> bool:
-        """Every configured entry has a working version."""
-        return all(e.status == "ready" for e in self._entries.values())
+        """Every entry configured at start-up has a working version."""
+        return all(
+            e.status == "ready"
+            for k, e in self._entries.items()
+            if k.partition(":")[0] in self._startup_names
+        )
 
     @property
     def loaded(self) -> bool:
@@ -559,12 +573,13 @@ class ModelRegistry:
         be retried until its files change: ModelUnavailableError (503, no Retry-After).
         """
         name, _, pinned = (model or "").partition(":")
-        if not name:  # `?version=` alone, or nothing: the one model served
-            if len(self._names) != 1:
+        if not name:  # `?version=` alone, or nothing: the one model served (at start-up)
+            sole = self._sole or (self._names[0] if len(self._names) == 1 else None)
+            if sole is None:
                 raise InvalidParameterError(
                     f"model is required: this service serves {', '.join(self._names)}"
                 )
-            name = self._names[0]
+            name = sole
         if version and pinned and version != pinned:
             raise InvalidParameterError(
                 f"model {model!r} names version {pinned} but version={version!r}"
@@ -653,11 +668,13 @@ class ModelRegistry:
 
     def _pass(self) -> None:
         """Scan the models directory once: per model, load, swap in, retire; then notify."""
-        changed = False
+        changed = self._follow_dir and self._pick_up_new_models()
         for name in self._names:
             statuses = dict(self._statuses)
             changed |= self._scan_model(name, statuses)
             changed |= self._publish(statuses)
+        if self._follow_dir:
+            changed |= self._drop_removed_models()
         self._update_metrics()
         if changed:
             for listener in self._listeners:
@@ -665,6 +682,40 @@ class ModelRegistry:
                     listener()
                 except Exception:
                     log.exception("model registry: change listener failed")
+
+    def _pick_up_new_models(self) -> bool:
+        """New `models/<name>/` directories holding a version join as configured `name`s."""
+        try:
+            found = model_names(self.models_dir)
+        except OSError:  # the directory itself went away: nothing new, the rest is as before
+            return False
+        new = [n for n in found if n not in self._names and version_dirs(self.models_dir, n)]
+        for name in new:
+            log.info("model %s: new model directory, loading it", name)
+            self.metrics.add_model(name)
+        if new:
+            self.specs = [*self.specs, *(ModelSpec(n) for n in new)]
+            self._entries = {**self._entries, **{n: EntryState("loading") for n in new}}
+            self._names = sorted({*self._names, *new})  # replaced whole: resolve() reads it
+        return bool(new)
+
+    def _drop_removed_models(self) -> bool:
+        """Models picked up after start-up leave the served set when their directory is gone."""
+        gone = {
+            n
+            for n in self._names
+            if n not in self._startup_names
+            and not version_dirs(self.models_dir, n)
+            and not any(st.ref.name == n for st in self._statuses.values())
+        }
+        for name in gone:
+            log.info("model %s: model directory removed, no longer served", name)
+            self.metrics.model_ready.labels(name).set(0)
+        if gone:
+            self.specs = [s for s in self.specs if s.name not in gone]
+            self._entries = {k: e for k, e in self._entries.items() if k not in gone}
+            self._names = [n for n in self._names if n not in gone]
+        return bool(gone)
 
     def _publish(self, statuses: dict[str, ModelStatus]) -> bool:
         """Swap in the view `statuses` give; queue what left it for retirement."""

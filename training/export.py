@@ -9,6 +9,7 @@ and an existing version is never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import subprocess
@@ -251,6 +252,8 @@ def export_bundle(
     Preprocess.model_validate(preprocess.model_dump())  # channel counts still agree
     parity_images = calibration_images[:16] if parity_images is None else parity_images
     n_classes = len(labels)
+    # Directories this export creates, removed again (when still empty) if it fails.
+    created = [d for d in (models_dir / name, *(models_dir / name).parents) if not d.exists()]
     (models_dir / name).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=models_dir / name))
     try:
@@ -312,6 +315,9 @@ def export_bundle(
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:  # innermost first; an empty models/<name>/ would be served as a model
+            with contextlib.suppress(OSError):  # not empty: another export wrote there
+                d.rmdir()
         raise
     log.info(
         "wrote bundle %s (threshold %.4f keeps %.0f%% of %d %s images)",
