@@ -144,6 +144,11 @@ def _model_info(st: ModelStatus) -> ModelInfo:
     if m.thresholds.per_class is not None:
         info.class_thresholds = dict(zip(m.labels, m.thresholds.per_class, strict=True))
     info.target_tpr = m.thresholds.target_tpr
+    info.global_threshold_classes = (
+        list(m.labels)
+        if m.thresholds.per_class is None or cal.per_class is None
+        else [label for label, c in zip(m.labels, cal.per_class, strict=True) if c.pooled]
+    )
     info.calibration = CalibrationSummary(
         split=cal.split,
         size=cal.size,
@@ -151,6 +156,7 @@ def _model_info(st: ModelStatus) -> ModelInfo:
         threshold=cal.threshold,
         quantile_range=(cal.quantiles[0].q, cal.quantiles[-1].q),
         per_class=cal.per_class is not None,
+        min_class_size=cal.min_class_size,
         temperature=cal.temperature,
         quantiles=[QuantileValue(q=p.q, value=p.value) for p in cal.quantiles],
         class_quantiles=None

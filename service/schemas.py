@@ -118,6 +118,11 @@ class CalibrationSummary(BaseModel):
         description="The target_tpr values the quantile table can serve."
     )
     per_class: bool = Field(default=False, description="The manifest has class thresholds.")
+    min_class_size: int | None = Field(
+        default=None,
+        description="Validation images a class needs for its own threshold (with class "
+        "thresholds); a class with fewer takes the global one.",
+    )
     temperature: float | None = Field(
         default=None,
         description="probability = softmax(logits / temperature); null: softmax(logits).",
@@ -163,6 +168,12 @@ class ModelInfo(BaseModel):
     )
     target_tpr: float | None = Field(
         default=None, description="The target_tpr in use (ISOMAX_TARGET_TPR or the manifest's)."
+    )
+    global_threshold_classes: list[str] | None = Field(
+        default=None,
+        description="Labels whose images the global threshold judges: those with fewer than "
+        "`calibration.min_class_size` validation images predicted as them (too few for a "
+        "threshold of their own), or every label when `class_thresholds` is null.",
     )
     calibration: CalibrationSummary | None = None
     metrics: dict[str, Any] | None = Field(

@@ -14,6 +14,30 @@ from training.config import TrainConfig
 
 log = logging.getLogger("isomax")
 
+# Loggers whose INFO lines are ours; other libraries' (onnxscript's ~80 "Replaced initializer"
+# lines per export) show only from WARNING, unless --verbose.
+OWN_LOGGERS = ("isomax", "training", "service", "__main__")
+
+
+class _OwnInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.split(".")[0] in OWN_LOGGERS
+
+
+def configure_logging(verbose: bool) -> None:
+    """Our INFO lines and everyone's warnings; `--verbose`: every logger at DEBUG.
+
+    A filter on the handler rather than logger levels: some libraries set their own loggers'
+    levels, which a root level does not override.
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_OwnInfo())
+
 
 def _int_list(s: str) -> list[int]:
     return [int(v) for v in s.split(",") if v.strip()]
@@ -126,6 +150,7 @@ def cmd_export(a: argparse.Namespace) -> int:
             "flagged as OOD at the calibrated threshold:",
             json.dumps(report["flagged_at_threshold"]),
         )
+    print(threshold_summary(bundle))
     if (
         done.test_logits is not None
         and done.test_labels is not None
@@ -142,6 +167,29 @@ def cmd_export(a: argparse.Namespace) -> int:
         print(f"reliability diagram: {plot}")
     print(json.dumps({"bundle": str(bundle)}))
     return 0
+
+
+def threshold_summary(bundle: Path) -> str:
+    """Which classes have a threshold of their own and which fall back to the global one."""
+    from isomax.contract.manifest import Manifest
+
+    m = Manifest.read(bundle)
+    cal = m.calibration
+    if cal.per_class is None:
+        return f"thresholds: one global threshold ({cal.threshold:.4f}) for every class"
+    pooled = [
+        f"{label} ({c.size})" for label, c in zip(m.labels, cal.per_class, strict=True) if c.pooled
+    ]
+    if not pooled:
+        return (
+            f"thresholds: every class has its own (>= {cal.min_class_size} validation images each)"
+        )
+    which = "every class uses" if len(pooled) == len(m.labels) else f"{len(pooled)} classes use"
+    return (
+        f"thresholds: {which} the global threshold {cal.threshold:.4f}, having fewer than "
+        f"{cal.min_class_size} validation images predicted as them: {', '.join(pooled)}. More "
+        "validation images per class (a val/ folder, or a larger folder) give each its own."
+    )
 
 
 def cmd_data(a: argparse.Namespace) -> int:
@@ -218,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="isomax", description="Train, evaluate and export IsoMax+ models."
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, other libraries' included"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model into a run directory")
@@ -307,16 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
         "scikit-image's photographs, to try image-folder training",
     )
     p.set_defaults(func=cmd_data)
+    for p in sub.choices.values():  # `isomax export RUN --verbose` as well as `isomax -v export`
+        p.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as isomax -v"
+        )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if a.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-    )
+    configure_logging(a.verbose)
     try:
         return a.func(a)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:

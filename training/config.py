@@ -57,6 +57,11 @@ class TrainConfig:
         "val/ holds out at most a fifth of its images)",
     )
     split_seed: int = _f(0, "seed of the validation split, fixed so every model sees the same")
+    val_split: str = _f(
+        "stratified",
+        "image folders without val/: stratified (each class keeps its share of the folder) | "
+        "random (one seeded permutation, as runs before stratification were split)",
+    )
     limit_train: int | None = _f(None, "use only the first N training images (smoke runs)")
     bad_images: str = _f(
         "fail", "image folders: fail (stop at the first unreadable file) | skip (skip and count)"
@@ -114,4 +119,6 @@ class TrainConfig:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        if d.get("dataset") == "folder":  # folder runs from before `val_split` split at random
+            d = {"val_split": "random", **d}
         return cls(**d)

@@ -85,14 +85,16 @@ def report_score_fn(report: Mapping[str, Any], name: str) -> ScoreFn:
 def markdown_table(
     report: Mapping[str, Any], metrics: tuple[str, ...] = ("auroc", "tnr_at_tpr95")
 ) -> str:
-    """One row per OOD set, one column per (score, metric), values in %."""
+    """One row per OOD set, one column per (score, metric), values in %; no table without one."""
+    acc = ", ".join(f"{k} {100 * v:.2f}%" for k, v in report["accuracy"].items())
+    if not report["ood"]:  # a header alone reads as a failed evaluation
+        return f"Accuracy: {acc}\n\nNo OOD set was scored (--ood-folder NAME=DIR adds one).\n"
     scores = report["scores"]
     head = "| OOD set | " + " | ".join(f"{s.upper()} {m}" for s in scores for m in metrics) + " |"
     lines = [head, "|" + " --- |" * (1 + len(scores) * len(metrics))]
     for name, per_score in report["ood"].items():
         cells = [f"{100 * per_score[s][m]:.1f}" for s in scores for m in metrics]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    acc = ", ".join(f"{k} {100 * v:.2f}%" for k, v in report["accuracy"].items())
     return f"Accuracy: {acc}\n\n" + "\n".join(lines) + "\n"
 
 

@@ -124,7 +124,7 @@ def export_run(
         calibration_images=splits.val_x,
         models_dir=models_dir,
         target_tpr=target_tpr,
-        calibration_split=f"{cfg.dataset} validation ({len(splits.val_x)} images held out of train, split seed {cfg.split_seed})",
+        calibration_split=f"{cfg.dataset} validation (held out of train, split seed {cfg.split_seed})",
         training={
             **cfg.to_dict(),
             "checkpoint": checkpoint,

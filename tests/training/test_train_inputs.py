@@ -30,8 +30,9 @@ def _folder(root: Path, per_class: int = 6, classes: tuple[str, ...] = ("a", "b"
     return root
 
 
-def _train(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    code = main(["train", "--quiet", "--workers", "0", *args])
+def _train(capsys: pytest.CaptureFixture[str], out: Path, *args: str) -> tuple[int, str]:
+    """`isomax train` into `out` (without --out it would write under the repository's runs/)."""
+    code = main(["train", "--quiet", "--workers", "0", "--out", str(out), *args])
     return code, capsys.readouterr().err
 
 
@@ -45,7 +46,7 @@ def _one_line(err: str) -> str:
 def test_empty_class_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = _folder(tmp_path / "d")
     (root / "empty").mkdir()
-    code, err = _train(capsys, "--dataset", "folder", "--data-dir", str(root))
+    code, err = _train(capsys, tmp_path / "run", "--dataset", "folder", "--data-dir", str(root))
     assert code == 2
     assert "empty has no images" in _one_line(err)
 
@@ -55,7 +56,7 @@ def test_unreadable_image_fails_or_is_skipped_and_counted(
 ) -> None:
     root = _folder(tmp_path / "d", per_class=8)
     (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    code, err = _train(capsys, "--dataset", "folder", "--data-dir", str(root))
+    code, err = _train(capsys, tmp_path / "run", "--dataset", "folder", "--data-dir", str(root))
     assert code == 2
     line = _one_line(err)
     assert "broken.jpg" in line and "cannot decode image" in line
@@ -77,6 +78,7 @@ def test_weights_of_another_architecture(
     torch.save(import_torchvision().models.resnet18().state_dict(), weights)
     code, err = _train(
         capsys,
+        tmp_path / "run",
         "--dataset", "folder", "--data-dir", str(root), "--arch", "tv-mobilenet_v3_large",
         "--weights", str(weights), "--image-size", "32",
     )  # fmt: skip
@@ -92,7 +94,9 @@ def test_unknown_arch_and_settings(tmp_path: Path, capsys: pytest.CaptureFixture
         (("--schedule", "linear"), "unknown schedule 'linear'"),
         (("--bad-images", "ignore"), "bad_images must be fail or skip"),
     ]:
-        code, err = _train(capsys, "--dataset", "folder", "--data-dir", str(root), *args)
+        code, err = _train(
+            capsys, tmp_path / "run", "--dataset", "folder", "--data-dir", str(root), *args
+        )
         assert code == 2, args
         assert text in _one_line(err)
 

@@ -48,6 +48,29 @@ def validation_split(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.n
     return np.sort(perm[val_size:]), np.sort(perm[:val_size])
 
 
+def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> (train indices, validation indices), each class keeping its share in both.
+
+    A seeded permutation of a small folder can leave a class short (23/28/26 training images
+    from three folders of 32): scikit-learn's `train_test_split(stratify=...)` gives every class
+    its share, to one image. Where it cannot (a class with a single image, or fewer validation
+    images than classes) the split falls back to `validation_split`, with a warning.
+    """
+    from sklearn.model_selection import train_test_split
+
+    n = len(labels)
+    if not 0 < val_size < n:
+        raise ValueError(f"val_size must be in (0, {n}), got {val_size}")
+    try:
+        tr, va = train_test_split(
+            np.arange(n), test_size=val_size, random_state=seed, stratify=labels
+        )
+    except ValueError as e:
+        log.warning("validation split not stratified (%s); split at random instead", e)
+        return validation_split(n, val_size, seed)
+    return np.sort(tr), np.sort(va)
+
+
 def _raw(cfg: TrainConfig):
     """-> (train_x, train_y, test_x | None, test_y | None, labels, color_mode)."""
     if cfg.dataset == "fashion-mnist":
@@ -64,6 +87,10 @@ def _raw(cfg: TrainConfig):
         vx, vy, _ = load_cifar(Path(cfg.data_dir), train=False)
         return tx, ty, vx, vy, names, "RGB"
     raise ValueError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
+
+
+def _random_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    return validation_split(len(labels), val_size, seed)
 
 
 def folder_preprocess(root: Path, cfg: TrainConfig | None = None) -> Preprocess:
@@ -129,11 +156,12 @@ def _load_folder(cfg: TrainConfig) -> Splits:
             raise ValueError(f"{split} classes {split_names} differ from train classes {names}")
         return x, y
 
+    if cfg.val_split not in ("stratified", "random"):
+        raise ValueError(f"val_split must be stratified or random, got {cfg.val_split!r}")
     val = other_split("val")
     if val is None:
-        tr, va = validation_split(
-            len(paths), folder_val_size(len(paths), cfg.val_size), cfg.split_seed
-        )
+        split = stratified_split if cfg.val_split == "stratified" else _random_split
+        tr, va = split(labels, folder_val_size(len(paths), cfg.val_size), cfg.split_seed)
         val_paths, val_labels = [paths[i] for i in va], labels[va]
         paths, labels = [paths[i] for i in tr], labels[tr]
         from training.data.folders import decode_files
@@ -141,8 +169,10 @@ def _load_folder(cfg: TrainConfig) -> Splits:
         vx, kept = decode_files(val_paths, spec, cfg.bad_images)
         val = (vx, val_labels[kept])
         log.info(
-            "validation: %d images split from %s (seed %d)", len(kept), train_root, cfg.split_seed
-        )
+            "validation: %d images split from %s (%s, seed %d): %s",
+            len(kept), train_root, cfg.val_split, cfg.split_seed,
+            class_balance(val[1], names),
+        )  # fmt: skip
     test = other_split("test")
     if cfg.limit_train:
         paths, labels = paths[: cfg.limit_train], labels[: cfg.limit_train]
