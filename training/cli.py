@@ -184,7 +184,11 @@ def threshold_summary(bundle: Path) -> str:
         return (
             f"thresholds: every class has its own (>= {cal.min_class_size} validation images each)"
         )
-    which = "every class uses" if len(pooled) == len(m.labels) else f"{len(pooled)} classes use"
+    which = (
+        "every class uses"
+        if len(pooled) == len(m.labels)
+        else f"{len(pooled)} of {len(m.labels)} classes use"
+    )
     return (
         f"thresholds: {which} the global threshold {cal.threshold:.4f}, having fewer than "
         f"{cal.min_class_size} validation images predicted as them: {', '.join(pooled)}. More "
