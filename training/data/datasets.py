@@ -160,8 +160,8 @@ def _load_folder(cfg: TrainConfig) -> Splits:
         raise ValueError(f"val_split must be stratified or random, got {cfg.val_split!r}")
     val = other_split("val")
     if val is None:
-        split = stratified_split if cfg.val_split == "stratified" else _random_split
-        tr, va = split(labels, folder_val_size(len(paths), cfg.val_size), cfg.split_seed)
+        split_fn = stratified_split if cfg.val_split == "stratified" else _random_split
+        tr, va = split_fn(labels, folder_val_size(len(paths), cfg.val_size), cfg.split_seed)
         val_paths, val_labels = [paths[i] for i in va], labels[va]
         paths, labels = [paths[i] for i in tr], labels[tr]
         from training.data.folders import decode_files
