@@ -6,6 +6,7 @@ Dispatch happens before any heavy import so that `isomax serve` works without to
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 USAGE = """usage: isomax <command> [options]
 
@@ -22,6 +23,19 @@ training (needs the [train] extra):
 
 `isomax <command> --help` for options.
 """
+
+
+def install_hint(root: Path | None = None) -> str:
+    """How to install the training extra: `make dev` in a clone, else pip.
+
+    `root` is the directory above the `isomax` package: a checkout (pyproject.toml and the
+    Makefile beside it) when installed editable, site-packages when installed from a wheel.
+    """
+    root = Path(__file__).resolve().parents[1] if root is None else root
+    if (root / "pyproject.toml").is_file() and (root / "Makefile").is_file():
+        make = "make dev" if Path.cwd().resolve() == root else f"make -C {root} dev"
+        return f"in this clone run: {make} (the venv with the training extra, a few minutes)"
+    return "install with: pip install 'isomax-serve[train]'"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(
             f"isomax {args[0]}: training needs the [train] extra (missing module {e.name!r}); "
-            "install with: pip install 'isomax-serve[train]'",
+            + install_hint(),
             file=sys.stderr,
         )
         return 2

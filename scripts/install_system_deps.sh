@@ -7,6 +7,7 @@ pkgs=(dataset-fashion-mnist prometheus chromium fonts-dejavu-core)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 [ ${#missing[@]} -eq 0 ] && exit 0
+echo "== installing Debian packages for the tests: ${missing[*]} (apt-get; about 1-2 minutes)"
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 export DEBIAN_FRONTEND=noninteractive

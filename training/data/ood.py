@@ -59,7 +59,8 @@ def _package_file(package: str, *parts: str) -> Path:
     """
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"{package} is not installed; install the `train` extra")
+        # name=: `isomax` names the missing module in its hint (else it read "module None").
+        raise ModuleNotFoundError(f"No module named {package!r}", name=package)
     return Path(next(iter(spec.submodule_search_locations)), *parts)
 
 
