@@ -10,7 +10,7 @@ PORT ?= 8000
 
 # The service alone: no torch.
 $(VENV)/.serve-installed: pyproject.toml
-	@echo "== installing the service into $(VENV) (fastapi, uvicorn, onnxruntime; no torch): about a minute"
+	@echo "== installing the service into $(VENV) (fastapi, uvicorn, onnxruntime; no torch): about a minute, 250 MB"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e .
@@ -18,7 +18,7 @@ $(VENV)/.serve-installed: pyproject.toml
 
 # Everything: training (torch pinned to the CPU wheel by constraints-cpu.txt), tests and linters.
 $(VENV)/.all-installed: pyproject.toml constraints-cpu.txt
-	@echo "== installing training + dev extras into $(VENV) (CPU torch, torchvision, onnx, scikit-learn, scikit-image, test tools): a few minutes, ~1.5 GB"
+	@echo "== installing training + dev extras into $(VENV) (CPU torch, torchvision, onnx, scikit-learn, scikit-image, test tools): a few minutes, about 2.5 GB"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[train,dev]'
