@@ -206,7 +206,7 @@ def alert_rules(win: Windows) -> list[dict[str, Any]]:
         _alert(
             "IsomaxOODRateHigh",
             ood_tier("5m", None),
-            'OOD rate of {{ $labels.model }} jumped (z = {{ $value | printf "%.1f" }})',
+            "OOD rate of {{ $labels.model }} jumped",
             "The share of images of {{ $labels.model }} flagged out-of-distribution over "
             + where
             + " is far above what calibration predicts for in-distribution traffic, more than"
@@ -225,7 +225,7 @@ def alert_rules(win: Windows) -> list[dict[str, Any]]:
         _alert(
             "IsomaxScoreDrift",
             _or([chi_tier("score_level_chi2_z", w, smallest_level) for w in WINDOWS]),
-            'score distribution of {{ $labels.model }} drifted over {{ $labels.window }} (z = {{ $value | printf "%.1f" }})',
+            "score distribution of {{ $labels.model }} drifted over {{ $labels.window }}",
             "The scores of {{ $labels.model }} no longer fall into the calibration's quantile"
             " buckets as in-distribution images do (chi-square over " + where + "). With a"
             " normal OOD rate the shift is inside the threshold: brightness, blur, a camera or"
