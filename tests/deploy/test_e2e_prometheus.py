@@ -396,13 +396,16 @@ def test_recording_rules_sum_over_the_replicas(stack: Stack, sent: Sent) -> None
     )
     recorded = prom.query('{__name__=~"isomax:.+"}')
     names = {s["metric"]["__name__"] for s in recorded}
-    rules = [r for g in yaml.safe_load(RULES.joinpath("isomax.rules.yml").read_text())["groups"]
-             for r in g["rules"]]  # fmt: skip
+    rules = [r for f in sorted(RULES.glob("*.yml"))
+             for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"]]  # fmt: skip
     assert names == {r["record"] for r in rules if "record" in r}
     for series in recorded:
         assert "instance" not in series["metric"], series
     per_model = [s for s in recorded if "model" in s["metric"]]
-    assert len(per_model) == len({s["metric"]["__name__"] for s in per_model})  # one model
+    # one model: one series per rule, or per calibration bucket or class of it
+    keys = {(s["metric"]["__name__"], s["metric"].get("level"), s["metric"].get("label"))
+            for s in per_model}  # fmt: skip
+    assert len(per_model) == len(keys)
 
     (expr,) = [r["expr"] for r in rules if r.get("record") == "isomax:images:rate5m"]
     by_instance = f'sum by (instance) (rate(isomax_images_total{{model="{model}"}}[5m]))'
