@@ -380,7 +380,14 @@ def test_other_recording_rules_have_values(stack: Stack, sent: Sent) -> None:
     assert prom.scalar('sum(up{job="isomax"})') == len(ROUNDS)
     assert prom.scalar('count(up{job="isomax"} == 1)') == len(ROUNDS)
     assert prom.scalar(f'min(isomax_model_ready{{model="{model}"}})') == 1
-    assert prom.query('ALERTS{alertstate="firing", alertname=~"Isomax.*"}') == []
+    # The traffic is 40% MNIST on purpose, so the drift alerts (isomax-drift.rules.yml) may
+    # rightly fire; the health alerts must not (test_e2e_drift.py covers the drift alerts).
+    drift = "|".join(r["alert"] for g in yaml.safe_load(RULES.joinpath(
+        "isomax-drift.rules.yml").read_text())["groups"] for r in g["rules"] if "alert" in r)  # fmt: skip
+    firing = prom.query(
+        f'ALERTS{{alertstate="firing", alertname=~"Isomax.*", alertname!~"{drift}"}}'
+    )
+    assert firing == []
 
 
 def test_recording_rules_sum_over_the_replicas(stack: Stack, sent: Sent) -> None:
