@@ -109,29 +109,26 @@ def features(model: Model, pool: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndar
 
 
 def stream(parts: list[tuple[int, list[tuple[float, tuple[np.ndarray, ...]]]]], rate: float,
-           rng: np.random.Generator) -> dict[str, np.ndarray]:  # fmt: skip
+           rng: np.random.Generator) -> dict[str, Any]:  # fmt: skip
     """Per-minute counts: levels [T, 8], classes [T, 10], ood per class [T, 10], and the
     scores per minute (for the offline detector). parts: (minutes, [(share, pool features)])."""
     lv, cl, oo, sc = [], [], [], []
     for minutes, mix in parts:
         n = rng.poisson(rate * 60, minutes)
-        for t in range(minutes):
-            pick = rng.choice(len(mix), n[t], p=[s for s, _ in mix])
-            cs, bs, fs, ds = [], [], [], []
-            for j, (_, f) in enumerate(mix):
-                idx = rng.integers(0, len(f[0]), int((pick == j).sum()))
-                (
-                    cs.append(f[0][idx]),
-                    bs.append(f[1][idx]),
-                    fs.append(f[2][idx]),
-                    ds.append(f[3][idx]),
-                )
-            c, b, fl = np.concatenate(cs), np.concatenate(bs), np.concatenate(fs)
-            lv.append(np.bincount(b, minlength=8))
-            cl.append(np.bincount(c, minlength=10))
-            oo.append(np.bincount(c[fl], minlength=10))
-            sc.append(np.concatenate(ds))
-    return {"levels": np.array(lv), "classes": np.array(cl), "ood": np.array(oo), "scores": sc}
+        minute = np.repeat(np.arange(minutes), n)  # of each image, in order
+        pick = rng.choice(len(mix), len(minute), p=[s for s, _ in mix])
+        c, b = np.empty(len(minute), np.int64), np.empty(len(minute), np.int64)
+        fl, d = np.empty(len(minute), bool), np.empty(len(minute), np.float32)
+        for j, (_, f) in enumerate(mix):
+            where = pick == j
+            idx = rng.integers(0, len(f[0]), int(where.sum()))
+            c[where], b[where], fl[where], d[where] = f[0][idx], f[1][idx], f[2][idx], f[3][idx]
+        lv.append(np.bincount(minute * 8 + b, minlength=minutes * 8).reshape(minutes, 8))
+        cl.append(np.bincount(minute * 10 + c, minlength=minutes * 10).reshape(minutes, 10))
+        oo.append(np.bincount((minute * 10 + c)[fl], minlength=minutes * 10).reshape(minutes, 10))
+        sc += np.split(d, np.cumsum(n)[:-1])
+    return {"levels": np.concatenate(lv), "classes": np.concatenate(cl),
+            "ood": np.concatenate(oo), "scores": sc}  # fmt: skip
 
 
 def window(x: np.ndarray, w: int) -> np.ndarray:
