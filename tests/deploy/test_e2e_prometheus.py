@@ -405,7 +405,13 @@ def test_recording_rules_sum_over_the_replicas(stack: Stack, sent: Sent) -> None
     names = {s["metric"]["__name__"] for s in recorded}
     rules = [r for f in sorted(RULES.glob("*.yml"))
              for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"]]  # fmt: skip
-    assert names == {r["record"] for r in rules if "record" in r}
+    # Bundles exported before calibration.per_class[].flagged have no per-class OOD expectation,
+    # so the rules built on it have no series (docs/metrics.md, "Drift").
+    needs_flagged = {"isomax:class_ood_ratio:expected"} | {
+        f"isomax:class_ood_z:{w}" for w in ("5m", "1h", "1d")
+    }
+    records = {r["record"] for r in rules if "record" in r}
+    assert names <= records and records - names <= needs_flagged, records - names
     for series in recorded:
         assert "instance" not in series["metric"], series
     per_model = [s for s in recorded if "model" in s["metric"]]
