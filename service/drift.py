@@ -62,14 +62,15 @@ class DriftObserver:
         scores = distance.tolist()
         _, flags = self.thresholds.judge(predicted, scores)  # the verdict's one rule
         bounds, higher, series_of = self.table.bounds, self.table.higher_is_in, self._series_of
-        per_bucket = [0] * len(self._buckets)
+        per_bucket: dict[int, int] = {}  # only the buckets and classes this batch touches
         per_class: dict[tuple[int, bool], int] = {}
         for c, s, ood in zip(predicted, scores, flags, strict=True):
-            per_bucket[level_bucket(s, bounds[c], higher)] += 1
+            b = level_bucket(s, bounds[c], higher)
+            per_bucket[b] = per_bucket.get(b, 0) + 1
             key = (series_of[c], ood)
             per_class[key] = per_class.get(key, 0) + 1
-        for child, n in zip(self._buckets, per_bucket, strict=True):
-            if n:
-                child.inc(n)
+        buckets, verdicts = self._buckets, self._verdicts
+        for b, n in per_bucket.items():
+            buckets[b].inc(n)
         for (k, ood), n in per_class.items():
-            self._verdicts[k][ood].inc(n)
+            verdicts[k][ood].inc(n)
