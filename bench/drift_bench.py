@@ -1,6 +1,6 @@
 """Drift alerts on simulated streams of the default bundle's real scores: false alarms, delays.
 
-    nice -n 10 .venv/bin/python bench/drift_bench.py            # ~2 min on 2 cores
+    nice -n 10 .venv/bin/python bench/drift_bench.py            # ~17 min on 2 loaded cores
     nice -n 10 .venv/bin/python bench/drift_bench.py --days 30 --rate 2
 
 The scores are computed once with onnxruntime (cached under bench/out/): Fashion-MNIST test
