@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 RunFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 # Called from the batching thread after each run: (batch size, seconds).
 BatchObserver = Callable[[int, float], None]
+# Called from the batching thread with a run's outputs (logits, min_distance): drift metrics.
+OutputObserver = Callable[[np.ndarray, np.ndarray], None]
 # Called on the event loop when a batch starts or ends: images accepted and not yet answered.
 QueueObserver = Callable[[int], None]
 # (job, first image, end) of the images of one job that go into a batch.
@@ -103,6 +105,7 @@ class Batcher:
         max_queue_images: int,
         on_batch: BatchObserver | None = None,
         on_queue: QueueObserver | None = None,
+        on_outputs: OutputObserver | None = None,
     ) -> None:
         self.name = name
         self._run_fn = run
@@ -111,6 +114,7 @@ class Batcher:
         self.max_queue_images = max_queue_images
         self._on_batch = on_batch
         self._on_queue = on_queue
+        self._on_outputs = on_outputs
         # Shared with the thread.
         self._waiting: deque[_Job] = deque()  # jobs with images not yet in a batch
         self._submitted = 0  # images ever submitted (event loop writes)
@@ -283,6 +287,11 @@ class Batcher:
             error = InferenceError(f"model {self.name}: inference failed (see the server log)")
         if self._on_batch is not None:
             self._on_batch(size, time.perf_counter() - t0)
+        if self._on_outputs is not None and error is None:
+            try:
+                self._on_outputs(logits, distance)
+            except Exception:  # a metrics bug must not fail the answers
+                log.exception("model %s: output observer failed", self.name)
         finished: list[_Job] = []
         offset = 0
         for job, a, b in parts:

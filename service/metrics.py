@@ -15,6 +15,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from isomax.contract.drift import DriftTable
+from isomax.contract.verdict import Thresholds
+from service.drift import DriftObserver, class_series
+
 # min_distance is a distance between unit vectors, so it lies in [0, 2]; where a model's
 # in-distribution values and threshold fall depends on the model (the default bundle: median
 # 0.86, threshold 1.06), so the buckets are uniform, 0.05 wide, over the whole range.
@@ -133,6 +137,7 @@ class PrometheusMetrics:
             "isomax_capture_bytes", "Bytes in the capture directory (as the writer last saw it).",
             registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
+        self._add_drift_series(r)
         # Label children resolved once: .labels() takes a lock and builds a key on every call.
         self._requests: dict[tuple[str, int], Counter] = {}
         self._durations = {e: self.request_duration.labels(e) for e in (*ENDPOINTS, OTHER_ENDPOINT)}
@@ -142,6 +147,77 @@ class PrometheusMetrics:
             self.requests.labels(endpoint, "200")
         for status in CLASSIFY_STATUSES:
             self.requests.labels("/classify", str(status))
+
+    def _add_drift_series(self, r: CollectorRegistry) -> None:
+        """The calibration-anchored drift series (docs/metrics.md, "Drift")."""
+        self.score_level = Counter(
+            "isomax_score_level_total",
+            "Images by level bucket: the first calibrated level whose class threshold keeps them.",
+            ["model", "level"], registry=r,
+        )  # fmt: skip
+        self.score_level_expected = Gauge(
+            "isomax_score_level_expected",
+            "Share of in-distribution images calibration puts in each level bucket.",
+            ["model", "level"], registry=r, multiprocess_mode="max",
+        )  # fmt: skip
+        self.class_images = Counter(
+            "isomax_class_images_total", "Images by predicted class and OOD verdict.",
+            ["model", "label", "verdict"], registry=r,
+        )  # fmt: skip
+        self.class_share_expected = Gauge(
+            "isomax_class_share_expected",
+            "Share of validation images predicted as this class (the expected class mix).",
+            ["model", "label"], registry=r, multiprocess_mode="max",
+        )  # fmt: skip
+        self.class_ood_expected = Gauge(
+            "isomax_class_ood_ratio_expected",
+            "Share of this class's validation images its threshold flags (bundles that say).",
+            ["model", "label"], registry=r, multiprocess_mode="max",
+        )  # fmt: skip
+        self.target_tpr = Gauge(
+            "isomax_target_tpr", "The operating point: share of in-distribution images kept.",
+            ["model"], registry=r, multiprocess_mode="max",
+        )  # fmt: skip
+        self.calibration_images = Gauge(
+            "isomax_calibration_images",
+            "Validation images the calibration was measured on (its own sampling error).",
+            ["model"], registry=r, multiprocess_mode="max",
+        )  # fmt: skip
+
+    def drift_observer(
+        self, name: str, labels: tuple[str, ...], table: DriftTable, thresholds: Thresholds
+    ) -> DriftObserver:
+        """The per-batch observer of one version of `name`, its series created at zero."""
+        buckets = [self.score_level.labels(name, b) for b in table.bucket_names]
+        series = class_series(labels, table.class_shares)
+        names = list(dict.fromkeys(series))
+        verdicts = [
+            (self.class_images.labels(name, s, "in"), self.class_images.labels(name, s, "ood"))
+            for s in names
+        ]
+        return DriftObserver(table, thresholds, buckets, [names.index(s) for s in series], verdicts)
+
+    def set_drift_expected(
+        self, name: str, labels: tuple[str, ...], table: DriftTable, target_tpr: float, size: int
+    ) -> None:
+        """What calibration expects of the default version of `name`."""
+        self.target_tpr.labels(name).set(target_tpr)
+        self.calibration_images.labels(name).set(size)
+        for bucket, share in zip(table.bucket_names, table.expected, strict=True):
+            self.score_level_expected.labels(name, bucket).set(share)
+        if table.class_shares is None:
+            return
+        series = class_series(labels, table.class_shares)
+        totals: dict[str, list[float]] = {}  # series -> [share, share-weighted flagged]
+        flagged = table.class_flagged
+        for c, s in enumerate(series):
+            t = totals.setdefault(s, [0.0, 0.0])
+            t[0] += table.class_shares[c]
+            t[1] += table.class_shares[c] * (flagged[c] if flagged is not None else 0.0)
+        for s, (share, weighted) in totals.items():
+            self.class_share_expected.labels(name, s).set(share)
+            if flagged is not None:
+                self.class_ood_expected.labels(name, s).set(weighted / share if share else 0.0)
 
     def add_model(self, name: str) -> None:
         """Create the model's series at zero so dashboards and rate() see them from the start."""

@@ -40,6 +40,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
+from isomax.contract.drift import DriftTable
 from isomax.contract.manifest import (
     MANIFEST_FILE,
     NAME_PATTERN,
@@ -217,6 +218,7 @@ class LoadedModel:
     session: ort.InferenceSession
     provider: str  # what onnxruntime actually runs, e.g. CPUExecutionProvider
     thresholds: Thresholds  # at the served target_tpr; the verdict rule lives there
+    drift: DriftTable  # level buckets at that operating point (docs/metrics.md, "Drift")
     # probability = softmax(logits / temperature); None: softmax(logits) (bundles without one).
     temperature: float | None
     batcher: Batcher
@@ -349,6 +351,10 @@ def load_model(
         batch_hist.observe(size)
         infer_hist.observe(seconds)
 
+    drift = DriftTable.from_calibration(
+        manifest.calibration, len(manifest.labels), thresholds.per_class is not None,
+        thresholds.target_tpr,
+    )  # fmt: skip
     batcher = Batcher(
         ref.key,
         run,
@@ -357,6 +363,7 @@ def load_model(
         max_queue_images=settings.max_queue_images,
         on_batch=on_batch,
         on_queue=metrics.queue_observer(ref.name, ref.version),
+        on_outputs=metrics.drift_observer(ref.name, manifest.labels, drift, thresholds),
     )
     return LoadedModel(
         ref=ref,
@@ -364,6 +371,7 @@ def load_model(
         session=session,
         provider=provider,
         thresholds=thresholds,
+        drift=drift,
         temperature=manifest.calibration.temperature,
         batcher=batcher,
         run=run,
@@ -854,6 +862,10 @@ class ModelRegistry:
                 for label, value in zip(default.labels, t.per_class or (), strict=False):
                     m.class_threshold.labels(name, label).set(value)
                 m.default_version.labels(name).set(int(default.version))
+                m.set_drift_expected(
+                    name, default.labels, default.drift, t.target_tpr,
+                    default.manifest.calibration.size,
+                )  # fmt: skip
         for model in view.by_key.values():
             m.model_info.labels(model.name, model.version, model.provider).set(1)
         for r in self._retiring:

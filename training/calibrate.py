@@ -174,6 +174,7 @@ def _per_class(
             size=len(cd.per_class[c]),
             pooled=not cd.own[c],
             threshold=float(at_target[c]),
+            flagged=float(np.mean(cd.per_class[c] > at_target[c])) if cd.per_class[c].size else 0.0,
             quantiles=tuple(
                 QuantilePoint(q=q, value=float(v)) for q, v in zip(qs, grid[:, c], strict=True)
             ),

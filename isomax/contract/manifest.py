@@ -136,13 +136,17 @@ class ClassCalibration(_Strict):
     images are kept. `threshold` is at the manifest's `target_tpr`; `quantiles` maps other
     overall targets (`q` = target) to this class's threshold, on the global table's grid.
     `pooled`: fewer than `Calibration.min_class_size` validation images were predicted as this
-    class, so it takes the global level-`q` threshold.
+    class, so it takes the global level-`q` threshold. `flagged` (optional; bundles exported
+    before it lack it): the share of this class's validation images that `threshold` flags,
+    what the class's OOD rate should be under in-distribution traffic (capped classes are
+    flagged more often than 1 - target_tpr, the others less; docs/metrics.md, "Drift").
     """
 
     size: int = Field(ge=0)
     pooled: bool
     threshold: float
     quantiles: tuple[QuantilePoint, ...] = Field(min_length=2)
+    flagged: float | None = Field(default=None, ge=0.0, le=1.0)
 
     @field_validator("quantiles")
     @classmethod

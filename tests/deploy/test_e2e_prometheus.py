@@ -380,7 +380,14 @@ def test_other_recording_rules_have_values(stack: Stack, sent: Sent) -> None:
     assert prom.scalar('sum(up{job="isomax"})') == len(ROUNDS)
     assert prom.scalar('count(up{job="isomax"} == 1)') == len(ROUNDS)
     assert prom.scalar(f'min(isomax_model_ready{{model="{model}"}})') == 1
-    assert prom.query('ALERTS{alertstate="firing", alertname=~"Isomax.*"}') == []
+    # The traffic is 40% MNIST on purpose, so the drift alerts (isomax-drift.rules.yml) may
+    # rightly fire; the health alerts must not (test_e2e_drift.py covers the drift alerts).
+    drift = "|".join(r["alert"] for g in yaml.safe_load(RULES.joinpath(
+        "isomax-drift.rules.yml").read_text())["groups"] for r in g["rules"] if "alert" in r)  # fmt: skip
+    firing = prom.query(
+        f'ALERTS{{alertstate="firing", alertname=~"Isomax.*", alertname!~"{drift}"}}'
+    )
+    assert firing == []
 
 
 def test_recording_rules_sum_over_the_replicas(stack: Stack, sent: Sent) -> None:
@@ -396,13 +403,22 @@ def test_recording_rules_sum_over_the_replicas(stack: Stack, sent: Sent) -> None
     )
     recorded = prom.query('{__name__=~"isomax:.+"}')
     names = {s["metric"]["__name__"] for s in recorded}
-    rules = [r for g in yaml.safe_load(RULES.joinpath("isomax.rules.yml").read_text())["groups"]
-             for r in g["rules"]]  # fmt: skip
-    assert names == {r["record"] for r in rules if "record" in r}
+    rules = [r for f in sorted(RULES.glob("*.yml"))
+             for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"]]  # fmt: skip
+    # Bundles exported before calibration.per_class[].flagged have no per-class OOD expectation,
+    # so the rules built on it have no series (docs/metrics.md, "Drift").
+    needs_flagged = {"isomax:class_ood_ratio:expected"} | {
+        f"isomax:class_ood_z:{w}" for w in ("5m", "1h", "1d")
+    }
+    records = {r["record"] for r in rules if "record" in r}
+    assert names <= records and records - names <= needs_flagged, records - names
     for series in recorded:
         assert "instance" not in series["metric"], series
     per_model = [s for s in recorded if "model" in s["metric"]]
-    assert len(per_model) == len({s["metric"]["__name__"] for s in per_model})  # one model
+    # one model: one series per rule, or per calibration bucket or class of it
+    keys = {(s["metric"]["__name__"], s["metric"].get("level"), s["metric"].get("label"))
+            for s in per_model}  # fmt: skip
+    assert len(per_model) == len(keys)
 
     (expr,) = [r["expr"] for r in rules if r.get("record") == "isomax:images:rate5m"]
     by_instance = f'sum by (instance) (rate(isomax_images_total{{model="{model}"}}[5m]))'

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.deploy.tools import PROMETHEUS_CONFIG, RULE_TESTS, RULES, require_tool
+from tests.deploy.tools import PROMETHEUS_CONFIG, ROOT, RULE_TESTS, RULES, require_tool
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, timeout=120)
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
 
 
 def _rule_files() -> list[Path]:
@@ -44,7 +45,9 @@ def test_promtool_check_config_with_the_repository_rules(tmp_path: Path) -> None
     local.write_text(yaml.safe_dump(config))
     r = _run(promtool, "check", "config", str(local))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"SUCCESS: {len(_rules())} rules found" in r.stdout + r.stderr
+    for f in _rule_files():
+        n = sum(len(g["rules"]) for g in yaml.safe_load(f.read_text())["groups"])
+        assert f"{f}\n  SUCCESS: {n} rules found" in r.stdout + r.stderr
 
 
 def test_promtool_check_rules() -> None:
@@ -57,7 +60,9 @@ def test_promtool_rule_unit_tests_pass() -> None:
     promtool = require_tool("promtool")
     files = sorted(RULE_TESTS.glob("*.yml"))
     assert files
-    r = _run(promtool, "test", "rules", *map(str, files))
+    # The drift tests replay days of simulated traffic: about a minute of CPU (more on a busy
+    # machine), so this run gets a longer limit than the static checks.
+    r = _run(promtool, "test", "rules", *map(str, files), timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS" in r.stdout
 
@@ -89,3 +94,26 @@ def test_ood_ratio_rule_is_the_contract_formula() -> None:
     expr = " ".join(rule["expr"].split())
     assert 'sum by (model) (rate(isomax_images_total{verdict="ood"}[5m]))' in expr
     assert "/ (sum by (model) (rate(isomax_images_total[5m])) > 0)" in expr
+
+
+def test_drift_rules_are_generated_from_the_template() -> None:
+    """deploy/prometheus/rules/isomax-drift.rules.yml is what scripts/drift_rules.py writes."""
+    r = _run(sys.executable, str(ROOT / "scripts" / "drift_rules.py"), "--check")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_drift_rule_tests_are_generated() -> None:
+    """The promtool tests of the drift rules are what tests/deploy/drift_rule_tests.py writes."""
+    from tests.deploy import drift_rule_tests
+
+    for path, text in drift_rule_tests.render().items():
+        assert path.read_text() == text, f"{path.name} is out of date: rerun drift_rule_tests"
+
+
+def test_drift_thresholds_follow_the_false_alarm_budget() -> None:
+    """Longer windows have fewer evaluations to spend the yearly budget on: lower z."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import drift_rules
+
+    z = [drift_rules.z_threshold(w) for w in drift_rules.WINDOWS]
+    assert z == sorted(z, reverse=True) and all(3 < v < 6 for v in z)

@@ -201,3 +201,15 @@ def test_manifest_refuses_inconsistent_class_calibration() -> None:
         bad = [dict(e) for e in cal["per_class"]]
         bad[0]["quantiles"] = bad[0]["quantiles"][1:]
         Calibration.model_validate({**cal, "per_class": bad})
+
+
+def test_class_flagged_is_the_share_each_class_threshold_flags() -> None:
+    """per_class[].flagged: what the drift metrics expect of each class's OOD rate."""
+    d, classes = _two_classes(np.random.default_rng(4))
+    cal = calibrate(d, val_classes=classes, num_classes=3)
+    assert cal.per_class is not None
+    for c, entry in enumerate(cal.per_class):
+        mine = d[classes == c]
+        assert entry.flagged == (float(np.mean(mine > entry.threshold)) if mine.size else 0.0)
+    overall = sum(e.flagged * e.size for e in cal.per_class if e.flagged is not None) / cal.size
+    assert overall == pytest.approx(1 - cal.target_tpr, abs=2 / cal.size)
