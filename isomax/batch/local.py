@@ -71,12 +71,13 @@ class Batches:
         """Rows scored (here or by the Ray engine's actors): into the next part."""
         self.rows.extend(rows)
         self.on_rows(rows)
-        if len(self.rows) >= self.part_size:
-            self.flush()
+        while len(self.rows) >= self.part_size:
+            self.flush(self.part_size)
 
-    def flush(self) -> None:
+    def flush(self, n: int | None = None) -> None:
+        """Write the first `n` rows held (all of them by default) as one part."""
         # Taken before writing: a part is either renamed into place or re-scored next run.
-        rows, self.rows = self.rows, []
+        rows, self.rows = self.rows[:n], self.rows[len(self.rows) if n is None else n :]
         self.writer.write(to_table(rows))
 
 
