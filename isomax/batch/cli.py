@@ -36,9 +36,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=cores(),
                    help="decode processes (local engine; 0: decode in the main process); "
                    "default: the cores this process may use (%(default)s)")  # fmt: skip
-    p.add_argument("--threads", type=int, default=0,
-                   help="onnxruntime threads; 0: every core given (local engine)")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=256, help="images per onnxruntime run")
+    p.add_argument("--runs", type=int, default=cores(),
+                   help="concurrent onnxruntime runs on the one session (local engine); "
+                   "default: the cores (%(default)s)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=1,
+                   help="onnxruntime threads per run (local engine)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="images per onnxruntime run; 0: 256, fewer for large inputs (32 MiB "
+                   "of float input a run)")  # fmt: skip
     p.add_argument("--part-size", type=int, default=10_000, help="rows per output part")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                    help="as ISOMAX_DEVICE: cuda fails rather than run on CPU")  # fmt: skip
@@ -85,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
               "pip install 'isomax-serve[batch]'", file=sys.stderr)  # fmt: skip
         return 2
     args = parser().parse_args(argv)
+    for name in ("workers", "runs", "threads", "batch_size", "part_size", "actors"):
+        if getattr(args, name) < (0 if name in ("workers", "batch_size") else 1):
+            parser().error(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
     t0 = time.perf_counter()
     with stop_on_signals() as stop:
         return score(args, stop, t0)

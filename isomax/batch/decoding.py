@@ -55,6 +55,12 @@ class Meta:
 def check_file(path: str, limits: Limits) -> str | None:
     """The error that keeps a file from being read, if any: missing, not a readable regular
     file, or over `max_image_bytes` (then it is never read)."""
+    found = _size(path, limits)
+    return found if isinstance(found, str) else None
+
+
+def _size(path: str, limits: Limits) -> int | str:
+    """The file's size, or the error `check_file` gives."""
     try:
         st = os.stat(path)
     except OSError as e:
@@ -65,17 +71,20 @@ def check_file(path: str, limits: Limits) -> str | None:
         return "cannot read the file: Permission denied"
     if st.st_size > limits.max_image_bytes:
         return too_big(st.st_size, limits)
-    return None
+    return st.st_size
 
 
 def read_file(path: str, limits: Limits) -> bytes | str:
     """The file's bytes, or the error (`check_file`)."""
-    error = check_file(path, limits)
-    if error is not None:
-        return error
+    size = _size(path, limits)
+    if isinstance(size, str):
+        return size
     try:
-        with open(path, "rb") as f:
-            return f.read(limits.max_image_bytes + 1)
+        with open(path, "rb", buffering=0) as f:
+            # Its size and one byte (one that grew past the limit since the stat is refused
+            # by decode_bytes); not read(max_image_bytes + 1), which allocates the whole
+            # limit first: 10 MiB, 75 us of CPU for a 28x28 PNG.
+            return f.read(size + 1)
     except OSError as e:
         return _unreadable(e)
 

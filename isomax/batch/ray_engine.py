@@ -87,7 +87,8 @@ def run_ray(
             readable.append(p)
         else:
             errors.append(row_of(Meta(p, error=error), None))
-    batches.add_rows(errors)
+    if errors:
+        batches.add_table(to_table(errors))
     if readable:
         _init(options)
         ds = ray.data.read_binary_files(readable, include_paths=True)
@@ -101,7 +102,7 @@ def run_ray(
         )
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             assert isinstance(table, pa.Table)
-            batches.add_rows(table.to_pylist())
+            batches.add_table(table)
             if stop.is_set():
                 break
     batches.flush()

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from scipy.stats import binom, binomtest
 
 from isomax.batch.decoding import Limits
 from isomax.contract.manifest import Manifest
@@ -44,6 +43,8 @@ def error_kind(message: str) -> str:
 
 
 def _share(k: int, n: int) -> dict[str, Any]:
+    from scipy.stats import binomtest  # imported here: seconds of import on a busy machine
+
     if n == 0:
         return {"count": 0, "ood": 0, "ood_share": None, "interval": None}
     ci = binomtest(k, n).proportion_ci(LEVEL, method="exact")
@@ -60,6 +61,8 @@ def figures(table: pa.Table, manifest: Manifest, thresholds: Thresholds) -> dict
     classes = np.array(table.column("class").to_pylist(), dtype=object)[ok].astype(np.int64)
     is_ood = np.array(table.column("is_ood").to_pylist(), dtype=object)[ok].astype(bool)
     n = int(ok.sum())
+    from scipy.stats import binom
+
     expected = 1.0 - thresholds.target_tpr
     lo, hi = binom.interval(LEVEL, n, expected) if n else (0, 0)
     per_class = {
