@@ -16,12 +16,13 @@ $(VENV)/.serve-installed: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
-# Everything: training (torch pinned to the CPU wheel by constraints-cpu.txt), tests and linters.
+# Everything: training (torch pinned to the CPU wheel by constraints-cpu.txt), batch scoring with
+# its Ray engine, tests and linters.
 $(VENV)/.all-installed: pyproject.toml constraints-cpu.txt
 	@echo "== installing training + dev extras into $(VENV) (CPU torch, torchvision, onnx, scikit-learn, scikit-image, test tools): a few minutes, about 2.5 GB"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[train,dev]'
+	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[train,dev,batch,ray]'
 	touch $(VENV)/.serve-installed $@
 
 serve: $(VENV)/.serve-installed

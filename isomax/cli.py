@@ -13,6 +13,7 @@ USAGE = """usage: isomax <command> [options]
 serving (no torch needed):
   serve        run the HTTP service over a models directory
   capture      list the inputs the service captured, export them as a folder to label
+  score        score folders, file lists or globs offline, same verdict (the [batch] extra)
 
 training (needs the [train] extra):
   data         check and describe the data sets (Fashion-MNIST, OOD sets)
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         from service.cli import main as serve_main
 
         return serve_main(args[1:])
+    if args[0] == "score":
+        from isomax.batch.cli import main as score_main
+
+        return score_main(args[1:])
     if args[0] == "capture":
         from service.capture_cli import main as capture_main
 
