@@ -1,0 +1,66 @@
+"""Hostile clients, round two (issue 24): each attack found by the second audit, against a real
+`isomax serve` process. Socket helpers are those of test_hostile_clients.py; every socket has
+a timeout, so a server that does not defend itself fails these tests instead of hanging them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.service.cases import PNG
+from tests.service.conftest import Server, run_server
+from tests.service.test_hostile_clients import connect, read_response, request
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def srv(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("round2") / "server.log"
+    with run_server(models_dir, log) as s:
+        yield s
+
+
+def multipart(boundary: str, data: bytes = PNG) -> bytes:
+    return (
+        (
+            f"--{boundary}\r\n"
+            'Content-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+
+
+# -- finding 1: the multipart boundary -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [71, 300, 5000])
+def test_a_boundary_longer_than_rfc_2046_allows_gets_a_json_400(srv: Server, length: int) -> None:
+    """RFC 2046 caps a boundary at 70 characters; python-multipart refused > 256 outside the
+    endpoint's error handling (a 500 with a traceback in the log)."""
+    boundary = "b" * length
+    body = multipart(boundary)
+    with connect(srv) as s:
+        s.sendall(request("POST", "/classify", body,
+                          Content_Type=f"multipart/form-data; boundary={boundary}"))  # fmt: skip
+        status, headers, answer = read_response(s)
+    assert status == 400, answer
+    assert headers["content-type"] == "application/json"
+    assert "at most 70" in json.loads(answer)["detail"]
+    assert "Traceback" not in srv.log_text()
+
+
+def test_a_boundary_of_70_characters_is_served(srv: Server) -> None:
+    boundary = "b" * 70
+    with connect(srv) as s:
+        s.sendall(request("POST", "/classify", multipart(boundary),
+                          Content_Type=f"multipart/form-data; boundary={boundary}"))  # fmt: skip
+        status, _, answer = read_response(s)
+    assert status == 200, answer
+    assert json.loads(answer)["results"][0]["filename"] == "a.png"
