@@ -2,10 +2,15 @@
 decoded bytes of its images. Both are checked before the work they bound is done.
 
 Body bytes: every upload is buffered in memory until its images are decoded; without a total,
-64 connections sending 30 MiB each and stalling took the process from 112 MB to 2 GB. A request
-reserves its Content-Length (or, without one, each chunk as it arrives) from one budget for the
-process, `max_inflight_body_bytes`, and gives it back when it is answered; a request that does
-not fit gets 503 + Retry-After before its body is read.
+64 connections sending 30 MiB each and stalling took the process from 112 MB to 2 GB. One budget
+for the process, `max_inflight_body_bytes`, counts the body bytes that requests hold: each chunk
+is taken from it as it arrives and everything is given back when the request is answered.
+A request whose Content-Length does not fit in what is free now gets 503 + Retry-After before
+its body is read (`check`), but its declared length is not reserved: what is reserved is what
+is held. Reserving the declared length up front let 8 sockets that declared 32 MiB each and sent
+one byte every 10 s hold the whole 256 MiB budget with ~100 bytes (issue 24): every other upload
+got 503 for as long as they trickled. Bytes that never arrive now reserve nothing; to fill the
+budget a client has to send it (docs/serving.md, "Limits and hardening", says what remains).
 """
 
 from __future__ import annotations
@@ -22,7 +27,16 @@ class BodyBudget:
         self.limit = limit
         self.used = 0
 
+    def check(self, n: int) -> None:
+        """Raise OverloadedError unless `n` more bytes fit in what is free now (nothing taken)."""
+        if self.used + n > self.limit:
+            raise OverloadedError(
+                f"{self.used} bytes of request bodies in flight; {n} more would exceed the "
+                f"limit of {self.limit}: retry later"
+            )
+
     def take(self, n: int) -> None:
+        """Hold `n` more bytes (a chunk that arrived), or raise OverloadedError."""
         if self.used + n > self.limit:
             raise OverloadedError(
                 f"{self.used} bytes of request bodies in flight; {n} more would exceed the "
@@ -39,6 +53,9 @@ class Reservation:
     def __init__(self, budget: BodyBudget) -> None:
         self.budget = budget
         self.held = 0
+
+    def check(self, n: int) -> None:
+        self.budget.check(n)
 
     def take(self, n: int) -> None:
         self.budget.take(n)

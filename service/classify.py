@@ -238,8 +238,8 @@ async def read_uploads(
 ) -> list[Upload]:
     """The images of a request, raw body or multipart; limits enforced while reading.
 
-    The body's bytes are taken from the process's budget (`reservation`) before they are read:
-    its Content-Length at once, or each chunk as it comes when there is none.
+    The body's bytes are taken from the process's budget (`reservation`) as they arrive; a
+    Content-Length that does not fit in what is free is refused first (service/admission.py).
     """
     raw_ctype, length = _content_headers(scope)
     ctype, options = parse_options_header(raw_ctype)
@@ -258,8 +258,7 @@ async def read_uploads(
     if length is not None and length > limit:
         raise PayloadTooLargeError(f"the request body is {length} bytes; the limit is {limit}")
     if length is not None:
-        reservation.take(length)
-    count = length is None  # take each chunk from the budget as it arrives
+        reservation.check(length)
 
     if ctype == b"multipart/form-data":
         boundary = _boundary(options)
@@ -274,8 +273,7 @@ async def read_uploads(
                 if size > limit:
                     raise PayloadTooLargeError(f"the request body exceeds {limit} bytes")
                 if chunk:
-                    if count:
-                        reservation.take(len(chunk))
+                    reservation.take(len(chunk))
                     parser.write(chunk)
                 if not message.get("more_body", False):
                     break
@@ -297,8 +295,7 @@ async def read_uploads(
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLargeError(f"the image is larger than {limit} bytes")
-            if count:
-                reservation.take(len(chunk))
+            reservation.take(len(chunk))
             chunks.append(chunk)
         if not message.get("more_body", False):
             break

@@ -6,6 +6,7 @@ a timeout, so a server that does not defend itself fails these tests instead of 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from tests.service.cases import PNG
 from tests.service.conftest import Server, run_server
-from tests.service.test_hostile_clients import connect, read_response, request
+from tests.service.test_hostile_clients import classify_png, connect, read_response, request
 
 pytestmark = pytest.mark.e2e
 
@@ -64,3 +65,28 @@ def test_a_boundary_of_70_characters_is_served(srv: Server) -> None:
         status, _, answer = read_response(s)
     assert status == 200, answer
     assert json.loads(answer)["results"][0]["filename"] == "a.png"
+
+
+# -- finding 2: bytes that never arrive ----------------------------------------------------------
+
+
+def test_declared_bodies_that_never_arrive_reserve_no_budget(srv: Server) -> None:
+    """8 sockets declare 32 MiB multipart bodies (together the whole 256 MiB in-flight budget)
+    and send a byte each: a normal upload is still served, because what is reserved is what
+    has arrived."""
+    boundary = "x" * 16
+    head = request("POST", "/classify", Content_Type=f"multipart/form-data; boundary={boundary}")
+    head = head.replace(b"Content-Length: 0", f"Content-Length: {32 * 1024 * 1024}".encode())
+    holders = [connect(srv) for _ in range(8)]
+    try:
+        for s in holders:
+            s.sendall(head + b"-")
+        time.sleep(0.5)  # every holder's head is in and its first byte read
+        for _ in range(3):
+            with connect(srv) as s:
+                s.sendall(classify_png())
+                status, _, body = read_response(s)
+            assert status == 200, body
+    finally:
+        for s in holders:
+            s.close()
