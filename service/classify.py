@@ -40,6 +40,7 @@ from isomax.contract.decode import (
     image_to_uint8,
     open_header,
 )
+from isomax.contract.manifest import Preprocess
 from isomax.contract.plain_png import decoded_bytes as plain_decoded_bytes
 from isomax.contract.plain_png import plain_png_uint8
 from service.admission import BodyBudget, Reservation
@@ -72,6 +73,10 @@ _JSON = (b"content-type", b"application/json")
 class Upload:
     filename: str | None
     data: bytes
+
+
+# An upload after its header step: a plain PNG's pixels, or an image with only its header read.
+Item = np.ndarray | Image.Image
 
 
 def _is_image_type(ctype: bytes) -> bool:
@@ -305,6 +310,25 @@ async def read_uploads(
     return [Upload(None, data)]
 
 
+# Uploads larger than this have their header parsed in the decode pool, not on the event loop:
+# Pillow parses a file's structure in Python, one step per chunk, segment or strip, so even
+# within isomax/contract/structure.py's bounds a large file can cost the loop a few hundred ms,
+# and a thread hand-off (~50-100 us) is nothing next to decoding such a file. A 28x28 PNG is
+# ~400 bytes, a 224x224 JPEG ~20 KB: the usual request stays on the loop.
+INLINE_OPEN_MAX_BYTES = 64 * 1024
+
+
+def _open_upload(up: Upload, spec: Preprocess, settings: Settings) -> tuple[Item, int]:
+    """(plain PNG pixels or a header-parsed image, its decoded bytes); nothing else decoded."""
+    arr = plain_png_uint8(
+        up.data, spec, settings.max_image_pixels, settings.max_image_decoded_bytes
+    )
+    if arr is not None:
+        return arr, plain_decoded_bytes(spec.width, spec.height, spec.color_mode)
+    img = open_header(up.data, settings.max_image_pixels, settings.max_image_decoded_bytes, spec)
+    return img, decoded_bytes(img)
+
+
 async def decode_uploads(
     uploads: list[Upload], model: LoadedModel, settings: Settings
 ) -> np.ndarray:
@@ -312,7 +336,8 @@ async def decode_uploads(
     into the float input, as `decode` does).
 
     Small images are decoded on the event loop (a 28x28 PNG takes ~0.1 ms, less than a thread
-    hand-off); larger ones in the default thread pool so that they never stall other requests.
+    hand-off); larger ones in the default thread pool so that they never stall other requests,
+    and so are the headers of large files (INLINE_OPEN_MAX_BYTES).
     """
     spec = model.manifest.preprocess
     arrays: list[np.ndarray] = []
@@ -326,24 +351,18 @@ async def decode_uploads(
     # Plain PNGs at the model's size decode at once (libspng, isomax/contract/plain_png.py:
     # the same array as Pillow's, ~8x cheaper). For the others, every header first (no pixel
     # decoded yet): the request's decoded size is known before any of them costs memory or CPU.
-    items: list[np.ndarray | Image.Image] = []
+    items: list[Item] = []
     total = 0
     for i, up in enumerate(uploads, 1):
-        arr = plain_png_uint8(
-            up.data, spec, settings.max_image_pixels, settings.max_image_decoded_bytes
-        )
-        if arr is not None:
-            total += plain_decoded_bytes(spec.width, spec.height, spec.color_mode)
-            items.append(arr)
-            continue
         try:
-            img = open_header(
-                up.data, settings.max_image_pixels, settings.max_image_decoded_bytes, spec
-            )
+            if len(up.data) <= INLINE_OPEN_MAX_BYTES:
+                item, size = _open_upload(up, spec, settings)
+            else:
+                item, size = await loop.run_in_executor(None, _open_upload, up, spec, settings)
         except (ImageDecodeError, ImageTooLargeError) as e:
             raise failed(i, up, e) from e
-        total += decoded_bytes(img)
-        items.append(img)
+        total += size
+        items.append(item)
     if total > settings.max_request_decoded_bytes:
         raise PayloadTooLargeError(
             f"the {len(uploads)} images decode to {total} bytes; the limit is "

@@ -14,6 +14,7 @@ import pytest
 
 from tests.service.cases import PNG
 from tests.service.conftest import Server, run_server
+from tests.service.hostile_files import jpeg_segments, png_chunks, tiff_strips
 from tests.service.test_hostile_clients import classify_png, connect, read_response, request
 
 pytestmark = pytest.mark.e2e
@@ -90,3 +91,35 @@ def test_declared_bodies_that_never_arrive_reserve_no_budget(srv: Server) -> Non
     finally:
         for s in holders:
             s.close()
+
+
+# -- finding 3: files of many tiny pieces ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "ctype", "what"),
+    [
+        (tiff_strips(100_000), "image/tiff", "100000 strips"),
+        (png_chunks(20_000), "image/png", "more than 16384 chunks"),
+        (jpeg_segments(5_000), "image/jpeg", "more than 4096 segments"),
+    ],
+    ids=["tiff-strips", "png-chunks", "jpeg-segments"],
+)
+def test_a_file_of_too_many_pieces_is_refused_before_pillow_parses_it(
+    srv: Server, data: bytes, ctype: str, what: str
+) -> None:
+    """Pillow parses structure in Python, a step per strip, chunk or segment: such files were
+    parsed (seconds of event-loop time each at a few MB) and then served."""
+    with connect(srv) as s:
+        s.sendall(request("POST", "/classify", data, Content_Type=ctype))
+        status, _, body = read_response(s)
+    assert status == 413, body
+    detail = json.loads(body)["detail"]
+    assert "too complex" in detail and what in detail
+
+
+def test_a_tiff_within_the_structure_bounds_is_served(srv: Server) -> None:
+    with connect(srv) as s:
+        s.sendall(request("POST", "/classify", tiff_strips(2_000), Content_Type="image/tiff"))
+        status, _, body = read_response(s)
+    assert status == 200, body
