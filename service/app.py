@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service import http_protocol
 from service.capture import CaptureWriter
 from service.classify import ClassifyEndpoint, openapi_operation
+from service.descriptors import install_loop_handler
 from service.errors import (
     RETRY_AFTER,
     ServiceError,
@@ -189,6 +190,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
+        install_loop_handler(loop)  # EMFILE as one log line, not a traceback per accept
         specs = configured(settings.models_dir, settings.models)
         registry = ModelRegistry(specs, settings, metrics)
         board = WorkerBoard(settings.state_dir, settings.workers)

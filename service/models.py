@@ -45,6 +45,7 @@ from isomax.contract.manifest import (
 )
 from isomax.contract.verdict import Thresholds
 from service.batching import Batcher
+from service.descriptors import is_out_of_descriptors, out_of_descriptors
 from service.errors import (
     InvalidParameterError,
     ModelUnavailableError,
@@ -637,8 +638,11 @@ class ModelRegistry:
                 started_for = self._requested
             try:
                 self._pass()
-            except Exception:  # a bug must not end reloading, nor crash the worker
-                log.exception("model registry: rescan failed")
+            except Exception as e:  # a bug must not end reloading, nor crash the worker
+                if is_out_of_descriptors(e):  # not a bug: one line, not a traceback per pass
+                    out_of_descriptors.warn("the model rescan")
+                else:
+                    log.exception("model registry: rescan failed")
             finally:
                 self._loaded.set()
                 with self._cond:

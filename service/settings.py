@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(default=10.0, gt=0.0, le=3600.0)
     body_timeout_s: float = Field(default=15.0, gt=0.0, le=3600.0)
     keep_alive_s: float = Field(default=5.0, gt=0.0, le=3600.0)
+    # Connections one worker holds at most; beyond it the longest-idle one is closed
+    # (service/descriptors.py). 0: the nofile limit less 128 descriptors kept for the service's
+    # own files, at most 16384.
+    max_connections: int = Field(default=0, ge=0, le=1_000_000)
     # Host header allow-list, comma-separated ("api.example.com,localhost"; "*.example.com"
     # matches subdomains): other hosts get 400, which keeps DNS-rebinding pages away from a
     # service on a private address. Empty (the default): any host.

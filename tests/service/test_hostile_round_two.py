@@ -5,7 +5,9 @@ a timeout, so a server that does not defend itself fails these tests instead of 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import resource
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,13 @@ import pytest
 from tests.service.cases import PNG
 from tests.service.conftest import Server, run_server
 from tests.service.hostile_files import jpeg_segments, png_chunks, tiff_strips
-from tests.service.test_hostile_clients import classify_png, connect, read_response, request
+from tests.service.test_hostile_clients import (
+    classify_png,
+    closed_by_server,
+    connect,
+    read_response,
+    request,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -123,3 +131,49 @@ def test_a_tiff_within_the_structure_bounds_is_served(srv: Server) -> None:
         s.sendall(request("POST", "/classify", tiff_strips(2_000), Content_Type="image/tiff"))
         status, _, body = read_response(s)
     assert status == 200, body
+
+
+# -- finding 5: descriptors ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def nofile_for_children(soft: int) -> Iterator[None]:
+    """Processes started inside inherit a soft RLIMIT_NOFILE of `soft` (this one keeps its own
+    once the block is left; its sockets are opened after)."""
+    old = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, old)
+
+
+def test_idle_connections_beyond_the_descriptor_limit_cannot_lock_clients_out(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """nofile 256: 400 idle connections (more descriptors than the server may hold) do not stop
+    a client from being served, because the server holds at most 256 - 128 and closes the
+    longest-idle one for a newcomer; accept() never fails, so no EMFILE traceback is logged."""
+    started = contextlib.ExitStack()
+    with nofile_for_children(256):
+        srv = started.enter_context(run_server(models_dir, tmp_path / "log"))
+    with started:
+        idle = []
+        try:
+            for _ in range(400):
+                idle.append(connect(srv))
+            time.sleep(0.5)
+            for _ in range(3):
+                with connect(srv) as s:
+                    s.sendall(classify_png())
+                    status, _, body = read_response(s)
+                assert status == 200, body
+            for s in idle:
+                s.settimeout(0.05)
+            closed = sum(closed_by_server(s) for s in idle)
+        finally:
+            for s in idle:
+                s.close()
+        log = srv.log_text()
+    assert closed >= 400 - 128, closed  # the server held at most its cap of them
+    assert "Traceback" not in log and "out of system resource" not in log
