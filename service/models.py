@@ -351,6 +351,7 @@ def load_model(
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_wait_s,
         max_queue_images=settings.max_queue_images,
+        max_queue_wait_s=settings.max_queue_wait_ms / 1000.0,
         on_batch=on_batch,
         on_queue=metrics.queue_observer(ref.name, ref.version),
     )

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     # Images accepted but not yet answered, per model; beyond it requests get 503 + Retry-After.
     max_queue_images: int = Field(default=1024, ge=1)
     retry_after_s: int = Field(default=1, ge=1, le=3600)
+    # ... and the same queue bounded in time (service/batching.py): a request whose expected
+    # wait exceeds this gets 503 + Retry-After at once, and one still waiting for its batch
+    # this long after it was queued (beyond max_wait_ms) gets it then. 0: no bound in time.
+    max_queue_wait_ms: float = Field(default=500.0, ge=0.0, le=600_000.0)
 
     # Input limits (413 when exceeded).
     max_body_bytes: int = Field(default=32 * MiB, ge=1)

@@ -5,6 +5,7 @@ a timeout, so a server that does not defend itself fails these tests instead of 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import resource
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.service.cases import PNG
@@ -177,3 +179,32 @@ def test_idle_connections_beyond_the_descriptor_limit_cannot_lock_clients_out(
         log = srv.log_text()
     assert closed >= 400 - 128, closed  # the server held at most its cap of them
     assert "Traceback" not in log and "out of system resource" not in log
+
+
+# -- finding 4: latency under overload -------------------------------------------------------------
+
+
+def test_requests_that_cannot_start_within_the_queue_wait_bound_get_503(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """ISOMAX_MAX_QUEUE_WAIT_MS=1 with one image per batch: of 64 requests at once, those that
+    would wait longer for the model are answered 503 + Retry-After (by the expected wait at
+    admission, or at their deadline in the queue) instead of late; the rest are answered."""
+    env = {"ISOMAX_MAX_QUEUE_WAIT_MS": "1", "ISOMAX_MAX_BATCH_SIZE": "1"}
+    with run_server(models_dir, tmp_path / "log", "--max-wait-ms", "0", **env) as srv:
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
+                png = {"content-type": "image/png"}
+                posts = [c.post("/classify", content=PNG, headers=png) for _ in range(64)]
+                return await asyncio.gather(*posts)
+
+        answers = asyncio.run(burst()) + asyncio.run(burst())
+    statuses = {r.status_code for r in answers}
+    assert statuses <= {200, 503}, statuses
+    shed = [r for r in answers if r.status_code == 503]
+    assert shed and len(shed) < len(answers)
+    for r in shed:
+        assert r.headers["retry-after"]
+        detail = r.json()["detail"]
+        assert "expected wait" in detail or "for its batch" in detail, detail
