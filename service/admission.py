@@ -15,6 +15,9 @@ budget a client has to send it (docs/serving.md, "Limits and hardening", says wh
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
+
 from service.errors import OverloadedError
 
 
@@ -64,3 +67,52 @@ class Reservation:
     def release(self) -> None:
         self.budget.used -= self.held
         self.held = 0
+
+
+class DecodeBudget:
+    """Decoded bytes of the images being decoded in the pool at once (one per process).
+
+    Why: the decoded-bytes limits bound one image and one request, not how many large images
+    are decoded together; 16 concurrent 3237x3237 RGBA PNGs (40 MiB decoded each, ~3.5x that
+    while converted) took a worker to ~1.3 GB. A decode waits here, first come first served,
+    until its decoded bytes fit in `limit`; an image larger than the whole budget waits for all
+    of it. Decoding is CPU-bound, so on a few cores a couple of large decodes at a time lose no
+    throughput. Event loop only (no lock).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    async def acquire(self, n: int) -> int:
+        """Wait until `n` bytes (at most `limit`) are free and hold them; returns what is held,
+        to give to `release`."""
+        n = min(n, self.limit)
+        if not self._waiters and self.used + n <= self.limit:
+            self.used += n
+            return n
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (n, fut)
+        self._waiters.append(entry)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release(n)  # granted just as it was cancelled
+            else:
+                self._waiters.remove(entry)
+                self._wake()
+            raise
+        return n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.used + self._waiters[0][0] <= self.limit:
+            n, fut = self._waiters.popleft()
+            if not fut.done():
+                self.used += n
+                fut.set_result(None)

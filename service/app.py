@@ -27,7 +27,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service import http_protocol
+from service import http_protocol, memory
 from service.capture import CaptureWriter
 from service.classify import ClassifyEndpoint, openapi_operation
 from service.descriptors import install_loop_handler
@@ -408,9 +408,10 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def configure_process(log_level: str) -> None:
-    """Process-wide set-up for serving: logging and the GIL switch interval."""
+    """Process-wide set-up for serving: logging, the GIL switch interval, the allocator."""
     configure_logging(log_level)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    memory.configure_allocator()  # large decodes go back to the OS (service/memory.py)
 
 
 def configure_logging(level: str) -> None:

@@ -43,7 +43,8 @@ from isomax.contract.decode import (
 from isomax.contract.manifest import Preprocess
 from isomax.contract.plain_png import decoded_bytes as plain_decoded_bytes
 from isomax.contract.plain_png import plain_png_uint8
-from service.admission import BodyBudget, Reservation
+from service import memory
+from service.admission import BodyBudget, DecodeBudget, Reservation
 from service.errors import (
     RETRY_AFTER,
     BadImageError,
@@ -376,12 +377,37 @@ async def decode_uploads(
             if item.width * item.height <= settings.inline_decode_max_pixels:
                 arr = image_to_uint8(item, spec)
             else:
-                arr = await loop.run_in_executor(None, image_to_uint8, item, spec)
+                arr = await _decode_in_pool(item, spec, settings)
         except (ImageDecodeError, ImageTooLargeError) as e:
             raise failed(i, up, e) from e
         arrays.append(arr)
     # uint8: the batcher converts whole batches to the float input (isomax.contract.to_float).
     return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
+
+
+_decode_budgets: dict[int, DecodeBudget] = {}  # by limit: one per process and setting
+
+
+def _decoded_then_trimmed(img: Image.Image, spec: Preprocess) -> np.ndarray:
+    """`image_to_uint8` in a pool thread; the decoded image's memory then goes back to the OS
+    (service/memory.py), once the image is no longer referenced."""
+    try:
+        return image_to_uint8(img, spec)
+    finally:
+        img.close()  # the pixels are freed here, not when the request's items are dropped
+        memory.trim()
+
+
+async def _decode_in_pool(img: Image.Image, spec: Preprocess, settings: Settings) -> np.ndarray:
+    """Decode in the default pool within the process's decoded-bytes budget (DecodeBudget)."""
+    limit = settings.max_inflight_decoded_bytes
+    budget = _decode_budgets.get(limit) or _decode_budgets.setdefault(limit, DecodeBudget(limit))
+    held = await budget.acquire(decoded_bytes(img))
+    try:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, _decoded_then_trimmed, img, spec)
+    finally:
+        budget.release(held)
 
 
 def response_body(model: LoadedModel, results: list[dict[str, Any]]) -> bytes:

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     max_request_decoded_bytes: int = Field(default=128 * MiB, ge=1)
     # Request bodies being received by all connections together; beyond it 503 + Retry-After.
     max_inflight_body_bytes: int = Field(default=256 * MiB, ge=1)
+    # Decoded bytes of the images being decoded in worker threads at once; more wait their turn
+    # (service/admission.py DecodeBudget): bounds the peak memory of concurrent large images.
+    max_inflight_decoded_bytes: int = Field(default=96 * MiB, ge=1)
     # Images with more pixels than this are decoded in a worker thread, not on the event loop.
     inline_decode_max_pixels: int = Field(default=512 * 512, ge=0)
 

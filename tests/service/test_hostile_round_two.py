@@ -18,7 +18,7 @@ import pytest
 
 from tests.service.cases import PNG
 from tests.service.conftest import Server, run_server
-from tests.service.hostile_files import jpeg_segments, png_chunks, tiff_strips
+from tests.service.hostile_files import jpeg_segments, png_chunks, png_rgba, tiff_strips
 from tests.service.test_hostile_clients import (
     classify_png,
     closed_by_server,
@@ -208,3 +208,45 @@ def test_requests_that_cannot_start_within_the_queue_wait_bound_get_503(
         assert r.headers["retry-after"]
         detail = r.json()["detail"]
         assert "expected wait" in detail or "for its batch" in detail, detail
+
+
+# -- finding 6: memory after large images ---------------------------------------------------------
+
+
+def rss_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {key}")
+
+
+def test_memory_of_concurrent_large_images_is_bounded_and_given_back(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """8 concurrent RGBA PNGs of 3237x3237 (40 MiB decoded each, ~3.5x that while converted):
+    the decoded-bytes budget (96 MiB) lets 2 decode at a time, not as many as the pool has
+    threads, and their memory goes back to the OS once answered (before: hundreds of MB stayed)."""
+    body = png_rgba(3237)
+    env = {"ISOMAX_MAX_QUEUE_WAIT_MS": "0"}  # all 8 served, however slow this machine is
+    with run_server(models_dir, tmp_path / "log", **env) as srv:
+        pid = srv.proc.pid
+        with connect(srv) as s:  # warm
+            s.sendall(classify_png())
+            assert read_response(s)[0] == 200
+        idle, hwm = rss_kib(pid, "VmRSS"), rss_kib(pid, "VmHWM")
+
+        async def eight() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
+                png = {"content-type": "image/png"}
+                return await asyncio.gather(
+                    *[c.post("/classify", content=body, headers=png) for _ in range(8)]
+                )
+
+        assert [r.status_code for r in asyncio.run(eight())] == [200] * 8
+        time.sleep(1.0)  # the last answer's buffers are freed
+        held = rss_kib(pid, "VmRSS") - idle
+        peak = rss_kib(pid, "VmHWM") - max(hwm, idle)
+    mib = 1024
+    assert held < 100 * mib, f"{held // mib} MiB still held"
+    # ~200 MiB per image while decoded and converted: 2 at a time, not the pool's 6
+    assert peak < 640 * mib, f"peak grew by {peak // mib} MiB"
