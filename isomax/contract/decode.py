@@ -15,7 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from isomax.contract.manifest import Preprocess
 from isomax.contract.plain_png import plain_png_uint8
-from isomax.contract.structure import StructureError, check_structure
+from isomax.contract.structure import CorruptError, StructureError, check_structure
 
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
@@ -78,6 +78,8 @@ def open_header(
         check_structure(data)
     except StructureError as e:
         raise ImageTooLargeError(f"image too complex: {e}") from e
+    except CorruptError as e:
+        raise ImageDecodeError(f"cannot decode image: {e}") from e
     try:
         if max_pixels is None:
             with warnings.catch_warnings():

@@ -17,6 +17,7 @@ frames: 1 ms and 5 ms), and only the first frame is ever decoded.
 from __future__ import annotations
 
 import struct
+import zlib
 
 # PNG chunks in a file. A 10 MiB PNG written in libpng's 8 KiB IDAT chunks has ~1,300.
 MAX_PNG_CHUNKS = 16_384
@@ -35,6 +36,10 @@ class StructureError(ValueError):
     """The file has more pieces (chunks, segments, strips, tags) than a bound allows."""
 
 
+class CorruptError(ValueError):
+    """A checksum the format carries does not match (PNG chunk CRCs)."""
+
+
 def check_structure(data: bytes) -> None:
     """Raise StructureError when `data` is a PNG, JPEG or TIFF with more pieces than the
     bounds above; anything else (or a file too damaged to walk) is left to Pillow."""
@@ -48,15 +53,25 @@ def check_structure(data: bytes) -> None:
 
 
 def _png(data: bytes) -> None:
+    """Chunk count, and every complete chunk's CRC: Pillow checks none of the IDAT CRCs (a
+    corrupt one was served) and reports a bad IHDR CRC as "not PNG"."""
     pos, end, n = 8, len(data), 0
+    view = memoryview(data)
     while pos + 8 <= end:
         n += 1
         if n > MAX_PNG_CHUNKS:
             raise StructureError(f"the PNG has more than {MAX_PNG_CHUNKS} chunks")
         length, kind = struct.unpack_from(">I4s", data, pos)
+        stop = pos + 12 + length
+        if stop > end:
+            return  # truncated: Pillow says so
+        (crc,) = struct.unpack_from(">I", data, stop - 4)
+        if zlib.crc32(view[pos + 4 : stop - 4]) != crc:
+            name = kind.decode("latin-1", "replace")
+            raise CorruptError(f"the PNG's {name} chunk fails its CRC check (damaged file)")
         if kind == b"IEND":
             return
-        pos += 12 + length
+        pos = stop
 
 
 def _jpeg(data: bytes) -> None:

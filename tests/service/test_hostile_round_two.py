@@ -250,3 +250,24 @@ def test_memory_of_concurrent_large_images_is_bounded_and_given_back(
     assert held < 100 * mib, f"{held // mib} MiB still held"
     # ~200 MiB per image while decoded and converted: 2 at a time, not the pool's 6
     assert peak < 640 * mib, f"peak grew by {peak // mib} MiB"
+
+
+# -- finding 7: smaller ones ---------------------------------------------------------------------
+
+
+def corrupt_crc(png: bytes, kind: bytes) -> bytes:
+    """`png` with the CRC of its first `kind` chunk flipped."""
+    at = png.index(kind) - 4
+    length = int.from_bytes(png[at : at + 4], "big")
+    crc_at = at + 8 + length
+    return png[:crc_at] + bytes([png[crc_at] ^ 0xFF]) + png[crc_at + 1 :]
+
+
+@pytest.mark.parametrize("kind", [b"IDAT", b"IHDR"])
+def test_a_png_with_a_corrupt_crc_is_refused_as_damaged(srv: Server, kind: bytes) -> None:
+    """Before: a corrupt IDAT CRC was served (200), a corrupt IHDR CRC was called 'not PNG'."""
+    with connect(srv) as s:
+        s.sendall(request("POST", "/classify", corrupt_crc(PNG, kind), Content_Type="image/png"))
+        status, _, body = read_response(s)
+    assert status == 400, body
+    assert f"{kind.decode()} chunk fails its CRC" in json.loads(body)["detail"]
