@@ -34,6 +34,7 @@ from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
+from pydantic import ValidationError
 
 from isomax.contract.manifest import (
     MANIFEST_FILE,
@@ -51,6 +52,7 @@ from service.errors import (
     ModelUnavailableError,
     NotReadyError,
     UnknownModelError,
+    validation_detail,
 )
 from service.metrics import PrometheusMetrics
 from service.sessions import (
@@ -259,7 +261,11 @@ def load_model(
     except FileNotFoundError as e:
         raise ModelLoadError(f"{ref.where}: {MANIFEST_FILE} is missing") from e
     except ValueError as e:  # pydantic ValidationError, bad JSON
-        raise ModelLoadError(f"{ref.where}/{MANIFEST_FILE} is invalid: {e}") from e
+        # Fields and reasons only: pydantic's own text quotes the input and links its docs site,
+        # which /readyz and /models would show to anyone (the log keeps it).
+        log.warning("%s/%s: %s", ref.where, MANIFEST_FILE, e)
+        why = validation_detail(e.errors()) if isinstance(e, ValidationError) else str(e)
+        raise ModelLoadError(f"{ref.where}/{MANIFEST_FILE} is invalid: {why}") from e
     if (manifest.name, manifest.version) != (ref.name, ref.version):
         raise ModelLoadError(
             f"{ref.where}: manifest says {manifest.name}:{manifest.version}, directory says "

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from isomax import harness
 from tests.service.cases import PNG
 from tests.service.conftest import Server, run_server
 from tests.service.hostile_files import jpeg_segments, png_chunks, png_rgba, tiff_strips
@@ -271,3 +272,58 @@ def test_a_png_with_a_corrupt_crc_is_refused_as_damaged(srv: Server, kind: bytes
         status, _, body = read_response(s)
     assert status == 400, body
     assert f"{kind.decode()} chunk fails its CRC" in json.loads(body)["detail"]
+
+
+def test_answers_quote_no_pydantic_input_nor_docs_link_nor_dirty_commit(tmp_path: Path) -> None:
+    """A bundle whose manifest fails validation: /readyz, /models and the 503 name the field and
+    the reason, without pydantic's input excerpt or its errors.pydantic.dev link (the log keeps
+    them). A good bundle built from a dirty tree shows its commit without '-dirty'."""
+    from tests.service.bundles import write_bundle
+
+    models = tmp_path / "models"
+    good = write_bundle(models, "good", "1")
+    manifest = json.loads((good / "manifest.json").read_text())
+    manifest["source_commit"] = "abc1234-dirty"
+    (good / "manifest.json").write_text(json.dumps(manifest))
+    bad = write_bundle(models, "broken", "1")
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["preprocess"]["width"] = "SECRET-INPUT-VALUE"
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    ready = harness.status_is("/readyz", 503)
+    with (
+        harness.isomax_serve(models, tmp_path / "log", ready=ready) as srv,
+        httpx.Client(base_url=srv.url, timeout=30) as c,
+    ):
+        deadline = time.monotonic() + 30
+        while "failed" not in c.get("/models").text and time.monotonic() < deadline:
+            time.sleep(0.1)
+        png = {"content-type": "image/png"}
+        answers = [
+            c.get("/readyz"),
+            c.get("/models"),
+            c.post("/classify", params={"model": "broken"}, content=PNG, headers=png),
+        ]
+        log = srv.log_text()
+    text = " ".join(r.text for r in answers)
+    assert "broken" in text and "width" in text
+    assert "SECRET-INPUT-VALUE" not in text and "pydantic.dev" not in text
+    assert "abc1234" in text and "-dirty" not in text
+    assert "SECRET-INPUT-VALUE" in log  # operators still see what was wrong
+
+
+def test_wrong_admin_tokens_are_throttled_and_logged(models_dir: Path, tmp_path: Path) -> None:
+    """Before: 2,000 wrong tokens in 0.9 s, no throttling, no log line. Now 10 per minute, then
+    429 + Retry-After for every admin request (the right token too) and a log line."""
+    with (
+        run_server(models_dir, tmp_path / "log", ISOMAX_ADMIN_TOKEN="the-right-token") as srv,
+        srv.client() as c,
+    ):
+        statuses = [
+            c.post("/admin/reload", headers={"authorization": f"Bearer guess-{i}"}).status_code
+            for i in range(30)
+        ]
+        right = c.post("/admin/reload", headers={"authorization": "Bearer the-right-token"})
+        log = srv.log_text()
+    assert statuses == [403] * 10 + [429] * 20
+    assert right.status_code == 429 and int(right.headers["retry-after"]) > 0
+    assert "wrong token from 127.0.0.1" in log
