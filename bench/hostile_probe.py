@@ -10,6 +10,17 @@ Against one `isomax serve` worker over the default bundle, default settings:
             how much the server's peak resident memory (VmHWM) grew;
   slowloris 50 connections sending one header byte every 2 s: how many the server still holds
             open after 20 s.
+Round two (issue 24):
+  boundary  a multipart body with a 300-character boundary: the status (400, not 500);
+  trickle   8 sockets declaring 32 MiB multipart bodies, one byte each every 10 s: the status
+            and seconds of a normal request every second meanwhile;
+  tiff      4 uploads at once of a 1 x 1,000,000 TIFF in 1,000,000 strips: their statuses and
+            the slowest /healthz meanwhile;
+  fds       the server under nofile 1024, an attacker holding 1,100 connections and reopening
+            each one the server closes: how many of the probes sent meanwhile are answered 200;
+  rgba      16 concurrent 3237x3237 RGBA PNGs (just under the 40 MiB decoded limit), 8 rounds:
+            idle, peak and held (3 s after each round) resident memory.
+`--probes` picks some (default: all).
 The tests (tests/service/test_hostile_clients.py) assert the behaviour; this records magnitudes.
 Results: bench/results/hostile[-LABEL].json.
 """
@@ -20,6 +31,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -34,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from isomax import harness  # noqa: E402
+from tests.service.hostile_files import png_rgba, tiff_strips  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 
@@ -154,27 +167,255 @@ def probe_slowloris(port: int, n: int = 50, seconds: float = 20.0) -> dict[str, 
     return {"connections": n, "seconds": seconds, "still_open": still_open}
 
 
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def post(port: int, body: bytes, ctype: str, timeout: float = 60) -> tuple[int, float]:
+    """(status, seconds) of one POST /classify on a new connection (0: no answer)."""
+    t0 = time.perf_counter()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            head = (
+                f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            s.sendall(head.encode() + body)
+            status = status_of(s)
+    except OSError:
+        status = 0
+    return status, round(time.perf_counter() - t0, 3)
+
+
+def small_png() -> bytes:
+    return (REPO / "bench" / "out" / "overload.png").read_bytes()
+
+
+def probe_boundary(port: int) -> dict[str, Any]:
+    b = "b" * 300
+    body = (
+        (
+            f'--{b}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + small_png()
+        + f"\r\n--{b}--\r\n".encode()
+    )
+    status, secs = post(port, body, f"multipart/form-data; boundary={b}")
+    return {"boundary_chars": 300, "status": status, "seconds": secs}
+
+
+def probe_trickle(port: int, n: int = 8, seconds: float = 30.0) -> dict[str, Any]:
+    head = (
+        "POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=xx\r\n"
+        f"Content-Length: {32 * 1024 * 1024}\r\n\r\n"
+    ).encode()
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(n)]
+    for s in socks:
+        s.sendall(head + b"-")
+    probes: list[tuple[int, float]] = []
+    t0 = time.monotonic()
+    last_byte = t0
+    while time.monotonic() - t0 < seconds:
+        if time.monotonic() - last_byte >= 10:
+            for s in socks:
+                with contextlib.suppress(OSError):
+                    s.sendall(b"-")
+            last_byte = time.monotonic()
+        probes.append(post(port, small_png(), "image/png", timeout=15))
+        time.sleep(1)
+    for s in socks:
+        s.close()
+    ok = [t for st, t in probes if st == 200]
+    return {
+        "holders": n, "seconds": seconds, "probes": len(probes), "answered_200": len(ok),
+        "statuses": sorted({st for st, _ in probes}),
+        "slowest_200_s": max(ok) if ok else None,
+    }  # fmt: skip
+
+
+def with_healthz(port: int, work: Any) -> tuple[Any, float]:
+    """Run `work()` while /healthz is polled: (its result, the slowest /healthz seconds)."""
+    worst = 0.0
+    stop = threading.Event()
+
+    def health() -> None:
+        nonlocal worst
+        while not stop.is_set():
+            t = time.perf_counter()
+            get(port, "/healthz")
+            worst = max(worst, time.perf_counter() - t)
+            time.sleep(0.02)
+
+    th = threading.Thread(target=health)
+    th.start()
+    try:
+        result = work()
+    finally:
+        stop.set()
+        th.join()
+    return result, round(worst, 3)
+
+
+def probe_tiff(port: int, pid: int) -> dict[str, Any]:
+    body = tiff_strips(1_000_000)
+    before = peak_rss_kib(pid)
+
+    def four() -> list[tuple[int, float]]:
+        out: list[tuple[int, float]] = [(0, 0.0)] * 4
+
+        def one(i: int) -> None:
+            out[i] = post(port, body, "image/tiff", timeout=120)
+
+        ths = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join()
+        return out
+
+    answers, worst = with_healthz(port, four)
+    return {
+        "wire_bytes": len(body), "answers": answers, "worst_healthz_s": worst,
+        "peak_rss_growth_mib": round((peak_rss_kib(pid) - before) / 1024, 1),
+    }  # fmt: skip
+
+
+def probe_fds(port: int, n: int = 1100, seconds: float = 30.0) -> dict[str, Any]:
+    """An attacker keeping `n` connections open, reopening each that the server closes."""
+    stop = threading.Event()
+    opened = 0
+
+    def attacker() -> None:
+        nonlocal opened
+        socks: list[socket.socket] = []
+        while not stop.is_set():
+            socks = [s for s in socks if s.fileno() >= 0]
+            while len(socks) < n and not stop.is_set():
+                try:
+                    socks.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+                    opened += 1
+                except OSError:
+                    break
+            for s in socks:  # drop the ones the server closed
+                s.setblocking(False)
+                try:
+                    if s.recv(1) == b"":
+                        s.close()
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    s.close()
+            time.sleep(0.2)
+        for s in socks:
+            s.close()
+
+    th = threading.Thread(target=attacker)
+    th.start()
+    time.sleep(3)
+    probes = []
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        probes.append(post(port, small_png(), "image/png", timeout=5))
+        time.sleep(0.5)
+    stop.set()
+    th.join()
+    ok = [t for st, t in probes if st == 200]
+    return {
+        "attacker_connections": n, "attacker_opened": opened, "probes": len(probes),
+        "answered_200": len(ok), "slowest_200_s": max(ok) if ok else None,
+    }  # fmt: skip
+
+
+def _rgba_round(port: int, pid: int, body: bytes, n: int) -> dict[str, Any]:
+    """`n` uploads of `body` at once: statuses, peak RSS, RSS 3 s after the last answer."""
+    peak = 0.0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_mib(pid))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    statuses: list[int] = [0] * n
+
+    def one(i: int) -> None:
+        statuses[i] = post(port, body, "image/png", timeout=120)[0]
+
+    ths = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    time.sleep(3)
+    done.set()
+    sampler.join()
+    return {"statuses": sorted(set(statuses)), "peak_mib": round(peak, 1),
+            "held_mib": round(rss_mib(pid), 1)}  # fmt: skip
+
+
+def probe_rgba(port: int, pid: int, rounds: int = 8, n: int = 16) -> dict[str, Any]:
+    body = png_rgba(3237)
+    idle = rss_mib(pid)
+    out = [_rgba_round(port, pid, body, n) for _ in range(rounds)]
+    return {
+        "wire_bytes": len(body), "idle_mib": round(idle, 1), "rounds": out,
+        "peak_mib": max(r["peak_mib"] for r in out),
+        "held_over_idle_mib": round(max(r["held_mib"] for r in out) - idle, 1),
+    }  # fmt: skip
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repo", type=Path, default=REPO)
     ap.add_argument("--label", default="")
     ap.add_argument("--header-bytes", type=int, default=16 * 1024 * 1024)
+    ap.add_argument("--probes", default="header,png16,slowloris,boundary,trickle,tiff,fds,rgba")
+    ap.add_argument("--nofile", type=int, default=1024, help="the server's nofile (fds probe)")
+    ap.add_argument("--env", action="append", default=[], metavar="K=V", help="server setting")
     args = ap.parse_args()
+    probes = set(args.probes.split(","))
     env = {k: v for k, v in os.environ.items() if not k.startswith("ISOMAX_")}
     env.update(ISOMAX_LOG_LEVEL="warning", PYTHONPATH=str(args.repo))
+    env.update(dict(kv.split("=", 1) for kv in args.env))
     port = harness.free_port()
     cmd = [sys.executable, "-m", "isomax", "serve", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--models-dir", str(REPO / "models")]
     out: dict[str, Any] = {}
     log = REPO / "bench" / "out" / "hostile-server.log"
+    _write_small_png()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(args.nofile, hard), hard))  # the server's
     with harness.serve(cmd, port, log, env=env, cwd=args.repo, timeout=90) as server:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))  # this process's own
+        pid = server.proc.pid
         out["load_1m_before"] = float(Path("/proc/loadavg").read_text().split()[0])
-        out["header"] = probe_header(port, args.header_bytes)
-        print(out["header"], flush=True)
-        out["png16"] = probe_png16(port, server.proc.pid)
-        print(out["png16"], flush=True)
-        out["slowloris"] = probe_slowloris(port)
-        print(out["slowloris"], flush=True)
+        out["server_nofile"] = min(args.nofile, hard)
+        out["server_env"] = dict(kv.split("=", 1) for kv in args.env)
+        runs = {
+            "header": lambda: probe_header(port, args.header_bytes),
+            "png16": lambda: probe_png16(port, pid),
+            "slowloris": lambda: probe_slowloris(port),
+            "boundary": lambda: probe_boundary(port),
+            "trickle": lambda: with_healthz(port, lambda: probe_trickle(port)),
+            "tiff": lambda: probe_tiff(port, pid),
+            "fds": lambda: with_healthz(port, lambda: probe_fds(port)),
+            "rgba": lambda: probe_rgba(port, pid),
+        }
+        for name, run in runs.items():
+            if name in probes:
+                result = run()
+                if isinstance(result, tuple):
+                    result = {**result[0], "worst_healthz_s": result[1]}
+                out[name] = result
+                print(name, result, flush=True)
+        out["server_log_tracebacks"] = log.read_text(errors="replace").count("Traceback")
     out["date"] = datetime.now(UTC).isoformat(timespec="seconds")
     out["commit"] = subprocess.run(
         ["git", "-C", str(args.repo), "rev-parse", "--short", "HEAD"],
@@ -185,6 +426,20 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"hostile{suffix}.json").write_text(json.dumps(out, indent=2) + "\n")
     return 0
+
+
+def _write_small_png() -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    path = REPO / "bench" / "out" / "overload.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "L").save(buf, "PNG")
+    path.write_bytes(buf.getvalue())
 
 
 if __name__ == "__main__":

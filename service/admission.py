@@ -2,13 +2,21 @@
 decoded bytes of its images. Both are checked before the work they bound is done.
 
 Body bytes: every upload is buffered in memory until its images are decoded; without a total,
-64 connections sending 30 MiB each and stalling took the process from 112 MB to 2 GB. A request
-reserves its Content-Length (or, without one, each chunk as it arrives) from one budget for the
-process, `max_inflight_body_bytes`, and gives it back when it is answered; a request that does
-not fit gets 503 + Retry-After before its body is read.
+64 connections sending 30 MiB each and stalling took the process from 112 MB to 2 GB. One budget
+for the process, `max_inflight_body_bytes`, counts the body bytes that requests hold: each chunk
+is taken from it as it arrives and everything is given back when the request is answered.
+A request whose Content-Length does not fit in what is free now gets 503 + Retry-After before
+its body is read (`check`), but its declared length is not reserved: what is reserved is what
+is held. Reserving the declared length up front let 8 sockets that declared 32 MiB each and sent
+one byte every 10 s hold the whole 256 MiB budget with ~100 bytes (issue 24): every other upload
+got 503 for as long as they trickled. Bytes that never arrive now reserve nothing; to fill the
+budget a client has to send it (docs/serving.md, "Limits and hardening", says what remains).
 """
 
 from __future__ import annotations
+
+import asyncio
+from collections import deque
 
 from service.errors import OverloadedError
 
@@ -22,7 +30,16 @@ class BodyBudget:
         self.limit = limit
         self.used = 0
 
+    def check(self, n: int) -> None:
+        """Raise OverloadedError unless `n` more bytes fit in what is free now (nothing taken)."""
+        if self.used + n > self.limit:
+            raise OverloadedError(
+                f"{self.used} bytes of request bodies in flight; {n} more would exceed the "
+                f"limit of {self.limit}: retry later"
+            )
+
     def take(self, n: int) -> None:
+        """Hold `n` more bytes (a chunk that arrived), or raise OverloadedError."""
         if self.used + n > self.limit:
             raise OverloadedError(
                 f"{self.used} bytes of request bodies in flight; {n} more would exceed the "
@@ -40,6 +57,9 @@ class Reservation:
         self.budget = budget
         self.held = 0
 
+    def check(self, n: int) -> None:
+        self.budget.check(n)
+
     def take(self, n: int) -> None:
         self.budget.take(n)
         self.held += n
@@ -47,3 +67,52 @@ class Reservation:
     def release(self) -> None:
         self.budget.used -= self.held
         self.held = 0
+
+
+class DecodeBudget:
+    """Decoded bytes of the images being decoded in the pool at once (one per process).
+
+    Why: the decoded-bytes limits bound one image and one request, not how many large images
+    are decoded together; 16 concurrent 3237x3237 RGBA PNGs (40 MiB decoded each, ~3.5x that
+    while converted) took a worker to ~1.3 GB. A decode waits here, first come first served,
+    until its decoded bytes fit in `limit`; an image larger than the whole budget waits for all
+    of it. Decoding is CPU-bound, so on a few cores a couple of large decodes at a time lose no
+    throughput. Event loop only (no lock).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    async def acquire(self, n: int) -> int:
+        """Wait until `n` bytes (at most `limit`) are free and hold them; returns what is held,
+        to give to `release`."""
+        n = min(n, self.limit)
+        if not self._waiters and self.used + n <= self.limit:
+            self.used += n
+            return n
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (n, fut)
+        self._waiters.append(entry)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release(n)  # granted just as it was cancelled
+            else:
+                self._waiters.remove(entry)
+                self._wake()
+            raise
+        return n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.used + self._waiters[0][0] <= self.limit:
+            n, fut = self._waiters.popleft()
+            if not fut.done():
+                self.used += n
+                fut.set_result(None)

@@ -9,7 +9,6 @@ in-flight requests) stops the batchers.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import signal
 import sys
@@ -27,9 +26,11 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service import http_protocol
+from service import http_protocol, memory
+from service.auth import TokenGuard
 from service.capture import CaptureWriter
 from service.classify import ClassifyEndpoint, openapi_operation
+from service.descriptors import install_loop_handler
 from service.errors import (
     RETRY_AFTER,
     ServiceError,
@@ -168,7 +169,10 @@ def _model_info(st: ModelStatus) -> ModelInfo:
     )
     info.metrics = m.manifest.metrics.model_dump(mode="json")
     info.created = m.manifest.created.isoformat()
-    info.source_commit = m.manifest.source_commit
+    # The commit only: a "-dirty" suffix says the training tree had uncommitted changes, which is
+    # for whoever holds the bundle (its manifest keeps it), not for every caller of /models.
+    commit = m.manifest.source_commit
+    info.source_commit = commit.removesuffix("-dirty") if commit else commit
     info.description = m.manifest.description or None
     return info
 
@@ -195,6 +199,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
+        install_loop_handler(loop)  # EMFILE as one log line, not a traceback per accept
         specs = configured(settings.models_dir, settings.models)
         registry = ModelRegistry(specs, settings, metrics)
         board = WorkerBoard(settings.state_dir, settings.workers)
@@ -297,7 +302,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
         return ModelsResponse(models=[ModelInfo.model_validate(i) for i in infos])
 
     if settings.admin_token is not None:
-        token = settings.admin_token.get_secret_value().encode()
+        guard = TokenGuard(settings.admin_token.get_secret_value().encode())
 
         @app.post(
             "/admin/reload",
@@ -309,15 +314,14 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
 
             Exists only when ISOMAX_ADMIN_TOKEN is set; needs `Authorization: Bearer <token>`.
             """
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not given:
-                return JSONResponse(
-                    {"detail": "admin endpoint: send Authorization: Bearer <token>"},
-                    401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-            if not hmac.compare_digest(given.strip().encode(), token):
-                return JSONResponse({"detail": "admin endpoint: wrong token"}, 403)
+            peer = f"{request.client.host}" if request.client else "client"
+            refused = guard.check(request.headers.get("authorization", ""), peer)
+            if refused is not None:  # wrong guesses are bounded and logged (service/auth.py)
+                status, detail = refused
+                headers = {401: {"WWW-Authenticate": "Bearer"}}.get(status, {})
+                if status == 429:
+                    headers = {"Retry-After": str(max(1, round(guard.locked_for())))}
+                return JSONResponse({"detail": detail}, status, headers=headers)
             request.app.state.board.touch_reload()
             n = registry.request_reload()
             done = await asyncio.get_running_loop().run_in_executor(
@@ -412,9 +416,10 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def configure_process(log_level: str) -> None:
-    """Process-wide set-up for serving: logging and the GIL switch interval."""
+    """Process-wide set-up for serving: logging, the GIL switch interval, the allocator."""
     configure_logging(log_level)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    memory.configure_allocator()  # large decodes go back to the OS (service/memory.py)
 
 
 def configure_logging(level: str) -> None:

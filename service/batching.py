@@ -27,6 +27,18 @@ of images accepted and not yet answered is bounded; beyond it `submit` raises `O
 (503 + Retry-After) instead of letting latency grow without limit. `admit` applies the same
 bound before a request's body is read (requests admitted and not yet submitted count as one
 image each), so that overload is refused before it costs reading and decoding.
+
+The queue is also bounded in time, as Triton's queue policy bounds it
+(`max_queue_delay_microseconds`, then reject): a count alone let successful requests wait 4-13 s
+at p99 under 4x overload (issue 24). With `max_queue_wait_s`:
+  - `admit` refuses a request whose expected wait, the images ahead of it over the rate at which
+    images are answered while a queue stands (`_Rate`), exceeds the bound, at once;
+  - a request still waiting for its first batch when its bound, counted from its submission
+    plus `max_wait_s` (the chosen wait to fill a batch), has passed is answered 503 by the batching thread instead of running late. From the
+    submission, not the request's arrival: the time it took to read and decode its own images
+    is work done, not queueing (a request of three 3000x3000 16-bit PNGs decodes for longer).
+Both refusals are `OverloadedError` (503 + Retry-After): the client can try another replica at
+once instead of waiting for an answer it may no longer want.
 """
 
 from __future__ import annotations
@@ -62,14 +74,18 @@ class _Job:
     """The images of one request and where their outputs go."""
 
     __slots__ = (
-        "distance", "done", "enqueued", "error", "future", "images", "logits", "n", "taken",
+        "deadline", "distance", "done", "enqueued", "error", "future", "images", "logits", "n",
+        "taken",
     )  # fmt: skip
 
-    def __init__(self, images: np.ndarray, future: asyncio.Future, enqueued: float) -> None:
+    def __init__(
+        self, images: np.ndarray, future: asyncio.Future, enqueued: float, deadline: float
+    ) -> None:
         self.images = images
         self.n = len(images)
         self.future = future
         self.enqueued = enqueued  # time.monotonic() at submit (compared in the thread)
+        self.deadline = deadline  # time.monotonic() by which its first batch must start
         self.taken = 0  # images put into a batch (batching thread)
         self.done = 0  # images with outputs written (batching thread)
         self.logits: np.ndarray | None = None
@@ -85,6 +101,35 @@ def batch_input(arrays: list[np.ndarray]) -> np.ndarray:
         return to_float(x)
     floats = [graph_input(a) for a in arrays]
     return floats[0] if len(floats) == 1 else np.concatenate(floats)
+
+
+class _Rate:
+    """Images answered per second of time with a queue standing (event loop only).
+
+    Busy time only: an idle model answers at the arrival rate, which says nothing about how fast
+    it could answer. At low load this underestimates what batching could do (it sees the rate of
+    small batches), which makes the expected wait err on the side of refusing a sudden burst.
+    """
+
+    WINDOW_S = 0.25  # busy seconds per estimate; each new estimate has half the weight
+
+    def __init__(self) -> None:
+        self.per_s = 0.0  # 0: not measured yet
+        self._mark = time.monotonic()
+        self._busy = 0.0
+        self._images = 0
+
+    def tick(self, queued: int, answered: int = 0) -> None:
+        """Called before the queue changes: `queued` images stood since the last tick."""
+        now = time.monotonic()
+        if queued > 0:
+            self._busy += now - self._mark
+        self._mark = now
+        self._images += answered
+        if self._busy >= self.WINDOW_S:
+            rate = self._images / self._busy
+            self.per_s = rate if not self.per_s else (self.per_s + rate) / 2
+            self._busy, self._images = 0.0, 0
 
 
 class Batcher:
@@ -103,6 +148,7 @@ class Batcher:
         max_batch_size: int,
         max_wait_s: float,
         max_queue_images: int,
+        max_queue_wait_s: float = 0.0,
         on_batch: BatchObserver | None = None,
         on_queue: QueueObserver | None = None,
         on_outputs: OutputObserver | None = None,
@@ -112,6 +158,7 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_images = max_queue_images
+        self.max_queue_wait_s = max_queue_wait_s  # 0: no bound in time
         self._on_batch = on_batch
         self._on_queue = on_queue
         self._on_outputs = on_outputs
@@ -126,6 +173,8 @@ class Batcher:
         # Event-loop state.
         self._pending = 0  # images accepted and not yet answered
         self._admitted = 0  # requests admitted and not yet submitted (or given up)
+        self._rate = _Rate()
+        self._expired: list[_Job] = []  # batching thread: jobs refused at their deadline
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -139,10 +188,18 @@ class Batcher:
 
         Raises OverloadedError when the queue is full, before anything is read or decoded.
         """
-        if self._pending + self._admitted >= self.max_queue_images:
+        ahead = self._pending + self._admitted
+        if ahead >= self.max_queue_images:
             raise OverloadedError(
                 f"model {self.name} has {self._pending} images queued and {self._admitted} "
                 f"requests being read (limit {self.max_queue_images}); retry later"
+            )
+        rate = self._rate.per_s
+        if self.max_queue_wait_s and rate and ahead / rate > self.max_queue_wait_s:
+            raise OverloadedError(
+                f"model {self.name}: {ahead} images ahead at {rate:.0f} per second, an expected "
+                f"wait of {ahead / rate:.2f} s over the limit of {self.max_queue_wait_s:g} s; "
+                "retry later"
             )
         self._admitted += 1
 
@@ -170,7 +227,12 @@ class Batcher:
                 f"model {self.name} has {self._pending} images queued (limit "
                 f"{self.max_queue_images}); retry later"
             )
-        job = _Job(images, loop.create_future(), time.monotonic())
+        now = time.monotonic()
+        wait = self.max_queue_wait_s
+        # Beyond the batching delay itself (max_wait_s: the wait to fill a batch is chosen).
+        deadline = now + self.max_wait_s + wait if wait else float("inf")
+        job = _Job(images, loop.create_future(), now, deadline)
+        self._rate.tick(self._pending)
         self._waiting.append(job)
         self._submitted += n
         self._pending += n
@@ -204,6 +266,7 @@ class Batcher:
 
     def _batch_done(self, finished: list[_Job]) -> None:
         """A batch came back: wake its finished requests."""
+        self._rate.tick(self._pending, sum(j.n for j in finished if j.error is None))
         for job in finished:
             self._pending -= job.n
             if job.future.done():  # the request was cancelled (client gone, shutdown timeout)
@@ -226,7 +289,10 @@ class Batcher:
             busy = True
             if parts is None:
                 return
-            finished = self._run_batch(parts)
+            finished = self._run_batch(parts) if parts else []
+            if self._expired:
+                finished += self._expired
+                self._expired = []
             if finished:
                 # A closed loop (RuntimeError) means nobody is waiting any more.
                 with contextlib.suppress(RuntimeError):
@@ -259,12 +325,23 @@ class Batcher:
         return None
 
     def _take(self) -> list[Part]:
-        """Move up to max_batch_size waiting images into a batch."""
+        """Move up to max_batch_size waiting images into a batch (none if every waiting job
+        was past its deadline: those go to `_expired`)."""
         parts: list[Part] = []
         size = 0
         waiting = self._waiting
+        now = time.monotonic()
         while waiting and size < self.max_batch_size:
             job = waiting[0]
+            if job.taken == 0 and job.deadline < now:
+                waiting.popleft()
+                job.error = OverloadedError(
+                    f"model {self.name}: the request waited over {self.max_queue_wait_s:g} s "
+                    "for its batch; retry later"
+                )
+                self._taken += job.n
+                self._expired.append(job)
+                continue
             take = min(job.n - job.taken, self.max_batch_size - size)
             parts.append((job, job.taken, job.taken + take))
             job.taken += take

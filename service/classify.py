@@ -40,9 +40,11 @@ from isomax.contract.decode import (
     image_to_uint8,
     open_header,
 )
+from isomax.contract.manifest import Preprocess
 from isomax.contract.plain_png import decoded_bytes as plain_decoded_bytes
 from isomax.contract.plain_png import plain_png_uint8
-from service.admission import BodyBudget, Reservation
+from service import memory
+from service.admission import BodyBudget, DecodeBudget, Reservation
 from service.errors import (
     RETRY_AFTER,
     BadImageError,
@@ -72,6 +74,10 @@ _JSON = (b"content-type", b"application/json")
 class Upload:
     filename: str | None
     data: bytes
+
+
+# An upload after its header step: a plain PNG's pixels, or an image with only its header read.
+Item = np.ndarray | Image.Image
 
 
 def _is_image_type(ctype: bytes) -> bool:
@@ -215,13 +221,31 @@ def _content_headers(scope: Scope) -> tuple[bytes, int | None]:
     return ctype, length
 
 
+# RFC 2046 section 5.1.1: a boundary is 1 to 70 characters. python-multipart refuses only
+# beyond 256 (and did so outside any error handling: a 500), so the RFC's bound is checked here.
+MAX_BOUNDARY_CHARS = 70
+
+
+def _boundary(options: dict[bytes, bytes]) -> bytes:
+    """The multipart boundary of the Content-Type options; BadImageError (400) if unusable."""
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise BadImageError("multipart/form-data without a boundary")
+    if len(boundary) > MAX_BOUNDARY_CHARS:
+        raise BadImageError(
+            f"the multipart boundary is {len(boundary)} characters; RFC 2046 allows at most "
+            f"{MAX_BOUNDARY_CHARS}"
+        )
+    return boundary
+
+
 async def read_uploads(
     scope: Scope, receive: Receive, settings: Settings, reservation: Reservation
 ) -> list[Upload]:
     """The images of a request, raw body or multipart; limits enforced while reading.
 
-    The body's bytes are taken from the process's budget (`reservation`) before they are read:
-    its Content-Length at once, or each chunk as it comes when there is none.
+    The body's bytes are taken from the process's budget (`reservation`) as they arrive; a
+    Content-Length that does not fit in what is free is refused first (service/admission.py).
     """
     raw_ctype, length = _content_headers(scope)
     ctype, options = parse_options_header(raw_ctype)
@@ -240,17 +264,14 @@ async def read_uploads(
     if length is not None and length > limit:
         raise PayloadTooLargeError(f"the request body is {length} bytes; the limit is {limit}")
     if length is not None:
-        reservation.take(length)
-    count = length is None  # take each chunk from the budget as it arrives
+        reservation.check(length)
 
     if ctype == b"multipart/form-data":
-        boundary = options.get(b"boundary")
-        if not boundary:
-            raise BadImageError("multipart/form-data without a boundary")
+        boundary = _boundary(options)
         collector = _MultipartCollector(settings.max_images_per_request, settings.max_image_bytes)
-        parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
         size = 0
         try:
+            parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
             while True:
                 message = await receive()
                 chunk = message.get("body", b"")
@@ -258,8 +279,7 @@ async def read_uploads(
                 if size > limit:
                     raise PayloadTooLargeError(f"the request body exceeds {limit} bytes")
                 if chunk:
-                    if count:
-                        reservation.take(len(chunk))
+                    reservation.take(len(chunk))
                     parser.write(chunk)
                 if not message.get("more_body", False):
                     break
@@ -281,8 +301,7 @@ async def read_uploads(
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLargeError(f"the image is larger than {limit} bytes")
-            if count:
-                reservation.take(len(chunk))
+            reservation.take(len(chunk))
             chunks.append(chunk)
         if not message.get("more_body", False):
             break
@@ -292,6 +311,25 @@ async def read_uploads(
     return [Upload(None, data)]
 
 
+# Uploads larger than this have their header parsed in the decode pool, not on the event loop:
+# Pillow parses a file's structure in Python, one step per chunk, segment or strip, so even
+# within isomax/contract/structure.py's bounds a large file can cost the loop a few hundred ms,
+# and a thread hand-off (~50-100 us) is nothing next to decoding such a file. A 28x28 PNG is
+# ~400 bytes, a 224x224 JPEG ~20 KB: the usual request stays on the loop.
+INLINE_OPEN_MAX_BYTES = 64 * 1024
+
+
+def _open_upload(up: Upload, spec: Preprocess, settings: Settings) -> tuple[Item, int]:
+    """(plain PNG pixels or a header-parsed image, its decoded bytes); nothing else decoded."""
+    arr = plain_png_uint8(
+        up.data, spec, settings.max_image_pixels, settings.max_image_decoded_bytes
+    )
+    if arr is not None:
+        return arr, plain_decoded_bytes(spec.width, spec.height, spec.color_mode)
+    img = open_header(up.data, settings.max_image_pixels, settings.max_image_decoded_bytes, spec)
+    return img, decoded_bytes(img)
+
+
 async def decode_uploads(
     uploads: list[Upload], model: LoadedModel, settings: Settings
 ) -> np.ndarray:
@@ -299,7 +337,8 @@ async def decode_uploads(
     into the float input, as `decode` does).
 
     Small images are decoded on the event loop (a 28x28 PNG takes ~0.1 ms, less than a thread
-    hand-off); larger ones in the default thread pool so that they never stall other requests.
+    hand-off); larger ones in the default thread pool so that they never stall other requests,
+    and so are the headers of large files (INLINE_OPEN_MAX_BYTES).
     """
     spec = model.manifest.preprocess
     arrays: list[np.ndarray] = []
@@ -313,24 +352,18 @@ async def decode_uploads(
     # Plain PNGs at the model's size decode at once (libspng, isomax/contract/plain_png.py:
     # the same array as Pillow's, ~8x cheaper). For the others, every header first (no pixel
     # decoded yet): the request's decoded size is known before any of them costs memory or CPU.
-    items: list[np.ndarray | Image.Image] = []
+    items: list[Item] = []
     total = 0
     for i, up in enumerate(uploads, 1):
-        arr = plain_png_uint8(
-            up.data, spec, settings.max_image_pixels, settings.max_image_decoded_bytes
-        )
-        if arr is not None:
-            total += plain_decoded_bytes(spec.width, spec.height, spec.color_mode)
-            items.append(arr)
-            continue
         try:
-            img = open_header(
-                up.data, settings.max_image_pixels, settings.max_image_decoded_bytes, spec
-            )
+            if len(up.data) <= INLINE_OPEN_MAX_BYTES:
+                item, size = _open_upload(up, spec, settings)
+            else:
+                item, size = await loop.run_in_executor(None, _open_upload, up, spec, settings)
         except (ImageDecodeError, ImageTooLargeError) as e:
             raise failed(i, up, e) from e
-        total += decoded_bytes(img)
-        items.append(img)
+        total += size
+        items.append(item)
     if total > settings.max_request_decoded_bytes:
         raise PayloadTooLargeError(
             f"the {len(uploads)} images decode to {total} bytes; the limit is "
@@ -344,12 +377,37 @@ async def decode_uploads(
             if item.width * item.height <= settings.inline_decode_max_pixels:
                 arr = image_to_uint8(item, spec)
             else:
-                arr = await loop.run_in_executor(None, image_to_uint8, item, spec)
+                arr = await _decode_in_pool(item, spec, settings)
         except (ImageDecodeError, ImageTooLargeError) as e:
             raise failed(i, up, e) from e
         arrays.append(arr)
     # uint8: the batcher converts whole batches to the float input (isomax.contract.to_float).
     return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
+
+
+_decode_budgets: dict[int, DecodeBudget] = {}  # by limit: one per process and setting
+
+
+def _decoded_then_trimmed(img: Image.Image, spec: Preprocess) -> np.ndarray:
+    """`image_to_uint8` in a pool thread; the decoded image's memory then goes back to the OS
+    (service/memory.py), once the image is no longer referenced."""
+    try:
+        return image_to_uint8(img, spec)
+    finally:
+        img.close()  # the pixels are freed here, not when the request's items are dropped
+        memory.trim()
+
+
+async def _decode_in_pool(img: Image.Image, spec: Preprocess, settings: Settings) -> np.ndarray:
+    """Decode in the default pool within the process's decoded-bytes budget (DecodeBudget)."""
+    limit = settings.max_inflight_decoded_bytes
+    budget = _decode_budgets.get(limit) or _decode_budgets.setdefault(limit, DecodeBudget(limit))
+    held = await budget.acquire(decoded_bytes(img))
+    try:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, _decoded_then_trimmed, img, spec)
+    finally:
+        budget.release(held)
 
 
 def response_body(model: LoadedModel, results: list[dict[str, Any]]) -> bytes:

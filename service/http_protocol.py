@@ -18,7 +18,12 @@ This subclass keeps the httptools parser and adds, per connection:
     reads while the app is waiting for it, else a JSON 408 and the close;
   - shutdown: an idle keep-alive connection is not cut at once; for `drain_s` it still takes one
     request, answered with `Connection: close` (uvicorn's own shutdown closes it immediately, and
-    a request the client wrote at that moment got EOF or a reset).
+    a request the client wrote at that moment got EOF or a reset);
+and, per process, a cap on the connections held (`max_connections`, below the descriptor limit:
+service/descriptors.py says why): a connection beyond it closes the longest-idle one (no
+request being served: an idle keep-alive or an incomplete head), or, when every one is serving
+a request, gets a JSON 503 and the close. A client that reopens what the server closes then
+takes idle places from itself, never descriptors from the service.
 A request that fits in one read (the usual case) arms no timer at all.
 
 The limits are module state set by `configure(settings)` before uvicorn starts (`isomax serve`,
@@ -37,6 +42,7 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from service.descriptors import connection_cap
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,6 +55,7 @@ class Limits:
     head_timeout_s: float = 10.0
     body_timeout_s: float = 15.0
     drain_s: float = 1.0
+    max_connections: int = 0  # 0: no cap
 
 
 _limits = Limits()
@@ -73,6 +80,7 @@ def configure_from(settings: Settings) -> None:
             head_timeout_s=settings.header_timeout_s,
             body_timeout_s=settings.body_timeout_s,
             drain_s=min(settings.shutdown_drain_s, settings.graceful_timeout_s),
+            max_connections=connection_cap(settings.max_connections),
         )
     )
 
@@ -97,6 +105,47 @@ class _Throttled:
 
 
 _throttled = _Throttled()
+
+
+class _Connections:
+    """This process's connections: idle ones (no request being served), longest-idle first,
+    and busy ones. A dict keeps insertion order, so re-inserting an idle one moves it last."""
+
+    def __init__(self) -> None:
+        self.idle: dict[LimitedHttpToolsProtocol, None] = {}
+        self.busy: set[LimitedHttpToolsProtocol] = set()
+
+    def __len__(self) -> int:
+        return len(self.idle) + len(self.busy)
+
+    def make_room(self, now: float, cap: int) -> bool:
+        """Close the longest-idle connection if `cap` are held; False if all are busy."""
+        if len(self) < cap:
+            return True
+        if not self.idle:
+            _throttled.log(now, "cap", "refused a connection: all %d are serving requests", cap)
+            return False
+        victim = next(iter(self.idle))
+        del self.idle[victim]
+        _throttled.log(now, "cap", "%d connections: closed the longest-idle one", cap)
+        victim.transport.close()
+        return True
+
+    def set_idle(self, conn: LimitedHttpToolsProtocol) -> None:
+        self.busy.discard(conn)
+        self.idle.pop(conn, None)
+        self.idle[conn] = None
+
+    def set_busy(self, conn: LimitedHttpToolsProtocol) -> None:
+        self.idle.pop(conn, None)
+        self.busy.add(conn)
+
+    def remove(self, conn: LimitedHttpToolsProtocol) -> None:
+        self.idle.pop(conn, None)
+        self.busy.discard(conn)
+
+
+_connections = _Connections()
 
 
 class _Refused(Exception):
@@ -139,10 +188,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        cap = self.limits.max_connections
+        if cap and not _connections.make_room(self.loop.time(), cap):
+            transport.write(error_response(503, f"the server holds {cap} busy connections"))
+            transport.close()
+            return
+        _connections.set_idle(self)
         # A connection that never sends a complete head is closed after head_timeout_s.
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        _connections.remove(self)
         self._cancel_timers()
         super().connection_lost(exc)
 
@@ -233,6 +289,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._reading_head = False
         self._head_bytes = 0
         self._last_read = self.loop.time()
+        _connections.set_busy(self)
         super().on_headers_complete()
         if self._draining and self.cycle is not None:
             self.cycle.keep_alive = False  # answered with Connection: close
@@ -246,6 +303,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         self._reading_head = True
         self._head_bytes = 0
+        if not self.transport.is_closing():
+            _connections.set_idle(self)
         super().on_response_complete()
 
     # -- timeouts --------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
+from pydantic import ValidationError
 
 from isomax.contract.drift import DriftTable
 from isomax.contract.manifest import (
@@ -51,11 +52,13 @@ from isomax.contract.manifest import (
 )
 from isomax.contract.verdict import Thresholds
 from service.batching import Batcher
+from service.descriptors import is_out_of_descriptors, out_of_descriptors
 from service.errors import (
     InvalidParameterError,
     ModelUnavailableError,
     NotReadyError,
     UnknownModelError,
+    validation_detail,
 )
 from service.metrics import PrometheusMetrics
 from service.sessions import (
@@ -265,7 +268,11 @@ def load_model(
     except FileNotFoundError as e:
         raise ModelLoadError(f"{ref.where}: {MANIFEST_FILE} is missing") from e
     except ValueError as e:  # pydantic ValidationError, bad JSON
-        raise ModelLoadError(f"{ref.where}/{MANIFEST_FILE} is invalid: {e}") from e
+        # Fields and reasons only: pydantic's own text quotes the input and links its docs site,
+        # which /readyz and /models would show to anyone (the log keeps it).
+        log.warning("%s/%s: %s", ref.where, MANIFEST_FILE, e)
+        why = validation_detail(e.errors()) if isinstance(e, ValidationError) else str(e)
+        raise ModelLoadError(f"{ref.where}/{MANIFEST_FILE} is invalid: {why}") from e
     if (manifest.name, manifest.version) != (ref.name, ref.version):
         raise ModelLoadError(
             f"{ref.where}: manifest says {manifest.name}:{manifest.version}, directory says "
@@ -361,6 +368,7 @@ def load_model(
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_wait_s,
         max_queue_images=settings.max_queue_images,
+        max_queue_wait_s=settings.max_queue_wait_ms / 1000.0,
         on_batch=on_batch,
         on_queue=metrics.queue_observer(ref.name, ref.version),
         on_outputs=metrics.drift_observer(ref.name, manifest.labels, drift, thresholds),
@@ -660,8 +668,11 @@ class ModelRegistry:
                 started_for = self._requested
             try:
                 self._pass()
-            except Exception:  # a bug must not end reloading, nor crash the worker
-                log.exception("model registry: rescan failed")
+            except Exception as e:  # a bug must not end reloading, nor crash the worker
+                if is_out_of_descriptors(e):  # not a bug: one line, not a traceback per pass
+                    out_of_descriptors.warn("the model rescan")
+                else:
+                    log.exception("model registry: rescan failed")
             finally:
                 self._loaded.set()
                 with self._cond:

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     # Images accepted but not yet answered, per model; beyond it requests get 503 + Retry-After.
     max_queue_images: int = Field(default=1024, ge=1)
     retry_after_s: int = Field(default=1, ge=1, le=3600)
+    # ... and the same queue bounded in time (service/batching.py): a request whose expected
+    # wait exceeds this gets 503 + Retry-After at once, and one still waiting for its batch
+    # this long after it was queued (beyond max_wait_ms) gets it then. 0: no bound in time.
+    max_queue_wait_ms: float = Field(default=500.0, ge=0.0, le=600_000.0)
 
     # Input limits (413 when exceeded).
     max_body_bytes: int = Field(default=32 * MiB, ge=1)
@@ -54,6 +58,9 @@ class Settings(BaseSettings):
     max_request_decoded_bytes: int = Field(default=128 * MiB, ge=1)
     # Request bodies being received by all connections together; beyond it 503 + Retry-After.
     max_inflight_body_bytes: int = Field(default=256 * MiB, ge=1)
+    # Decoded bytes of the images being decoded in worker threads at once; more wait their turn
+    # (service/admission.py DecodeBudget): bounds the peak memory of concurrent large images.
+    max_inflight_decoded_bytes: int = Field(default=96 * MiB, ge=1)
     # Images with more pixels than this are decoded in a worker thread, not on the event loop.
     inline_decode_max_pixels: int = Field(default=512 * 512, ge=0)
 
@@ -106,6 +113,10 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(default=10.0, gt=0.0, le=3600.0)
     body_timeout_s: float = Field(default=15.0, gt=0.0, le=3600.0)
     keep_alive_s: float = Field(default=5.0, gt=0.0, le=3600.0)
+    # Connections one worker holds at most; beyond it the longest-idle one is closed
+    # (service/descriptors.py). 0: the nofile limit less 128 descriptors kept for the service's
+    # own files, at most 16384.
+    max_connections: int = Field(default=0, ge=0, le=1_000_000)
     # Host header allow-list, comma-separated ("api.example.com,localhost"; "*.example.com"
     # matches subdomains): other hosts get 400, which keeps DNS-rebinding pages away from a
     # service on a private address. Empty (the default): any host.

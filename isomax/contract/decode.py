@@ -15,6 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from isomax.contract.manifest import Preprocess
 from isomax.contract.plain_png import plain_png_uint8
+from isomax.contract.structure import CorruptError, StructureError, check_structure
 
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
@@ -68,9 +69,17 @@ def open_header(
     into an error). With `max_decoded_bytes`, so is the decoded size (`decoded_bytes`), of the
     image as it will be decoded for `spec`: a JPEG after its draft scaling (`_draft`), so that a
     12-megapixel photo for a small model counts the ~1/64 of its pixels it will decode.
+    A PNG, JPEG or TIFF with more pieces than isomax/contract/structure.py allows is refused
+    before Pillow parses it (ImageTooLargeError): their parsers take a Python step per piece.
     """
     if not data:
         raise ImageDecodeError("cannot decode image: it is empty")
+    try:
+        check_structure(data)
+    except StructureError as e:
+        raise ImageTooLargeError(f"image too complex: {e}") from e
+    except CorruptError as e:
+        raise ImageDecodeError(f"cannot decode image: {e}") from e
     try:
         if max_pixels is None:
             with warnings.catch_warnings():

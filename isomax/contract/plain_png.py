@@ -27,6 +27,7 @@ import zlib
 import numpy as np
 
 from isomax.contract.manifest import Preprocess
+from isomax.contract.structure import MAX_PNG_CHUNKS
 
 try:  # a base dependency; without it (a platform with no wheel) every PNG takes Pillow's path
     import pyspng
@@ -85,9 +86,13 @@ def decoded_bytes(width: int, height: int, mode: str) -> int:
 
 
 def _chunks_are_plain(data: bytes) -> bool:
-    """Every chunk known, harmless and intact, and IEND reached."""
-    pos, end = 8, len(data)
+    """Every chunk known, harmless and intact, and IEND reached (within MAX_PNG_CHUNKS chunks:
+    more is Pillow's path, which refuses the file, isomax/contract/structure.py)."""
+    pos, end, n = 8, len(data), 0
     while pos + 12 <= end:
+        n += 1
+        if n > MAX_PNG_CHUNKS:
+            return False
         length, kind = struct.unpack_from(">I4s", data, pos)
         stop = pos + 12 + length
         if stop > end:

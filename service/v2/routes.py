@@ -111,21 +111,20 @@ async def model_meta(request: Request) -> Response:
 
 
 async def _read_body(request: Request, limit: int, reservation: Reservation) -> bytes:
-    """The body, within `limit`; its bytes taken from the process's in-flight budget first
-    (the Content-Length at once, else each chunk as it arrives), as /classify does."""
+    """The body, within `limit`; its bytes taken from the process's in-flight budget as they
+    arrive, a Content-Length that does not fit refused first, as /classify does."""
     header = request.headers.get("content-length")
     length = int(header) if header is not None and header.isdigit() else None
     if length is not None:
         if length > limit:
             raise PayloadTooLargeError(f"the request body is {length} bytes; the limit is {limit}")
-        reservation.take(length)
+        reservation.check(length)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise PayloadTooLargeError(f"the request body exceeds {limit} bytes")
-        if length is None:
-            reservation.take(len(chunk))
+        reservation.take(len(chunk))
         chunks.append(chunk)
     return b"".join(chunks)
 

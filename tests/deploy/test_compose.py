@@ -146,3 +146,8 @@ def test_cpu_override_keeps_the_limits(cpu: dict[str, Any], gpu: dict[str, Any])
     keys = ("read_only", "tmpfs", "cap_drop", "security_opt", "mem_limit", "cpus", "pids_limit")
     for key in keys:
         assert cpu["services"]["isomax"][key] == gpu["services"]["isomax"][key], key
+
+
+def test_grafana_has_no_anonymous_access_by_default(gpu: dict[str, Any]) -> None:
+    env = gpu["services"]["grafana"]["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"

@@ -395,9 +395,9 @@ def test_images_are_counted_by_verdict_whatever_the_endpoint(
 
 
 def test_in_flight_body_budget_is_shared_with_classify(v2_models: Path, tmp_path: Path) -> None:
-    """A /classify upload that holds most of the process's body budget makes a v2 request that
-    does not fit wait for nothing: 503 + Retry-After before its body is read. Once the upload
-    is gone, v2 is served again."""
+    """A /classify upload that holds most of the process's body budget (3 MB sent, the end
+    never) makes a v2 request that does not fit wait for nothing: 503 + Retry-After before its
+    body is read. Once the upload is gone, v2 is served again."""
     import socket
     import time
 
@@ -406,15 +406,20 @@ def test_in_flight_body_budget_is_shared_with_classify(v2_models: Path, tmp_path
     limits["ISOMAX_MAX_INFLIGHT_BODY_BYTES"] = str(budget)
     with run_server(v2_models, tmp_path / "s.log", "--models", f"{MODEL}:2", **limits) as s:
         host, port = s.url.removeprefix("http://").split(":")
-        held = budget * 3 // 4
+        part = (
+            b'--b0\r\nContent-Disposition: form-data; name="file"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + b"\0" * 1_000_000 + b"\r\n"
+        )
+        sent = part * 3  # held: what has arrived (the rest never comes)
+        held = len(sent)
         with socket.create_connection((host, int(port)), timeout=10) as upload:
             upload.sendall(
                 b"POST /classify HTTP/1.1\r\nHost: x\r\n"
                 b"Content-Type: multipart/form-data; boundary=b0\r\n"
-                + f"Content-Length: {held}\r\n\r\n".encode()
-                + b"--b0\r\n"  # the rest never comes while the v2 request is made
+                + f"Content-Length: {held + 100}\r\n\r\n".encode()
+                + sent
             )
-            time.sleep(0.5)  # the upload's Content-Length is reserved
+            time.sleep(1.0)  # the upload's bytes are read and held
             with s.client() as http:
                 big = {"inputs": [{**PIXEL, "shape": [2, 1, 28, 28], "data": [0.5] * 1568}],
                        "padding": "x" * (budget - held)}  # fmt: skip
