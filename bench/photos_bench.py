@@ -118,12 +118,18 @@ def _isomax(*args: str) -> None:
 
 
 def train_run(name: str, args: list[str], folder: Path) -> Path:
+    """Train into `bench/out/runs/NAME`; a finished run is reused, an unfinished one resumed
+    (`--resume`: the project's resume ends with the uninterrupted run's weights)."""
     run = OUT / "runs" / name
-    if not (run / "summary.json").is_file() and not (run / "best.pt").is_file():
-        _isomax(
-            "train", "--quiet", "--dataset", "folder", "--data-dir", str(folder),
-            *COMMON, *args, "--out", str(run),
-        )  # fmt: skip
+    history = run / "history.jsonl"
+    epochs = int(COMMON[COMMON.index("--epochs") + 1])
+    if history.is_file() and len(history.read_text().splitlines()) >= epochs:
+        return run
+    resume = ["--resume"] if (run / "last.pt").is_file() else []
+    _isomax(
+        "train", "--quiet", "--dataset", "folder", "--data-dir", str(folder),
+        *COMMON, *args, "--out", str(run), *resume,
+    )  # fmt: skip
     return run
 
 
@@ -155,7 +161,7 @@ def export_record(run: Path) -> dict:
             *[a for f in folders for a in ("--ood-folder", f)],
         )  # fmt: skip
     manifest = json.loads((models / "bench" / "1" / "manifest.json").read_text())
-    ev = manifest["evaluation"]
+    ev = manifest["metrics"]
     served = manifest.get("score", {}).get("name", "mds_class")
     ood = {
         name: {s: round(m["auroc"], 4) for s, m in per.items()} for name, per in ev["ood"].items()
@@ -168,6 +174,99 @@ def export_record(run: Path) -> dict:
         "flagged": ev.get("flagged"),
         "ece_test": ev.get("calibration_error", {}).get("test"),
     }
+
+
+def throughput(steps: int = 6, rounds: int = 3, batch: int = 64, threads: int = 2) -> dict:
+    """Fine-tuning steps/s of EfficientNet-Lite0 + IsoMax+ at 64 px, BatchNorm in train mode
+    (the recipe before) vs eval mode (the recipe now), interleaved rounds, medians: the
+    images/s in the runs' histories move with the machine's load, this is one sitting."""
+    import statistics
+
+    import torch
+
+    from training.finetune import set_batchnorm_eval
+    from training.loss import make_loss
+    from training.models import build_model
+    from training.models.pretrained import normalization
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model(
+        "efficientnet-lite0",
+        "isomaxplus",
+        10,
+        3,
+        *normalization("efficientnet-lite0"),
+        image_size=SIDE,
+        weights="imagenet",
+    )
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    loss_fn = make_loss("isomaxplus")
+    x = torch.rand(batch, 3, SIDE, SIDE).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    times: dict[str, list[float]] = {"batchnorm_train_mode": [], "batchnorm_eval_mode": []}
+    for _ in range(rounds):
+        for mode in times:
+            model.train()
+            if mode == "batchnorm_eval_mode":
+                set_batchnorm_eval(model.backbone)
+            for i in range(steps + 1):
+                t0 = time.perf_counter()
+                loss = loss_fn(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if i:  # the first step after a switch warms up
+                    times[mode].append(time.perf_counter() - t0)
+    return {
+        "batch": batch,
+        "threads": threads,
+        "images_per_second": {k: round(batch / statistics.median(v), 1) for k, v in times.items()},
+        "load_average": os.getloadavg(),
+    }
+
+
+def markdown(result: dict) -> str:
+    """The results file's table: one row per configuration."""
+    f = result["folder"]
+    lines = [
+        "# Own-photos benchmark (bench/photos_bench.py)",
+        "",
+        f"Fashion-MNIST as {f['side']}-px RGB PNGs: {f['train_per_class']}/{f['val_per_class']}/"
+        f"{f['test_per_class']} per class in train/val/test; OOD folders of {f['ood_per_folder']} "
+        f"images. Common arguments: `{' '.join(result['common_args'])}`. {result['machine']}; "
+        f"load average {result['load_average']}.",
+        "",
+        "| run | val accuracy per epoch | largest drop (points) | test accuracy | served AUROC "
+        "(mnist / digits / photo-crops) | test flagged | ECE test (T fitted) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in result["runs"].items():
+        e = r.get("export", {})
+        served = e.get("served_metric", "mds_class")
+        auroc = " / ".join(
+            f"{e['auroc'][k].get(served, float('nan')):.3f}"
+            for k in ("mnist", "digits", "photo-crops")
+            if k in e.get("auroc", {})
+        )
+        ece = (e.get("ece_test") or {}).get("after")
+        lines.append(
+            f"| {name} | {' '.join(f'{100 * v:.1f}' for v in r['val_accuracy_per_epoch'])} | "
+            f"{r['largest_epoch_drop_points']:.1f} | "
+            f"{100 * e['test_accuracy']:.1f}% | {auroc} | "
+            f"{100 * (e.get('flagged') or {}).get('test', float('nan')):.1f}% | "
+            f"{'-' if ece is None else f'{ece:.3f}'} |"
+            if e
+            else f"| {name} | {' '.join(f'{100 * v:.1f}' for v in r['val_accuracy_per_epoch'])} | "
+            f"{r['largest_epoch_drop_points']:.1f} | - | - | - | - |"
+        )
+    for name, r in result["runs"].items():
+        if "summary" in r:
+            lines += ["", f"`{name}` run record (summary.json): `{json.dumps(r['summary'])}`"]
+    if "throughput" in result:
+        lines += ["", f"Fine-tuning throughput, one sitting: `{json.dumps(result['throughput'])}`"]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -205,10 +304,12 @@ def main() -> None:
         "common_args": COMMON,
         "load_average": [load_before, os.getloadavg()],
         "runs": runs,
+        "throughput": throughput(),
     }  # fmt: skip
     if not a.val_only:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        a.out.with_suffix(".md").write_text(markdown(result))
     print(json.dumps(result, indent=2))
 
 

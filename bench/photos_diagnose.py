@@ -77,7 +77,7 @@ def examine(run: Path) -> list[dict]:
 
         spec = serving_preprocess(meta, cfg)
         if train_x is None:
-            train_x = load_image_folder(FOLDER / "train", spec)[0][::2]
+            train_x = load_image_folder(FOLDER / "train", spec)[0][::5]
             val_x, val_y, _ = load_image_folder(FOLDER / "val", spec)
         reported = accuracy_of(model, val_x, val_y, device)
         _recompute_bn(model, train_x)
