@@ -82,8 +82,11 @@ def fit_head(head: nn.Module, kind: str, feats: torch.Tensor, labels: torch.Tens
     """Fit `head` to convergence on fixed features (the LP of LP-FT); -> final training loss.
 
     Full-batch L-BFGS on the head's own loss. IsoMax+ prototypes start at the normalized class
-    means, the nearest-class-mean classifier the distance head becomes at its optimum's
-    direction; the distance scale is fitted with them.
+    means (the nearest-class-mean classifier) and are fitted; the distance scale stays at its
+    initial value. Fitted too, it grows without bound where the training features are
+    separable (1,280-d features of 5,000 images are: the loss went to 0.0000), and fine-tuning
+    then gets no gradient at all; with the scale fixed the logits are bounded and the optimum
+    is finite, and the scale learns during fine-tuning as it does from scratch.
     """
     if hasattr(head, "prototypes") and kind == "isomaxplus":
         with torch.no_grad():
@@ -95,7 +98,7 @@ def fit_head(head: nn.Module, kind: str, feats: torch.Tensor, labels: torch.Tens
             )
             head.prototypes.copy_(nn.functional.normalize(means, dim=1))  # type: ignore[operator]
     loss_fn = make_loss(kind)
-    params = [p for p in head.parameters() if p.requires_grad]
+    params = [p for n, p in head.named_parameters() if p.requires_grad and n != "distance_scale"]
     opt = torch.optim.LBFGS(
         params, lr=1.0, max_iter=PROBE_ITERATIONS, history_size=20, line_search_fn="strong_wolfe"
     )
@@ -113,8 +116,18 @@ def fit_head(head: nn.Module, kind: str, feats: torch.Tensor, labels: torch.Tens
     return final
 
 
+# Validation images each pseudo-OOD set is made from: one forward pass per set.
+PSEUDO_OOD_IMAGES = 500
 FROZEN_BASELINE = "frozen_baseline.json"  # written before training, read into summary.json
 SUMMARY = "summary.json"
+
+
+def _pseudo_sources(val_x: np.ndarray) -> np.ndarray:
+    """A seeded random subset of the validation images (a folder's come sorted by class)."""
+    if len(val_x) <= PSEUDO_OOD_IMAGES:
+        return val_x
+    pick = np.random.default_rng(0).choice(len(val_x), PSEUDO_OOD_IMAGES, replace=False)
+    return val_x[np.sort(pick)]
 
 
 def _pseudo_features(
@@ -123,7 +136,8 @@ def _pseudo_features(
     from training.pseudo_ood import pseudo_ood_sets
 
     val = array_features(model, data.val_x, device)
-    pseudo = {k: array_features(model, v, device) for k, v in pseudo_ood_sets(data.val_x).items()}
+    sets = pseudo_ood_sets(_pseudo_sources(data.val_x))
+    pseudo = {k: array_features(model, v, device) for k, v in sets.items()}
     return val, pseudo
 
 
@@ -165,7 +179,7 @@ def summarize(
                 dists.append(None if d is None else d.float().cpu().numpy())
         return np.concatenate(logits), None if dists[0] is None else np.concatenate(dists)  # type: ignore[arg-type]
 
-    pseudo_images = pseudo_ood_sets(data.val_x)
+    pseudo_images = pseudo_ood_sets(_pseudo_sources(data.val_x))
     train = features_of(model, training_images(data, workers), device)
     val, pseudo = _pseudo_features(model, data, device)
     trained = trained_figures(
@@ -177,7 +191,10 @@ def summarize(
         pseudo,
     )
     summary: dict[str, Any] = {
-        "pseudo_ood": {"from": f"{len(data.val_y)} validation images", "sets": list(pseudo)},
+        "pseudo_ood": {
+            "from": f"{min(len(data.val_y), PSEUDO_OOD_IMAGES)} validation images (seeded)",
+            "sets": list(pseudo),
+        },
         "frozen_backbone": json.loads((run_dir / FROZEN_BASELINE).read_text()),
         "trained": {"epoch": epoch, **trained},
     }
