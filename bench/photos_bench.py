@@ -139,6 +139,7 @@ def run_record(run: Path, export: bool) -> dict:
     val = [h["val_accuracy"] for h in history]
     drops = [100 * (b - a) for a, b in itertools.pairwise(val)]
     record: dict = {
+        "epochs_done": len(val),
         "val_accuracy_per_epoch": val,
         "largest_epoch_drop_points": max([0.0, *[-d for d in drops]]),
         "train_seconds": history[-1]["seconds"],
@@ -147,6 +148,10 @@ def run_record(run: Path, export: bool) -> dict:
     summary = run / "summary.json"
     if summary.is_file():
         record["summary"] = json.loads(summary.read_text())
+    elif (run / "frozen_baseline.json").is_file():  # an unfinished run: written before epoch 1
+        record["summary"] = {
+            "frozen_backbone": json.loads((run / "frozen_baseline.json").read_text())
+        }
     if export:
         record["export"] = export_record(run)
     return record
@@ -279,6 +284,11 @@ def main() -> None:
         help="another configuration: NAME='isomax train arguments' (repeatable)",
     )  # fmt: skip
     p.add_argument("--val-only", action="store_true", help="no export: validation figures only")
+    p.add_argument(
+        "--no-train",
+        action="store_true",
+        help="record the runs as they are (finished or not), train and export nothing",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "photos")
     a = p.parse_args()
     t0 = time.perf_counter()
@@ -293,8 +303,11 @@ def main() -> None:
     load_before = os.getloadavg()
     runs = {}
     for name, args in configs.items():
-        run = train_run(name, args, folder)
-        runs[name] = {"args": args, **run_record(run, export=not a.val_only)}
+        run = OUT / "runs" / name if a.no_train else train_run(name, args, folder)
+        if not (run / "history.jsonl").is_file():
+            continue
+        export = not (a.val_only or a.no_train)
+        runs[name] = {"args": args, **run_record(run, export=export)}
         print(json.dumps({name: runs[name]}, indent=1), flush=True)
     result = {
         "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), no GPU",
@@ -304,9 +317,9 @@ def main() -> None:
         "common_args": COMMON,
         "load_average": [load_before, os.getloadavg()],
         "runs": runs,
-        "throughput": throughput(),
+        "throughput": throughput(steps=3, rounds=2),
     }  # fmt: skip
-    if not a.val_only:
+    if not a.val_only or a.no_train:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         a.out.with_suffix(".md").write_text(markdown(result))
