@@ -48,7 +48,14 @@ def _float_list(s: str) -> list[float]:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    """One option per `TrainConfig` field, typed from its annotation, helped by its doc."""
+    """One option per `TrainConfig` field, typed from its annotation, helped by its doc.
+
+    Options not given stay out of the namespace (`SUPPRESS`), so `TrainConfig.with_recipe`
+    can tell a default from a choice: the fine-tuning recipe's defaults apply only to fields
+    the command line left alone.
+    """
+    from training.config import FINETUNE_RECIPE
+
     hints = typing.get_type_hints(TrainConfig)
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
@@ -56,14 +63,19 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         default = getattr(defaults, f.name)
         help_text = f.metadata.get("help", "")
         if default is not None:
-            shown = ",".join(map(str, default)) if isinstance(default, list) else default
-            help_text += f" (default: {shown})"
+            help_text += f" (default: {_shown(default)}"
+            if f.name in FINETUNE_RECIPE:
+                help_text += f"; with pretrained --weights: {_shown(FINETUNE_RECIPE[f.name])}"
+            help_text += ")"
         kind = hints[f.name]
         args = [a for a in typing.get_args(kind) if a is not type(None)]
         base = args[0] if args and typing.get_origin(kind) is not list else kind
         if base is bool:
             p.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
             )
             continue
         parse: typing.Callable[[str], object]
@@ -71,11 +83,17 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
             parse = _int_list if typing.get_args(base) == (int,) else _float_list
         else:
             parse = base
-        p.add_argument(flag, type=parse, default=default, help=help_text)
+        p.add_argument(flag, type=parse, default=argparse.SUPPRESS, help=help_text)
+
+
+def _shown(value: object) -> object:
+    return ",".join(map(str, value)) if isinstance(value, list) else value
 
 
 def _config(a: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
+    """The config of the options given, the recipe's defaults for the rest."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig.with_recipe(**{k: v for k, v in vars(a).items() if k in names})
 
 
 def cmd_train(a: argparse.Namespace) -> int:

@@ -20,6 +20,11 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class TrainConfig:
+    recipe: str = _f(
+        "auto",
+        "auto | paper | finetune: the defaults of the fields FINETUNE_RECIPE lists (auto: "
+        "finetune with pretrained --weights, else paper); a flag given overrides either",
+    )
     arch: str = _f(
         "smallcnn",
         "smallcnn | resnet18 | resnet34 | densenet100 (from scratch, CIFAR-style); "
@@ -94,6 +99,21 @@ class TrainConfig:
     freeze_backbone_epochs: int = _f(
         0, "train only the head for this many first epochs (backbone frozen, BatchNorm too)"
     )
+    linear_probe: bool = _f(
+        False,
+        "before training, fit the head to convergence on the frozen backbone's features of the "
+        "training images (the LP of LP-FT; training/finetune.py)",
+    )
+    freeze_batchnorm: bool = _f(
+        False,
+        "keep the backbone's BatchNorm layers in eval mode (their pretrained running "
+        "statistics, in training as in evaluation; their affine weights still train)",
+    )
+    frozen_baseline: bool = _f(
+        False,
+        "at the end, the frozen backbone's linear probe and Mahalanobis AUROC on validation "
+        "vs pseudo-OOD beside the trained model's (log and RUN/summary.json)",
+    )
     # Off by default: on Fashion-MNIST in short CPU runs it cost accuracy and MDS AUROC vs MNIST
     # (3 epochs on 15k images: 85.3% / 0.67 with it, 87.7% / 0.89 without).
     augment: bool = _f(
@@ -110,6 +130,22 @@ class TrainConfig:
     )
     compile: bool = _f(False, "torch.compile the model for training")
 
+    @classmethod
+    def with_recipe(cls, **given: Any) -> TrainConfig:
+        """A config from the fields `given`; the others take the recipe's defaults.
+
+        `recipe="auto"` resolves to "finetune" when a pretrained backbone with weights is
+        given, else "paper"; the config keeps the resolved name, so a checkpoint says which
+        defaults it was trained with.
+        """
+        recipe = given.get("recipe", "auto")
+        if recipe == "auto":
+            pretrained = _pretrained(given.get("arch", cls.arch)) and bool(given.get("weights"))
+            recipe = "finetune" if pretrained else "paper"
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {recipe!r}; choose auto, {', '.join(RECIPES)}")
+        return cls(**{**RECIPES[recipe], **given, "recipe": recipe})
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -122,3 +158,28 @@ class TrainConfig:
         if d.get("dataset") == "folder":  # folder runs from before `val_split` split at random
             d = {"val_split": "random", **d}
         return cls(**d)
+
+
+def _pretrained(arch: str) -> bool:
+    from training.models.pretrained import is_pretrained_arch
+
+    return is_pretrained_arch(arch)
+
+
+# The fine-tuning recipe for a pretrained backbone (docs/training.md "Fine-tuning a pretrained
+# backbone" gives the measurements behind each value): the defaults of `isomax train` when
+# `--weights` are given; every flag still overrides.
+FINETUNE_RECIPE: dict[str, Any] = {
+    "linear_probe": True,  # LP-FT: the head starts fitted, so its gradients do not distort
+    "freeze_batchnorm": True,  # BatchNorm momentum 0.01: running stats lag the new images
+    "frozen_baseline": True,  # show what the frozen backbone alone gets
+    "freeze_backbone_epochs": 0,
+    "batch_size": 64,
+    "lr": 0.01,
+    "backbone_lr_scale": 1.0,
+    "head_weight_decay": False,
+    "schedule": "cosine",
+    "warmup_epochs": 0.5,
+    "augment": False,
+}
+RECIPES: dict[str, dict[str, Any]] = {"paper": {}, "finetune": FINETUNE_RECIPE}

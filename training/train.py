@@ -26,6 +26,7 @@ from training.data.batches import BatchLoader
 from training.data.datasets import Splits, load_dataset
 from training.data.image_files import FileBatches, ImageFiles
 from training.devices import Distributed, Precision
+from training.finetune import set_batchnorm_eval, start_from_frozen_features, summarize
 from training.head import HEADS
 from training.loss import make_loss
 from training.models import BACKBONES, Classifier, build_model
@@ -155,6 +156,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("epochs and batch_size must be at least 1")
     if not 0 <= cfg.freeze_backbone_epochs <= cfg.epochs:
         raise ValueError("freeze_backbone_epochs must be between 0 and epochs")
+    if cfg.recipe not in ("auto", "paper", "finetune"):
+        raise ValueError(f"unknown recipe {cfg.recipe!r}; choose auto, paper or finetune")
 
 
 @dataclass
@@ -197,6 +200,8 @@ def train(
     channels_last = cfg.channels_last and device.type in ("cpu", "cuda")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if not resuming:
+        start_from_frozen_features(model, cfg, data, device, run_dir if dist.is_main else None)
     opt = make_optimizer(cfg, model)
     local_batch = dist.local_batch(cfg.batch_size)
     loader: BatchLoader | FileBatches
@@ -276,11 +281,13 @@ def train(
         meta["preprocess"] = data.preprocess.model_dump(mode="json")
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        frozen = epoch < cfg.freeze_backbone_epochs
         model.train()
-        model.backbone.requires_grad_(not frozen)
-        if frozen:
+        backbone_frozen = epoch < cfg.freeze_backbone_epochs
+        model.backbone.requires_grad_(not backbone_frozen)
+        if backbone_frozen:
             model.backbone.eval()  # BatchNorm statistics stay the pretrained ones too
+        elif cfg.freeze_batchnorm:
+            set_batchnorm_eval(model.backbone)
         total, n = 0.0, 0
         bar = tqdm(
             loader,
@@ -360,6 +367,9 @@ def train(
                 json.dumps({"world": dist.world, "max_weight_difference_across_ranks": spread})
             )
         log.info("%d processes: weights differ across ranks by at most %.3g", dist.world, spread)
+    if cfg.frozen_baseline and dist.is_main:
+        model.load_state_dict(torch.load(best_path, map_location=device)["model"])
+        summarize(model, best_epoch, data, device, cfg.workers, run_dir)
     dist.close()
     return RunResult(run_dir, best_acc, best_epoch, elapsed)
 
