@@ -443,7 +443,7 @@ def _check_io(session: ort.InferenceSession, manifest: Manifest, ref: BundleRef)
 
 
 Status = Literal["loading", "ready", "failed"]
-Fingerprint = tuple[tuple[int, int, int] | None, ...]
+Fingerprint = tuple[object, ...]  # (stat of the directory, of the manifest, (name, stat) per file)
 
 
 def fingerprint(path: Path) -> Fingerprint:
@@ -456,7 +456,13 @@ def fingerprint(path: Path) -> Fingerprint:
             return None
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
-    return (one(path), one(path / MANIFEST_FILE), one(path / "model.onnx"))
+    # Every file of the version directory, not a fixed list: the graph's name is the manifest's
+    # `onnx.file`, which need not be `model.onnx`.
+    try:
+        names = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+    except OSError:
+        names = []
+    return (one(path), one(path / MANIFEST_FILE), *((n, one(path / n)) for n in names))
 
 
 @dataclass
@@ -641,12 +647,6 @@ class ModelRegistry:
         self._loop = loop
         self._thread = threading.Thread(target=self._manage, name="model-manager", daemon=True)
         self._thread.start()
-
-    def load_all(self, loop: asyncio.AbstractEventLoop) -> None:
-        """One pass, blocking (tests and tools); start() runs it in the background instead."""
-        self._loop = loop
-        self._pass()
-        self._loaded.set()
 
     def request_reload(self) -> int:
         """Ask the manager for a rescan (SIGHUP, admin endpoint); returns the request number."""

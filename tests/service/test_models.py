@@ -244,3 +244,17 @@ def test_a_containers_cpu_limit_caps_the_cores(
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     assert cgroup_cpu_limit(tmp_path) == limit
+
+
+def test_fingerprint_follows_every_file_not_only_model_onnx(tmp_path: Path) -> None:
+    """A bundle's graph may be named anything (`manifest.onnx.file`): replacing it must show."""
+    from service.models import fingerprint
+
+    version = tmp_path / "m" / "1"
+    version.mkdir(parents=True)
+    (version / "manifest.json").write_text("{}")
+    (version / "graph.onnx").write_bytes(b"a")
+    before = fingerprint(version)
+    (version / "graph.onnx").unlink()
+    (version / "graph.onnx").write_bytes(b"bb")  # a new file: new inode and size
+    assert fingerprint(version) != before
