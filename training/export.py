@@ -112,7 +112,13 @@ def _values(t: torch.Tensor) -> tuple[float, ...]:
     return tuple(float(v) for v in t.detach().flatten().cpu())
 
 
-def export_onnx(graph: ServingGraph, path: Path, example: torch.Tensor, opset: int = OPSET) -> None:
+def export_onnx(
+    graph: nn.Module,
+    path: Path,
+    example: torch.Tensor,
+    opset: int = OPSET,
+    output_names: Sequence[str] = ("logits", "min_distance"),
+) -> None:
     """One self-contained .onnx file with a dynamic batch dimension."""
     graph = graph.eval().float().cpu()
     with warnings.catch_warnings():
@@ -123,7 +129,7 @@ def export_onnx(graph: ServingGraph, path: Path, example: torch.Tensor, opset: i
             dynamo=True,
             opset_version=opset,
             input_names=["image"],
-            output_names=["logits", "min_distance"],
+            output_names=list(output_names),
             dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}},
             verbose=False,
         )
