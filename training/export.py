@@ -56,6 +56,7 @@ def find_distance_head(model: nn.Module) -> nn.Module:
         raise ValueError(
             f"the model must contain exactly one IsoMaxPlusHead (or IsoMaxHead), found {len(heads)}; "
             "replace its last nn.Linear with IsoMaxPlusHead(in_features, num_classes)"
+            " (DisMaxHead is one too)"
         )
     return heads[0]
 
