@@ -46,7 +46,8 @@ from service.errors import InferenceError, NotReadyError, OverloadedError
 
 log = logging.getLogger(__name__)
 
-# (images [B, C, H, W] float32 in [0, 1]) -> (logits [B, K], min_distance [B])
+# (images [B, C, H, W] float32 in [0, 1]) -> (logits [B, K], min_distance [B]); [B, 2] with the
+# served score for a bundle that serves another (service.models.verdict_columns)
 RunFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 # Called from the batching thread after each run: (batch size, seconds).
 BatchObserver = Callable[[int, float], None]
@@ -295,7 +296,7 @@ class Batcher:
             else:
                 if job.logits is None or job.distance is None:
                     job.logits = np.empty((job.n, logits.shape[1]), dtype=logits.dtype)
-                    job.distance = np.empty(job.n, dtype=distance.dtype)
+                    job.distance = np.empty((job.n, *distance.shape[1:]), dtype=distance.dtype)
                 job.logits[a:b] = logits[offset : offset + m]
                 job.distance[a:b] = distance[offset : offset + m]
             offset += m
