@@ -1,7 +1,8 @@
 """Fingerprints of the service's answers, to prove a refactor changed no byte of them.
 
 POSTs a fixed set of images to the default bundle through the app in process (raw bodies with
-three query variants each, and six-image multipart requests) and writes the sha256 of every
+three query variants each, and six-image multipart requests), and the same images to the v2
+(KServe) infer endpoint as encoded files in JSON requests of six, and writes the sha256 of every
 response body with its status. Run it before and after a change and compare the two files:
 
     .venv/bin/python scripts/response_fingerprints.py before.json    # on the old commit
@@ -16,6 +17,7 @@ data loaders).
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import io
 import json
@@ -69,6 +71,12 @@ def fingerprints(models_dir: Path) -> dict[str, str]:
             files = [("file", (f"f{k}.png", imgs[k], "image/png")) for k in range(j, j + 6)]
             r = c.post("/classify?top_k=5", files=files)
             out[f"multi{j}"] = f"{hashlib.sha256(r.content).hexdigest()} {r.status_code}"
+        for j in range(0, len(imgs), 6):
+            data = [base64.b64encode(im).decode() for im in imgs[j : j + 6]]
+            body = {"inputs": [{"name": "image_bytes", "datatype": "BYTES",
+                                "shape": [len(data)], "data": data}]}  # fmt: skip
+            r = c.post("/v2/models/fmnist-isomaxplus/infer", json=body)
+            out[f"v2-{j}"] = f"{hashlib.sha256(r.content).hexdigest()} {r.status_code}"
     return out
 
 

@@ -58,7 +58,8 @@ from service.errors import InferenceError, NotReadyError, OverloadedError
 
 log = logging.getLogger(__name__)
 
-# (images [B, C, H, W] float32 in [0, 1]) -> (logits [B, K], min_distance [B])
+# (images [B, C, H, W] float32 in [0, 1]) -> (logits [B, K], min_distance [B]); [B, 2] with the
+# served score for a bundle that serves another (verdict_columns below)
 RunFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 # Called from the batching thread after each run: (batch size, seconds).
 BatchObserver = Callable[[int, float], None]
@@ -68,6 +69,14 @@ OutputObserver = Callable[[np.ndarray, np.ndarray], None]
 QueueObserver = Callable[[int], None]
 # (job, first image, end) of the images of one job that go into a batch.
 Part = tuple["_Job", int, int]
+
+
+def verdict_columns(distance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(min_distance [n], served score [n]) of what the batcher returns: `[n]` min_distance
+    (which is then the served score too) or `[n, 2]` for a bundle serving another score."""
+    if distance.ndim == 1:
+        return distance, distance
+    return np.ascontiguousarray(distance[:, 0]), np.ascontiguousarray(distance[:, 1])
 
 
 class _Job:
@@ -381,7 +390,7 @@ class Batcher:
             else:
                 if job.logits is None or job.distance is None:
                     job.logits = np.empty((job.n, logits.shape[1]), dtype=logits.dtype)
-                    job.distance = np.empty(job.n, dtype=distance.dtype)
+                    job.distance = np.empty((job.n, *distance.shape[1:]), dtype=distance.dtype)
                 job.logits[a:b] = logits[offset : offset + m]
                 job.distance[a:b] = distance[offset : offset + m]
             offset += m

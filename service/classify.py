@@ -45,6 +45,7 @@ from isomax.contract.plain_png import decoded_bytes as plain_decoded_bytes
 from isomax.contract.plain_png import plain_png_uint8
 from service import memory
 from service.admission import BodyBudget, DecodeBudget, Reservation
+from service.batching import verdict_columns
 from service.errors import (
     RETRY_AFTER,
     BadImageError,
@@ -425,18 +426,21 @@ def result_rows(
     cheaper than vectorised numpy, whose per-call overhead dominates on [1, 10] arrays.
     probability = softmax(logits / temperature) in float64, softmax(logits) for a bundle without a
     temperature; ties keep the lower class index first (as argmax).
-    The verdict is `Thresholds.judge`, the rule training's evaluation uses too.
+    The verdict is `Thresholds.judge` on the served score, the rule training's evaluation uses
+    too; a bundle serving a score other than min_distance adds it as `score` (docs/api.md).
     """
     labels = model.labels
     temperature = model.temperature
     rows_of_logits = logits.tolist()
-    distances = distance.tolist()
+    scored = distance.ndim == 2  # the bundle serves another score: a `score` field per image
+    min_distance, score = verdict_columns(distance)
+    distances, scores = min_distance.tolist(), score.tolist()
     predicted = [row.index(max(row)) for row in rows_of_logits]  # argmax: first of ties
-    thresholds, flags = model.thresholds.judge(predicted, distances)
+    thresholds, flags = model.thresholds.judge(predicted, scores)
     n_ood = sum(flags)
     results = []
-    rows = zip(uploads, rows_of_logits, distances, thresholds, flags, strict=True)
-    for up, row, d, t, is_ood in rows:
+    rows = zip(uploads, rows_of_logits, distances, scores, thresholds, flags, strict=True)
+    for up, row, d, s, t, is_ood in rows:
         top = max(row)
         if temperature is None:
             e = [math.exp(v - top) for v in row]
@@ -444,18 +448,19 @@ def result_rows(
             e = [math.exp((v - top) / temperature) for v in row]
         total = sum(e)
         best = sorted(range(len(e)), key=e.__getitem__, reverse=True)[:top_k]
-        results.append(
-            {
-                "filename": up.filename,
-                "class_index": best[0],
-                "label": labels[best[0]],
-                "probability": e[best[0]] / total,
-                "top_k": [{"label": labels[j], "probability": e[j] / total} for j in best],
-                "min_distance": d,
-                "threshold": t,
-                "is_ood": is_ood,
-            }
-        )
+        result = {
+            "filename": up.filename,
+            "class_index": best[0],
+            "label": labels[best[0]],
+            "probability": e[best[0]] / total,
+            "top_k": [{"label": labels[j], "probability": e[j] / total} for j in best],
+            "min_distance": d,
+        }
+        if scored:
+            result["score"] = s
+        result["threshold"] = t
+        result["is_ood"] = is_ood
+        results.append(result)
     return results, n_ood
 
 
@@ -541,7 +546,9 @@ class ClassifyEndpoint:
                 reservation.release()
             logits, distance = await batcher.submit(x)
         results, n_ood = result_rows(model, uploads, logits, distance, top_k)
-        self.metrics.observe_images(model.name, distance.tolist(), n_ood, len(uploads))
+        self.metrics.observe_images(
+            model.name, verdict_columns(distance)[0].tolist(), n_ood, len(uploads)
+        )
         capture = self.state.capture
         if capture is not None:
             capture.offer(model.name, model.version, [u.data for u in uploads], results)

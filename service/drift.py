@@ -16,6 +16,7 @@ from prometheus_client import Counter
 
 from isomax.contract.drift import DriftTable, level_bucket
 from isomax.contract.verdict import Thresholds
+from service.batching import verdict_columns
 
 # Per-class series are bounded: a model with more classes keeps this many (those with the
 # largest validation shares) and counts the others under label="other".
@@ -59,7 +60,7 @@ class DriftObserver:
 
     def __call__(self, logits: np.ndarray, distance: np.ndarray) -> None:
         predicted = logits.argmax(axis=1).tolist()  # the first of ties, as the answer's argmax
-        scores = distance.tolist()
+        scores = verdict_columns(distance)[1].tolist()  # the served score, judged and bucketed
         _, flags = self.thresholds.judge(predicted, scores)  # the verdict's one rule
         bounds, higher, series_of = self.table.bounds, self.table.higher_is_in, self._series_of
         per_bucket: dict[int, int] = {}  # only the buckets and classes this batch touches

@@ -225,7 +225,8 @@ class LoadedModel:
     # probability = softmax(logits / temperature); None: softmax(logits) (bundles without one).
     temperature: float | None
     batcher: Batcher
-    # One onnxruntime run: x [B, C, H, W] float32 -> (logits [B, K], min_distance [B]).
+    # One onnxruntime run: x [B, C, H, W] float32 -> (logits [B, K], min_distance [B]), or
+    # min_distance and the served score [B, 2] for a bundle serving another (verdict_columns).
     run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
     load_seconds: float
     # Requests that resolved this version and have not answered yet (event loop only).
@@ -329,12 +330,18 @@ def load_model(
 
     spec = manifest.preprocess
     _check_io(session, manifest, ref)
-    outputs = [manifest.onnx.logits_name, manifest.onnx.distance_name]
+    outputs = graph_outputs(manifest)
     input_name = manifest.onnx.input_name
 
     def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits, distance = session.run(outputs, {input_name: x})
         return logits, distance
+
+    if len(outputs) == 3:  # a bundle serving another score: [B, 2] = (min_distance, score)
+
+        def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            logits, distance, score = session.run(outputs, {input_name: x})
+            return logits, np.stack((distance, score), axis=1)
 
     per_image_s = _warm_up(ref, run, settings.max_batch_size, spec, len(manifest.labels))
     cpu_ms = per_image_s * threads * 1e3
@@ -387,6 +394,14 @@ def load_model(
     )
 
 
+def graph_outputs(manifest: Manifest) -> list[str]:
+    """The graph outputs the service runs: logits, min_distance and, for a bundle that serves
+    another score (`calibration.score`), the output named after it."""
+    names = [manifest.onnx.logits_name, manifest.onnx.distance_name]
+    score = manifest.calibration.score
+    return names if score == "min_distance" else [*names, score]
+
+
 def _warm_up(
     ref: BundleRef,
     run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
@@ -409,10 +424,11 @@ def _warm_up(
                 f"{ref.key}: warm-up run with batch {b} failed ({type(e).__name__})"
             ) from e
         seconds = time.perf_counter() - t0
-        if logits.shape != (b, k) or distance.shape != (b,):
+        want = (b,) if distance.ndim == 1 else (b, 2)  # (b, 2): min_distance, served score
+        if logits.shape != (b, k) or distance.shape != want:
             raise ModelLoadError(
                 f"{ref.key}: batch {b} gave logits {logits.shape} and min_distance "
-                f"{distance.shape}; expected ({b}, {k}) and ({b},) for {k} labels"
+                f"{distance.shape}; expected ({b}, {k}) and {want} for {k} labels"
             )
     return seconds / max_batch
 
@@ -423,7 +439,7 @@ def _check_io(session: ort.InferenceSession, manifest: Manifest, ref: BundleRef)
     outputs = {o.name for o in session.get_outputs()}
     if names.input_name not in inputs:
         raise ModelLoadError(f"{ref.key}: graph has no input {names.input_name!r} ({list(inputs)})")
-    for out in (names.logits_name, names.distance_name):
+    for out in graph_outputs(manifest):
         if out not in outputs:
             raise ModelLoadError(f"{ref.key}: graph has no output {out!r} ({sorted(outputs)})")
     shape = inputs[names.input_name].shape

@@ -1,8 +1,10 @@
-"""OOD threshold on `min_distance` from held-out in-distribution data only (no OOD data).
+"""OOD threshold on the served score from held-out in-distribution data only (no OOD data).
 
-The threshold is the smallest distance that keeps at least `target_tpr` of the validation
-images (`is_ood = min_distance > threshold`). A table of further quantiles goes into the
-manifest so that an operator can move the target at serve time without recalibrating
+For `min_distance` (and any score where lower is in-distribution) the threshold is the smallest
+value that keeps at least `target_tpr` of the validation images (`is_ood = score > threshold`);
+for a score where higher is in-distribution it is the largest value that does (`is_ood = score
+< threshold`), computed as the same rule on the negated score. A table of further quantiles goes
+into the manifest so that an operator can move the target at serve time without recalibrating
 (`Calibration.threshold_for` interpolates in it).
 """
 
@@ -14,6 +16,7 @@ import math
 import numpy as np
 
 from isomax.contract.manifest import Calibration, ClassCalibration, QuantilePoint
+from isomax.contract.verdict import SERVED_SCORES
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,27 @@ def keep_quantile(sorted_values: np.ndarray, q: float) -> float:
     return float(sorted_values[k - 1])
 
 
-def _table(sorted_d: np.ndarray, qs: list[float]) -> tuple[QuantilePoint, ...]:
-    return tuple(QuantilePoint(q=q, value=keep_quantile(sorted_d, q)) for q in qs)
+def _table(sorted_d: np.ndarray, qs: list[float], sign: float) -> tuple[QuantilePoint, ...]:
+    return tuple(QuantilePoint(q=q, value=sign * keep_quantile(sorted_d, q)) for q in qs)
+
+
+def _ood_values(values: np.ndarray, score: str) -> tuple[np.ndarray, float]:
+    """(values in "larger = more OOD" units, the sign that maps them back) for `score`."""
+    if score not in SERVED_SCORES:
+        raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SERVED_SCORES)}")
+    d = np.asarray(values, dtype=np.float64)
+    if d.ndim != 1 or d.shape[0] == 0:
+        raise ValueError(f"val_scores must be a non-empty 1-D array, got shape {d.shape}")
+    if not np.isfinite(d).all():
+        raise ValueError(f"val_scores {d.shape} contains NaN or infinite values")
+    if score == "min_distance" and d.min() < 0:
+        # Distances are >= 0; negative values usually mean the score (-distance) was passed.
+        raise ValueError(
+            f"val_min_distance must be >= 0 (min is {d.min():.4g}): pass distances, "
+            "not the higher-is-in-distribution score"
+        )
+    sign = -1.0 if SERVED_SCORES[score] == "higher" else 1.0
+    return sign * d, sign
 
 
 def calibrate(
@@ -53,53 +75,49 @@ def calibrate(
     val_classes: np.ndarray | None = None,
     num_classes: int | None = None,
     min_class_size: int = MIN_CLASS_SIZE,
+    score: str = "min_distance",
 ) -> Calibration:
-    """Threshold keeping `target_tpr` of the validation distances, plus the quantile table.
+    """Threshold keeping `target_tpr` of the validation scores, plus the quantile table.
 
-    `val_min_distance` are the model's `min_distance` outputs (larger = more OOD) on a split
-    held out of the training data, never the test set and never OOD data.
+    `val_min_distance` are the model's outputs of the served `score` (default the
+    `min_distance` output, larger = more OOD; for a score in `SERVED_SCORES` where higher is
+    in-distribution, its values as they are) on a split held out of the training data, never
+    the test set and never OOD data.
     With `val_classes` (the *predicted* class of each of those images, as the service will
     know it) and `num_classes`, each class also gets its own threshold and table
     (`ClassCalibration` says why).
     """
-    d = np.asarray(val_min_distance, dtype=np.float64)
-    if d.ndim != 1 or d.shape[0] == 0:
-        raise ValueError(f"val_min_distance must be a non-empty 1-D array, got shape {d.shape}")
-    if not np.isfinite(d).all():
-        raise ValueError(f"val_min_distance {d.shape} contains NaN or infinite values")
-    if d.min() < 0:
-        # Distances are >= 0; negative values usually mean the score (-distance) was passed.
-        raise ValueError(
-            f"val_min_distance must be >= 0 (min is {d.min():.4g}): pass distances, "
-            "not the higher-is-in-distribution score"
-        )
+    d, sign = _ood_values(val_min_distance, score)
     if not 0.0 < target_tpr < 1.0:
         raise ValueError(f"target_tpr must be in (0, 1), got {target_tpr}")
     if (val_classes is None) != (num_classes is None):
         raise ValueError("val_classes and num_classes come together")
     qs = sorted(set(QUANTILE_GRID) | {float(target_tpr)})
     d_sorted = np.sort(d)
-    table = _table(d_sorted, qs)
+    table = _table(d_sorted, qs, sign)
     threshold = keep_quantile(d_sorted, target_tpr)
     kept = float(np.mean(d <= threshold))
     log.info(
-        "calibrated on %s (%d images): threshold %.6g keeps %.4f of ID (target %.4f)",
+        "calibrated %s on %s (%d images): threshold %.6g keeps %.4f of ID (target %.4f)",
+        score,
         split,
         len(d),
-        threshold,
+        sign * threshold,
         kept,
         target_tpr,
     )
     per_class = None
     if val_classes is not None and num_classes is not None:
         per_class = _per_class(
-            d, np.asarray(val_classes), num_classes, qs, target_tpr, min_class_size
+            d, np.asarray(val_classes), num_classes, qs, target_tpr, min_class_size, sign
         )
     return Calibration(
+        score=score,
+        in_distribution=SERVED_SCORES[score],
         split=split,
         size=len(d),
         target_tpr=target_tpr,
-        threshold=threshold,
+        threshold=sign * threshold,
         quantiles=table,
         min_class_size=None if per_class is None else min_class_size,
         per_class=per_class,
@@ -155,8 +173,11 @@ def _per_class(
     qs: list[float],
     target_tpr: float,
     min_class_size: int,
+    sign: float = 1.0,
 ) -> tuple[ClassCalibration, ...]:
-    """One `ClassCalibration` per class: its threshold at `target_tpr` and at every grid target."""
+    """One `ClassCalibration` per class: its threshold at `target_tpr` and at every grid target.
+
+    `d` are in "larger = more OOD" units; `sign` maps thresholds back to the score's own."""
     cd = _ClassDistances(d, classes, num_classes, min_class_size)
     grid = np.stack([cd.for_target(q) for q in qs])  # (len(qs), K), non-decreasing down columns
     at_target = grid[qs.index(target_tpr)]  # the grid holds the target (calibrate adds it)
@@ -173,10 +194,12 @@ def _per_class(
         ClassCalibration(
             size=len(cd.per_class[c]),
             pooled=not cd.own[c],
-            threshold=float(at_target[c]),
+            threshold=sign * float(at_target[c]),
+            # in "larger = more OOD" units, where d and at_target both are
             flagged=float(np.mean(cd.per_class[c] > at_target[c])) if cd.per_class[c].size else 0.0,
             quantiles=tuple(
-                QuantilePoint(q=q, value=float(v)) for q, v in zip(qs, grid[:, c], strict=True)
+                QuantilePoint(q=q, value=sign * float(v))
+                for q, v in zip(qs, grid[:, c], strict=True)
             ),
         )
         for c in range(num_classes)

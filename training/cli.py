@@ -10,6 +10,7 @@ import sys
 import typing
 from pathlib import Path
 
+from isomax.contract.verdict import SERVED_SCORES
 from training.config import TrainConfig
 
 log = logging.getLogger("isomax")
@@ -160,6 +161,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         temperature=not a.no_temperature,
         per_class=not a.global_threshold,
         description=a.description,
+        score=a.score,
     )
     bundle, report = done.bundle, done.report
     if report:
@@ -168,6 +170,11 @@ def cmd_export(a: argparse.Namespace) -> int:
             "flagged as OOD at the calibrated threshold:",
             json.dumps(report["flagged_at_threshold"]),
         )
+        if "score_selection" in report:
+            print(
+                "served score picked on validation + pseudo-OOD:",
+                json.dumps(report["score_selection"]),
+            )
     print(threshold_summary(bundle))
     if (
         done.test_logits is not None
@@ -337,6 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no temperature scaling: probability = softmax(logits) (default: a temperature "
         "fitted on the validation split)",
+    )
+    p.add_argument(
+        "--score",
+        default="min_distance",
+        choices=[*SERVED_SCORES, "auto"],
+        help="the served score the verdict is calibrated on: min_distance (IsoMax+'s MDS), "
+        "entropic, mmles (DisMax's), mahalanobis (on the normalized features, fitted on the "
+        "training split), or auto: the one with the best pseudo-OOD AUROC on the validation "
+        "split (training/selection.py; no OOD data)",
     )
     _add_ood_folder_arg(p)
     p.add_argument("--description", default=None)

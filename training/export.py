@@ -1,7 +1,9 @@
-"""Torch model -> ONNX graph with `logits` and `min_distance` -> checked, calibrated bundle.
+"""Torch model -> ONNX graph with `logits`, `min_distance` (and the served score) -> checked,
+calibrated bundle.
 
-The graph takes `[0, 1]` pixels, normalizes inside, and returns the inference logits and the
-minimum distance from one forward pass (docs/bundle-format.md). A bundle is written only after the ONNX
+The graph takes `[0, 1]` pixels, normalizes inside, and returns the inference logits, the
+minimum distance and, when the bundle serves another score, that score (an output named after
+it) from one forward pass (docs/bundle-format.md). A bundle is written only after the ONNX
 graph matches torch (max abs difference <= 1e-4 at batch 1 and 7 on real images), into a
 temporary directory renamed into place at the end, so a failed export leaves nothing behind
 and an existing version is never overwritten.
@@ -35,8 +37,10 @@ from isomax.contract.manifest import (
     sha256_file,
 )
 from training.calibrate import calibrate
+from training.graph_scores import ServedScore
 from training.head import IsoMaxHead, IsoMaxPlusHead
-from training.models.classifier import logits_and_min_distance
+from training.mahalanobis import MahalanobisFit
+from training.models.classifier import head_outputs
 from training.temperature import fit_temperature
 
 log = logging.getLogger(__name__)
@@ -57,16 +61,18 @@ def find_distance_head(model: nn.Module) -> nn.Module:
         raise ValueError(
             f"the model must contain exactly one IsoMaxPlusHead (or IsoMaxHead), found {len(heads)}; "
             "replace its last nn.Linear with IsoMaxPlusHead(in_features, num_classes)"
+            " (DisMaxHead is one too)"
         )
     return heads[0]
 
 
 class ServingGraph(nn.Module):
-    """`image [N, C, H, W] in [0, 1]` -> `(logits [N, K], min_distance [N])`.
+    """`image [N, C, H, W] in [0, 1]` -> `(logits [N, K], min_distance [N][, score [N]])`.
 
-    Works for any model whose last layer is a distance head (`logits_and_min_distance`), so
-    users' models need no changes. `mean`/`std` are applied here unless the model already
-    normalizes (our `Classifier` does: pass none).
+    Works for any model whose last layer is a distance head (`head_outputs`), so users' models
+    need no changes. `mean`/`std` are applied here unless the model already normalizes (our
+    `Classifier` does: pass none). `score`: the served score (`SERVED_SCORES`); other than
+    `min_distance` it is a third output named after it (`mahalanobis` needs its fit).
     """
 
     mean: torch.Tensor
@@ -77,10 +83,13 @@ class ServingGraph(nn.Module):
         model: nn.Module,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        score: str = "min_distance",
+        mahalanobis: MahalanobisFit | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.head = find_distance_head(model)
+        self.served = ServedScore(score, mahalanobis)
         self.normalize = mean is not None or std is not None
         self.register_buffer(
             "mean", torch.tensor(list(mean or [0.0]), dtype=torch.float32).view(1, -1, 1, 1)
@@ -89,11 +98,18 @@ class ServingGraph(nn.Module):
             "std", torch.tensor(list(std or [1.0]), dtype=torch.float32).view(1, -1, 1, 1)
         )
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        extra = () if self.served.name == "min_distance" else (self.served.name,)
+        return ("logits", "min_distance", *extra)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = (image - self.mean) / self.std if self.normalize else image
-        logits, min_distance = logits_and_min_distance(self.model, x)
-        assert min_distance is not None  # find_distance_head checked there is a head
-        return logits, min_distance
+        logits, min_distance, features = head_outputs(self.model, x)
+        assert min_distance is not None and features is not None  # find_distance_head: a head
+        if self.served.name == "min_distance":
+            return logits, min_distance
+        return logits, min_distance, self.served(logits, min_distance, features)
 
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """The mean/std this graph applies to its `[0, 1]` input, whoever applies them.
@@ -113,7 +129,13 @@ def _values(t: torch.Tensor) -> tuple[float, ...]:
     return tuple(float(v) for v in t.detach().flatten().cpu())
 
 
-def export_onnx(graph: ServingGraph, path: Path, example: torch.Tensor, opset: int = OPSET) -> None:
+def export_onnx(
+    graph: nn.Module,
+    path: Path,
+    example: torch.Tensor,
+    opset: int = OPSET,
+    output_names: Sequence[str] = ("logits", "min_distance"),
+) -> None:
     """One self-contained .onnx file with a dynamic batch dimension."""
     graph = graph.eval().float().cpu()
     with warnings.catch_warnings():
@@ -124,7 +146,7 @@ def export_onnx(graph: ServingGraph, path: Path, example: torch.Tensor, opset: i
             dynamo=True,
             opset_version=opset,
             input_names=["image"],
-            output_names=["logits", "min_distance"],
+            output_names=list(output_names),
             dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}},
             verbose=False,
         )
@@ -133,23 +155,31 @@ def export_onnx(graph: ServingGraph, path: Path, example: torch.Tensor, opset: i
 
 
 class OnnxPredictor:
-    """uint8 or float images -> (logits, min_distance) through onnxruntime, in chunks."""
+    """uint8 or float images -> (logits, min_distance) through onnxruntime, in chunks.
+
+    `outputs(images)` gives every output of the graph by name (the served score too).
+    """
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.session.get_outputs()]
+
+    def outputs(self, images: np.ndarray, batch_size: int = 1024) -> dict[str, np.ndarray]:
+        parts: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
+        for i in range(0, len(images), batch_size):
+            x = graph_input(images[i : i + batch_size])
+            for name, value in zip(
+                self.names, self.session.run(self.names, {"image": x}), strict=True
+            ):
+                parts[name].append(value)
+        return {n: np.concatenate(v) for n, v in parts.items()}
 
     def __call__(self, images: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-        zs, ds = [], []
-        for i in range(0, len(images), batch_size):
-            x = images[i : i + batch_size]
-            x = graph_input(x)
-            z, d = self.session.run(["logits", "min_distance"], {"image": x})
-            zs.append(z)
-            ds.append(d)
-        return np.concatenate(zs), np.concatenate(ds)
+        out = self.outputs(images, batch_size)
+        return out["logits"], out["min_distance"]
 
 
 def check_parity(
@@ -159,21 +189,31 @@ def check_parity(
     batches: Sequence[int] = PARITY_BATCHES,
     atol: float = PARITY_ATOL,
 ) -> float:
-    """Max abs difference of both outputs between torch and onnxruntime; raises past `atol`."""
+    """Max abs difference of every output between torch and onnxruntime; raises past `atol`.
+
+    The Mahalanobis score is a squared distance in units of the feature spread, so its values
+    run to the hundreds: it alone is compared relative to its magnitude (`atol` x max(1, |v|)).
+    """
     predictor = OnnxPredictor(onnx_path)
     graph = graph.eval().cpu()
     worst = 0.0
     for b in batches:
         if len(images) < b:
             raise ValueError(f"parity needs at least {b} images, got {len(images)}")
-        x = images[:b]
-        x = graph_input(x)
+        x = graph_input(images[:b])
         with torch.no_grad():
-            tz, td = graph(torch.from_numpy(x))
-        oz, od = predictor(x)
-        diff = max(float(np.abs(oz - tz.numpy()).max()), float(np.abs(od - td.numpy()).max()))
+            want = [t.numpy() for t in graph(torch.from_numpy(x))]
+        got = predictor.outputs(x)
+        diff = max(
+            float(
+                (
+                    np.abs(got[n] - w) / (np.maximum(1.0, np.abs(w)) if n == "mahalanobis" else 1)
+                ).max()
+            )
+            for n, w in zip(graph.output_names, want, strict=True)
+        )
         worst = max(worst, diff)
-        if diff > atol or not np.array_equal(oz.argmax(1), tz.numpy().argmax(1)):
+        if diff > atol or not np.array_equal(got["logits"].argmax(1), want[0].argmax(1)):
             raise ParityError(
                 f"ONNX and torch differ by {diff:.3g} (> {atol}) at batch {b}; bundle not written"
             )
@@ -224,6 +264,8 @@ def export_bundle(
     calibration_labels: np.ndarray | None = None,
     description: str = "",
     per_class: bool = True,
+    score: str = "min_distance",
+    mahalanobis: MahalanobisFit | None = None,
 ) -> Path:
     """Write `models_dir/name/version/{model.onnx, manifest.json}` and return that directory.
 
@@ -236,6 +278,8 @@ def export_bundle(
     `calibration_labels` (the calibration images' labels): also fit a temperature on them
     (`training.temperature`), stored as `calibration.temperature`, so that the served
     probability is softmax(logits / T); without them the bundle has none (softmax(logits)).
+    `score`: the served score (`isomax.contract.verdict.SERVED_SCORES`), an output of the graph
+    on which the thresholds are calibrated; `mahalanobis`, its fit, for the Mahalanobis score.
     """
     models_dir = Path(models_dir)
     version = version or next_version(models_dir, name)
@@ -245,7 +289,7 @@ def export_bundle(
             f"bundle {final} already exists; choose another version (nothing was written)"
         )
     model = model.eval().cpu()
-    graph = ServingGraph(model, mean, std)
+    graph = ServingGraph(model, mean, std, score=score, mahalanobis=mahalanobis)
     # The manifest documents what the graph does, whatever the caller's preprocess said.
     graph_mean, graph_std = graph.normalization()
     preprocess = preprocess.model_copy(update={"mean": graph_mean, "std": graph_std})
@@ -263,16 +307,19 @@ def export_bundle(
             graph,
             onnx_path,
             torch.from_numpy(graph_input(x0)),
+            output_names=graph.output_names,
         )
         worst = check_parity(graph, onnx_path, parity_images)
         log.info("ONNX parity: max abs difference %.2e", worst)
-        logits, dist = OnnxPredictor(onnx_path)(calibration_images)
+        outputs = OnnxPredictor(onnx_path).outputs(calibration_images)
+        logits, served = outputs["logits"], outputs[graph.served.name]
         if logits.shape[1] != n_classes:
             raise ValueError(
                 f"model gives {logits.shape[1]} logits but {n_classes} labels were given"
             )
         cal: Calibration = calibrate(
-            dist,
+            served,
+            score=score,
             target_tpr=target_tpr,
             split=calibration_split,
             val_classes=logits.argmax(1) if per_class else None,
@@ -320,7 +367,8 @@ def export_bundle(
                 d.rmdir()
         raise
     # What the thresholds really keep: on small splits the quantile overshoots the target.
-    kept = int(np.sum(dist <= cal.threshold))
+    higher = cal.in_distribution == "higher"
+    kept = int(np.sum(served >= cal.threshold if higher else served <= cal.threshold))
     log.info(
         "wrote bundle %s: threshold %.4f keeps %d of %d %s images (%.1f%%, target %.0f%%)",
         final, cal.threshold, kept, cal.size, calibration_split, 100 * kept / cal.size,

@@ -13,15 +13,17 @@ from typing import Any
 
 import numpy as np
 
-from isomax.contract.manifest import CalibrationError, EvaluationMetrics
+from isomax.contract.manifest import Calibration, CalibrationError, EvaluationMetrics
 from isomax.contract.verdict import Thresholds
 from training.config import TrainConfig
 from training.data.datasets import Splits, load_dataset
 from training.data.ood import ood_sets_for
 from training.evaluate import evaluate
-from training.export import export_bundle
+from training.export import OnnxPredictor, export_bundle
+from training.mahalanobis import fit_on_training_split
 from training.models import Classifier
-from training.temperature import ECE_BINS, expected_calibration_error
+from training.ood_metrics import ood_metrics
+from training.temperature import ECE_BINS, confidence_gap, expected_calibration_error
 from training.train import last_record, load_checkpoint, serving_preprocess
 
 
@@ -45,6 +47,63 @@ class ExportedRun:
     temperature: float | None = None
 
 
+def served_metric_names(score: str) -> tuple[str, str]:
+    """The manifest's `ood` keys of the served score and of the served verdict (the score
+    against the predicted class's threshold). For min_distance: `mds` and `mds_class`, as the
+    evaluation has always named them."""
+    return ("mds", "mds_class") if score == "min_distance" else (score, f"{score}_class")
+
+
+class _ServedOutputs:
+    """A predictor for `evaluate` that keeps the graph's served score of every set it runs."""
+
+    def __init__(self, predictor: OnnxPredictor, score: str) -> None:
+        self.predictor, self.score = predictor, score
+        self.served: dict[int, np.ndarray] = {}  # id(images) -> served score
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self.predictor.outputs(images)
+        self.served[id(images)] = out[self.score]
+        return out["logits"], out["min_distance"]
+
+
+def _served_ood(
+    served_in: np.ndarray,
+    served_out: dict[str, np.ndarray],
+    logits: dict[str, np.ndarray],
+    thresholds: Thresholds,
+    score: str,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """OOD metrics of the served score and verdict margin, higher = in-distribution."""
+    sign = 1.0 if thresholds.in_distribution == "higher" else -1.0
+    per_class = thresholds.per_class
+    table = np.asarray(per_class if per_class is not None else [thresholds.overall])
+
+    def margin(s: np.ndarray, z: np.ndarray) -> np.ndarray:  # > 0: judged in-distribution
+        t = table[z.argmax(1)] if per_class is not None else table[0]
+        return sign * (s - t)
+
+    name, verdict = served_metric_names(score)
+    return {
+        k: {
+            name: ood_metrics(sign * served_in, sign * v),
+            verdict: ood_metrics(margin(served_in, logits["in"]), margin(v, logits[k])),
+        }
+        for k, v in served_out.items()
+    }
+
+
+def _calibration_error(logits: np.ndarray, labels: np.ndarray, t: float) -> CalibrationError:
+    """ECE (15 bins) and |mean confidence - accuracy| of `probability`, without and with T."""
+    return CalibrationError(
+        bins=ECE_BINS,
+        before=expected_calibration_error(logits, labels),
+        after=expected_calibration_error(logits, labels, t),
+        gap_before=confidence_gap(logits, labels),
+        gap_after=confidence_gap(logits, labels, t),
+    )
+
+
 def export_run(
     run_dir: Path,
     checkpoint: str = "best.pt",
@@ -59,8 +118,13 @@ def export_run(
     temperature: bool = True,
     per_class: bool = True,
     description: str | None = None,
+    score: str = "min_distance",
 ) -> ExportedRun:
-    """Export `run_dir/checkpoint` (see `training.export.export_bundle`), scoring the graph."""
+    """Export `run_dir/checkpoint` (see `training.export.export_bundle`), scoring the graph.
+
+    `score`: the served score (`isomax.contract.verdict.SERVED_SCORES`), or "auto" for the one
+    `training.selection.pick_score` picks on the validation split and pseudo-OOD made from it.
+    """
     model, cfg, meta, splits = load_run(run_dir, checkpoint)
     if cfg.head == "softmax":
         raise ValueError(
@@ -68,8 +132,19 @@ def export_run(
         )
     preprocess = serving_preprocess(meta, cfg)
     done = ExportedRun(bundle=Path())
+    fit = None
+    if score in ("auto", "mahalanobis"):
+        fit = fit_on_training_split(model, splits)
+    if score == "auto":
+        from training.selection import pick_score
 
-    def evaluate_graph(predictor, cal) -> EvaluationMetrics:
+        choice = pick_score(model, splits, fit)
+        score = choice.score
+        done.report["score_selection"] = choice.to_dict()
+    fit = fit if score == "mahalanobis" else None
+
+    def evaluate_graph(predictor: OnnxPredictor, cal: Calibration) -> EvaluationMetrics:
+        served = Thresholds.lookup(cal)
         if splits.test_x is None or not evaluate_sets:
             val_logits = predictor(splits.val_x)[0]
             return EvaluationMetrics(
@@ -78,37 +153,40 @@ def export_run(
         test_x, test_y = splits.test_x, splits.test_y
         assert test_y is not None  # a test split has labels
         sets = ood_sets_for(splits, ood, ood_folders, preprocess)
-        served = Thresholds.lookup(cal)
+        keep = _ServedOutputs(predictor, score)
         thresholds = served.per_class
         r, outputs = evaluate(
-            predictor,
+            keep,
             cfg.head,
             test_x,
             test_y,
             sets,
             val=(splits.val_x, splits.val_y),
-            score_thresholds=None if thresholds is None else {"mds_class": np.asarray(thresholds)},
+            score_thresholds=None
+            if thresholds is None or score != "min_distance"
+            else {"mds_class": np.asarray(thresholds)},
         )
         done.report.update(r)
+        images = {"in": test_x, **sets}
+        scored = {k: keep.served[id(v)] for k, v in images.items()}
+        if score != "min_distance":  # the served score's rows, from the graph's own output
+            logits = {k: o[0] for k, o in outputs.items()}
+            extra = _served_ood(scored["in"], {k: scored[k] for k in sets}, logits, served, score)
+            for k, rows in extra.items():
+                r["ood"][k].update(rows)
         # Share of each set the served verdict flags: ~1 - target_tpr on "test" by design.
         flagged = {
             ("test" if k == "in" else k): float(
-                np.mean(served.judge(o[0].argmax(1).tolist(), o[1].tolist())[1])
+                np.mean(served.judge(outputs[k][0].argmax(1).tolist(), v.tolist())[1])
             )
-            for k, o in outputs.items()
-            if o[1] is not None
+            for k, v in scored.items()
         }
         done.report["flagged_at_threshold"] = flagged
         ece = {}
-        if cal.temperature is not None:  # ECE of `probability` on the test split, T=1 vs fitted
-            test_logits = outputs["in"][0]
-            done.test_logits, done.test_labels = test_logits, test_y
+        if cal.temperature is not None:  # calibration of `probability` on the test split
+            done.test_logits, done.test_labels = outputs["in"][0], test_y
             done.temperature = cal.temperature
-            ece["test"] = CalibrationError(
-                bins=ECE_BINS,
-                before=expected_calibration_error(test_logits, test_y),
-                after=expected_calibration_error(test_logits, test_y, cal.temperature),
-            )
+            ece["test"] = _calibration_error(outputs["in"][0], test_y, cal.temperature)
             done.report["calibration_error"] = {k: v.model_dump() for k, v in ece.items()}
         # r["accuracy"] holds val and test: evaluate() ran the graph on the validation split.
         return EvaluationMetrics(
@@ -134,5 +212,7 @@ def export_run(
         calibration_labels=splits.val_y if temperature else None,
         per_class=per_class,
         description=description or f"{cfg.arch} trained with the {cfg.head} loss on {cfg.dataset}",
+        score=score,
+        mahalanobis=fit,
     )
     return done

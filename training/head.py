@@ -6,11 +6,13 @@ distances behind those logits, so the minimum distance score comes from the same
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEADS = ("softmax", "isomax", "isomaxplus")
+HEADS = ("softmax", "isomax", "isomaxplus", "dismax")
 PROTOTYPE_INITS = ("unit", "paper")
 
 
@@ -83,6 +85,25 @@ class IsoMaxPlusHead(nn.Module):
         return self.logits_and_distances(features)[0]
 
 
+class DisMaxHead(IsoMaxPlusHead):
+    """The DisMax head (Macêdo et al., "Distinction Maximization Loss"): IsoMax+'s prototypes
+    and distance scale, with the mean distance over all prototypes added to each distance.
+
+    `D_j = |d_s|·‖f̂ − p̂_j‖/√2` (the √2 maps the unit-vector distance into [0, √2]) and the
+    logits are `−(D_j + mean_k D_k)`. The added mean is the same for every class, so the
+    predicted class is still the nearest prototype; it moves the logits of an image far from
+    all prototypes down, which the max-logit and MMLES scores then see. `distances` stay the
+    IsoMax+ ones, so `min_distance` means the same in every bundle. Train it with `DisMaxLoss`.
+    The paper's temperature (fixed at 1 in training, calibrated after) is the bundle's
+    calibration temperature, applied to the served probability only.
+    """
+
+    def logits_and_distances(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.distances(features)
+        iso = self.distance_scale.abs() * d / math.sqrt(2.0)
+        return -(iso + iso.mean(dim=1, keepdim=True)), d
+
+
 class IsoMaxHead(nn.Module):
     """The original IsoMax head (baseline): logits `−‖f − p_j‖`, prototypes init 0, no scale."""
 
@@ -112,4 +133,6 @@ def make_head(
         return IsoMaxHead(in_features, num_classes)
     if kind == "isomaxplus":
         return IsoMaxPlusHead(in_features, num_classes, prototype_init)
+    if kind == "dismax":
+        return DisMaxHead(in_features, num_classes, prototype_init)
     raise ValueError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")

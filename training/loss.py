@@ -35,5 +35,86 @@ class IsoMaxPlusLoss(nn.Module):
         return F.cross_entropy(self.entropic_scale * logits, targets)
 
 
+def mosaic(images: torch.Tensor) -> torch.Tensor:
+    """4-image mosaics: image `i` keeps its top-left quadrant and takes the other three from
+    images `i−1`, `i−2`, `i−3` (cyclically): bottom-left, top-right, bottom-right. `(N, C, H, W)`.
+
+    DisMax's fractional probability regularization trains on these; the pseudo-OOD sets of
+    `training.selection` are made the same way from validation images.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"mosaic needs images (N, C, H, W), got shape {tuple(images.shape)}")
+    h, w = images.shape[2] // 2, images.shape[3] // 2
+    out = images.clone()
+    out[:, :, h:, :w] = torch.roll(images[:, :, h:, :w], 1, dims=0)
+    out[:, :, :h, w:] = torch.roll(images[:, :, :h, w:], 2, dims=0)
+    out[:, :, h:, w:] = torch.roll(images[:, :, h:, w:], 3, dims=0)
+    return out
+
+
+def mosaic_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The target distribution of `mosaic(images)` `(N, K)`: 0.25 on each source image's class
+    (0.5, 0.75 or 1 where sources share a class)."""
+    one_hot = F.one_hot(labels, num_classes).float()
+    return 0.25 * sum((torch.roll(one_hot, r, dims=0) for r in range(4)), torch.zeros_like(one_hot))
+
+
+class DisMaxLoss(nn.Module):
+    """DisMax's loss (Macêdo et al., "Distinction Maximization Loss") after a `DisMaxHead`.
+
+    Probabilities are `softmax(E_s · z)` with `E_s = 10`. With the fractional probability
+    regularization (`regularization=True`, the paper's default), `prepare` turns the second
+    half of each batch into 4-image mosaics and the loss is
+
+        L = (CE(first half) + α · KL(target ‖ p)(second half)) / 2,    α = 1,
+
+    each term a mean over its half; the mosaic targets put 0.25 on each quadrant's class.
+    Called with integer labels (no `prepare`, or `regularization=False`) it is the plain
+    cross-entropy. The log-softmax is fused, as in `IsoMaxPlusLoss` and for the same reason.
+    `prepare` does not shuffle again (the reference does): our loader already shuffles.
+    """
+
+    def __init__(
+        self,
+        entropic_scale: float = ENTROPIC_SCALE,
+        alpha: float = 1.0,
+        regularization: bool = True,
+    ) -> None:
+        super().__init__()
+        self.entropic_scale = entropic_scale
+        self.alpha = alpha
+        self.regularization = regularization
+
+    def prepare(
+        self, images: torch.Tensor, labels: torch.Tensor, num_classes: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, targets) to train on: the second half mosaics, targets `(N, K)` with the
+        first half one-hot. Without regularization, the batch as it is."""
+        if not self.regularization:
+            return images, labels
+        half = len(images) // 2
+        x = torch.cat([images[:half], mosaic(images[half:])])
+        first = F.one_hot(labels[:half], num_classes).float()
+        return x, torch.cat([first, mosaic_targets(labels[half:], num_classes)])
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if logits.ndim != 2 or targets.shape[:1] != logits.shape[:1]:
+            raise ValueError(
+                f"wrong size: logits {tuple(logits.shape)} vs targets {tuple(targets.shape)}"
+            )
+        z = self.entropic_scale * logits
+        if targets.ndim == 1:
+            return F.cross_entropy(z, targets)
+        if targets.shape != logits.shape:
+            raise ValueError(f"wrong size: logits {tuple(logits.shape)} vs {tuple(targets.shape)}")
+        half = len(z) // 2
+        logp = F.log_softmax(z, dim=1)
+        ce = -(targets[:half] * logp[:half]).sum(dim=1).mean()  # one-hot: -log p_y
+        kl = F.kl_div(logp[half:], targets[half:], reduction="batchmean")
+        return (ce + self.alpha * kl) / 2
+
+
 def make_loss(head: str) -> nn.Module:
-    return nn.CrossEntropyLoss() if head == "softmax" else IsoMaxPlusLoss()
+    if head == "softmax":
+        return nn.CrossEntropyLoss()
+    return DisMaxLoss() if head == "dismax" else IsoMaxPlusLoss()

@@ -79,6 +79,16 @@ def max_logit(logits: np.ndarray) -> np.ndarray:
     return _logits(logits).max(axis=1)
 
 
+def mmles(logits: np.ndarray) -> np.ndarray:
+    """Max-mean logit entropy score (MMLES): `max_j z_j + mean_j z_j + Σ_j p_j log p_j`.
+
+    Macêdo et al., "Distinction Maximization Loss" (DisMax): their default score, with
+    `p = softmax(z)` and no entropic scale. Higher = more in-distribution.
+    """
+    z = _logits(logits)
+    return z.max(axis=1) + z.mean(axis=1) + entropic(z)
+
+
 def min_distance_score(min_distance: np.ndarray) -> np.ndarray:
     """Minimum distance score (MDS): `-min_j ‖f̂ - p̂_j‖`. Higher = more in-distribution.
 
@@ -132,12 +142,14 @@ SCORES: dict[str, ScoreFn] = {
     "mps": _logit_score(max_probability),
     "energy": _logit_score(energy),
     "max_logit": _logit_score(max_logit),
+    "mmles": _logit_score(mmles),
 }
 
 _HEAD_SCORES = {
     "softmax": ("es", "mps", "energy", "max_logit"),
     "isomax": ("es", "mps", "mds"),  # mds from min_distance_from_logits: the paper's Table 6
     "isomaxplus": ("mds", "mds_class", "es", "es_class", "mps"),  # the method's own score first
+    "dismax": ("mmles", "mds", "es", "mps", "max_logit"),
 }
 
 # Class-conditional scores -> the score they are built on. `<score>_class` ranks an image by its

@@ -114,6 +114,13 @@ def expected_calibration_error(
     return reliability(logits, labels, temperature, bins).ece
 
 
+def confidence_gap(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """|mean top-class probability − accuracy|: over- or under-confidence on the whole split."""
+    p = softmax(logits, temperature)
+    accuracy = float(np.mean(p.argmax(axis=1) == np.asarray(labels)))
+    return abs(float(p.max(axis=1).mean()) - accuracy)
+
+
 def plot_reliability(
     logits: np.ndarray, labels: np.ndarray, temperature: float, path: Path, title: str
 ) -> Path:

@@ -237,6 +237,7 @@ def train(
         )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(loader)))
     loss_fn = make_loss(cfg.head)
+    prepare = getattr(loss_fn, "prepare", None)
     # DDP first, then compile (the order torch documents); checkpoints save `model` itself.
     step_model = dist.wrap(model, find_unused=cfg.freeze_backbone_epochs > 0)
     if cfg.compile:
@@ -296,6 +297,8 @@ def train(
             leave=False,
         )
         for x, y in bar:
+            if prepare is not None:  # DisMax: the batch's second half as 4-image mosaics
+                x, y = prepare(x, y, len(data.labels))
             with amp.autocast():
                 loss = loss_fn(step_model(x), y)
             opt.zero_grad(set_to_none=True)

@@ -33,9 +33,6 @@ from isomax.contract.manifest import Calibration
 # and the tail above the usual thresholds (0.95, 0.99) is split where drift first shows.
 DRIFT_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
-# Scores whose larger values mean "more in-distribution"; min_distance is lower = in.
-HIGHER_IS_IN = frozenset[str]()
-
 
 def level_bucket(score: float, bounds: Sequence[float], higher_is_in: bool = False) -> int:
     """Index of the first level whose threshold keeps `score`; len(bounds) if none does.
@@ -84,7 +81,9 @@ class DriftTable:
         if len(picked) < 2:
             picked = list(range(len(grid)))
         levels = tuple(grid[i] for i in picked)
-        sign = -1.0 if calibration.score in HIGHER_IS_IN else 1.0
+        sign = (
+            -1.0 if calibration.in_distribution == "higher" else 1.0
+        )  # the served score's direction
         global_row = tuple(sign * calibration.quantiles[i].value for i in picked)
         classes = calibration.per_class
         if per_class and classes is not None:

@@ -21,6 +21,10 @@ MANIFEST_FILE = "manifest.json"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 VERSION_PATTERN = r"^[0-9]{1,9}$"
 
+# Which way a score is in-distribution: "lower" (a distance: is_ood = score > threshold) or
+# "higher" (is_ood = score < threshold).
+Direction = Literal["lower", "higher"]
+
 ResizeFilter = Literal["nearest", "box", "bilinear", "hamming", "bicubic", "lanczos"]
 
 
@@ -85,20 +89,32 @@ class Preprocess(_Strict):
 
 
 class QuantilePoint(_Strict):
-    """`value` is the `q` quantile of validation min_distance: a threshold there keeps q of ID."""
+    """`value` is the threshold on the served score that keeps a share `q` of validation images
+    (for min_distance: its `q` quantile)."""
 
     q: float = Field(gt=0.0, lt=1.0)
     value: float
 
 
 def _check_quantiles(v: tuple[QuantilePoint, ...]) -> tuple[QuantilePoint, ...]:
+    """q strictly increasing; values monotone (`_check_direction` says which way)."""
     qs = [p.q for p in v]
     vals = [p.value for p in v]
     if qs != sorted(qs) or len(set(qs)) != len(qs):
         raise ValueError("quantiles must be strictly increasing in q")
-    if vals != sorted(vals):
-        raise ValueError("quantile values must be non-decreasing in q")
+    if vals != sorted(vals) and vals != sorted(vals, reverse=True):
+        raise ValueError("quantile values must be monotone in q")
     return v
+
+
+def _check_direction(v: tuple[QuantilePoint, ...], direction: Direction, what: str) -> None:
+    """Keeping more in-distribution images moves a threshold toward OOD: up for a score where
+    lower is in-distribution, down for one where higher is."""
+    vals = [p.value for p in v]
+    want = sorted(vals, reverse=direction == "higher")
+    if vals != want:
+        way = "non-decreasing" if direction == "lower" else "non-increasing"
+        raise ValueError(f"{what} values must be {way} in q for a score where {direction} is ID")
 
 
 def _read_off(
@@ -155,13 +171,18 @@ class ClassCalibration(_Strict):
 
 
 class Calibration(_Strict):
-    """Threshold on min_distance chosen on held-out in-distribution data only (no OOD data).
+    """Threshold on the served score chosen on held-out in-distribution data only (no OOD data).
 
-    `per_class` (optional, one entry per label in label order) holds class-conditional
-    thresholds; bundles without it are served with the global threshold.
+    `score` names the served score, a graph output (`isomax.contract.verdict.SERVED_SCORES`
+    lists the ones the service knows; a bundle naming another is refused at load, so the name is
+    not restricted here), and `in_distribution` which way it is in-distribution. Bundles without
+    them serve `min_distance`, lower in-distribution. `per_class` (optional, one entry per label
+    in label order) holds class-conditional thresholds; bundles without it are served with the
+    global threshold.
     """
 
-    score: Literal["min_distance"] = "min_distance"
+    score: str = Field(default="min_distance", pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    in_distribution: Direction = "lower"
     split: str
     size: int = Field(ge=1)
     target_tpr: float = Field(gt=0.0, lt=1.0)
@@ -184,11 +205,13 @@ class Calibration(_Strict):
     def _per_class_consistent(self) -> Calibration:
         if (self.per_class is None) != (self.min_class_size is None):
             raise ValueError("per_class and min_class_size come together")
+        _check_direction(self.quantiles, self.in_distribution, "quantile")
         if self.per_class is not None:
             grid = [p.q for p in self.quantiles]
             for i, c in enumerate(self.per_class):
                 if [p.q for p in c.quantiles] != grid:
                     raise ValueError(f"per_class[{i}] quantiles must use the global q grid")
+                _check_direction(c.quantiles, self.in_distribution, f"per_class[{i}] quantile")
             if sum(c.size for c in self.per_class) != self.size:
                 raise ValueError("per_class sizes must add up to the calibration size")
         return self
@@ -227,6 +250,10 @@ class CalibrationError(_Strict):
     bins: int = Field(ge=1)
     before: float = Field(ge=0.0, le=1.0)  # softmax(logits)
     after: float = Field(ge=0.0, le=1.0)  # softmax(logits / calibration.temperature)
+    # |mean top-class probability - accuracy| over the split, without and with the temperature
+    # (optional: older manifests have only the ECE).
+    gap_before: float | None = Field(default=None, ge=0.0, le=1.0)
+    gap_after: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 class EvaluationMetrics(_Strict):

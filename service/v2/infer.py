@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from service.batching import verdict_columns
 from service.capture import CaptureWriter
 from service.classify import Upload, decode_uploads
 from service.errors import PayloadTooLargeError
@@ -61,13 +62,17 @@ def input_metadata(model: LoadedModel) -> list[dict[str, Any]]:
 
 def output_metadata(model: LoadedModel) -> list[dict[str, Any]]:
     names = model.manifest.onnx
-    return [
+    outs = [
         {"name": names.logits_name, "datatype": "FP32", "shape": [-1, len(model.labels)]},
         {"name": names.distance_name, "datatype": "FP32", "shape": [-1]},
         {"name": CLASS_INDEX, "datatype": "INT64", "shape": [-1]},
         {"name": THRESHOLD, "datatype": "FP64", "shape": [-1]},
         {"name": IS_OOD, "datatype": "BOOL", "shape": [-1]},
     ]
+    served = model.manifest.calibration.score
+    if served != names.distance_name:  # a bundle serving another score: its graph output too
+        outs.insert(2, {"name": served, "datatype": "FP32", "shape": [-1]})
+    return outs
 
 
 def model_metadata(model: LoadedModel, versions: list[str]) -> dict[str, Any]:
@@ -213,10 +218,11 @@ async def run(
 
     `response_body` (tensors.py) writes them as a REST answer.
     """
-    logits, distance = await model.batcher.submit(x)
+    logits, verdict = await model.batcher.submit(x)
+    distance, score = verdict_columns(verdict)
     predicted = np.argmax(logits, axis=1)
     distances = distance.tolist()
-    judged = model.thresholds.judge(predicted.tolist(), distances)
+    judged = model.thresholds.judge(predicted.tolist(), score.tolist())
     thresholds, is_ood = np.asarray(judged[0], np.float64), np.asarray(judged[1], np.bool_)
     n_ood = int(is_ood.sum())
     metrics.observe_images(model.name, distances, n_ood, len(x))
@@ -236,6 +242,9 @@ async def run(
         THRESHOLD: OutputTensor(THRESHOLD, "FP64", thresholds),
         IS_OOD: OutputTensor(IS_OOD, "BOOL", is_ood),
     }
+    served = model.manifest.calibration.score
+    if served != names.distance_name:  # the served score, as the graph output of its name
+        tensors[served] = OutputTensor(served, "FP32", score)
     head: dict[str, Any] = {"model_name": model.name, "model_version": model.version}
     if request.id is not None:
         head["id"] = request.id

@@ -24,10 +24,11 @@ from training.scores import (
 
 
 def test_score_registry_names_and_heads() -> None:
-    assert set(SCORES) == {"mds", "es", "mps", "energy", "max_logit"}
+    assert set(SCORES) == {"mds", "es", "mps", "energy", "max_logit", "mmles"}
     assert scores_for("softmax") == ["es", "mps", "energy", "max_logit"]
     assert scores_for("isomax") == ["es", "mps", "mds"]
     assert scores_for("isomaxplus") == ["mds", "mds_class", "es", "es_class", "mps"]
+    assert scores_for("dismax") == ["mmles", "mds", "es", "mps", "max_logit"]
     scores_for("softmax").append("x")  # callers get a copy
     assert scores_for("softmax") == ["es", "mps", "energy", "max_logit"]
     with pytest.raises(ValueError, match=r"unknown head 'linear'.*isomaxplus"):

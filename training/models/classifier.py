@@ -58,9 +58,18 @@ def logits_and_min_distance(
     graph use it): a forward hook catches the input of the model's distance head, and the head's
     own distance function gives both. A model without a distance head gives `(logits, None)`.
     """
+    logits, min_distance, _ = head_outputs(model, x)
+    return logits, min_distance
+
+
+def head_outputs(
+    model: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`(logits, min_distance, features)`: `logits_and_min_distance` plus the head's input
+    `(N, d)` (the penultimate features the Mahalanobis score is computed on)."""
     head = _distance_head(model)
     if head is None:
-        return model(x), None
+        return model(x), None, None
     features: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda _m, inp, _out: features.append(inp[0]))
     try:
@@ -68,7 +77,7 @@ def logits_and_min_distance(
     finally:
         hook.remove()
     logits, distances = head.logits_and_distances(features[-1])  # type: ignore[operator]
-    return logits, distances.min(dim=1).values
+    return logits, distances.min(dim=1).values, features[-1]
 
 
 def _distance_head(model: nn.Module) -> nn.Module | None:

@@ -1,0 +1,57 @@
+"""The selection rule: pseudo-OOD sets made from validation images, and the picks it makes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.data.datasets import Splits
+from training.models import build_model
+from training.selection import (
+    CANDIDATE_SCORES,
+    Candidate,
+    pick_model,
+    pick_score,
+    pseudo_ood_sets,
+)
+
+
+def test_pseudo_ood_sets_keep_shape_and_pixels():
+    x = np.random.default_rng(0).integers(0, 256, (6, 1, 28, 28), dtype=np.uint8)
+    sets = pseudo_ood_sets(x, seed=0)
+    assert set(sets) == {"mosaic", "patch_shuffle", "pixel_shuffle"}
+    for name, s in sets.items():
+        assert s.shape == x.shape and s.dtype == np.uint8, name
+    for name in ("patch_shuffle", "pixel_shuffle"):  # the same pixels, moved
+        np.testing.assert_array_equal(np.sort(sets[name].reshape(6, -1)), np.sort(x.reshape(6, -1)))
+        assert not np.array_equal(sets[name], x)
+    assert not np.array_equal(sets["mosaic"], x)
+    np.testing.assert_array_equal(
+        pseudo_ood_sets(x, seed=0)["pixel_shuffle"], sets["pixel_shuffle"]
+    )
+
+
+def test_pick_model_keeps_accuracy_then_pseudo_ood():
+    a = Candidate("a", 0.930, 0.90)
+    b = Candidate("b", 0.927, 0.95)  # within 0.5 points of the best accuracy: eligible
+    c = Candidate("c", 0.920, 0.99)  # 1 point below: out, whatever its OOD numbers
+    assert pick_model([a, b, c]).name == "b"
+    assert pick_model([a, Candidate("d", 0.929, 0.9005)]).name == "a"  # a tie: the first
+    with pytest.raises(ValueError):
+        pick_model([])
+
+
+def test_pick_score_sees_only_validation_and_pseudo_ood():
+    torch.manual_seed(0)
+    model = build_model("smallcnn", "isomaxplus", 3, 1, [0.5], [0.25]).eval()
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (60, 1, 28, 28), dtype=np.uint8)
+    y = np.arange(60) % 3
+    splits = Splits(x, y, x, y, None, None, ["a", "b", "c"])
+    choice = pick_score(model, splits, fit=None)
+    assert choice.score in CANDIDATE_SCORES and "mahalanobis" not in choice.auroc  # no fit
+    assert set(choice.auroc["mmles"]) == {"mosaic", "patch_shuffle", "pixel_shuffle"}
+    best = max(choice.mean_auroc.values())
+    assert choice.mean_auroc[choice.score] >= best - 0.001
+    assert 0.0 <= choice.val_accuracy <= 1.0
