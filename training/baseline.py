@@ -19,35 +19,30 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.mahalanobis import fit_mahalanobis, normalize
+from training.ood_metrics import ood_metrics
+
 log = logging.getLogger(__name__)
 
 
-def _normalized(f: torch.Tensor | np.ndarray) -> np.ndarray:
-    x = np.asarray(f, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 class Mahalanobis:
-    """`-min_k (x - mu_k)^T S^-1 (x - mu_k)` on normalized features; higher = more ID."""
+    """`-min_k (x - mu_k)^T P (x - mu_k)` on normalized features, higher = more ID: the served
+    score's own fit (training/mahalanobis.py), with Ledoit-Wolf shrinkage, which a wide frozen
+    backbone's covariance on a few thousand images needs."""
 
     def __init__(self, train_feats: torch.Tensor, train_labels: torch.Tensor) -> None:
-        from sklearn.covariance import LedoitWolf
-
-        x, y = _normalized(train_feats), np.asarray(train_labels)
-        self.means = np.stack([x[y == k].mean(0) for k in range(int(y.max()) + 1)])
-        self.cov = LedoitWolf(assume_centered=True).fit(x - self.means[y])
+        y = np.asarray(train_labels)
+        self.fit = fit_mahalanobis(
+            np.asarray(train_feats), y, int(y.max()) + 1, estimator="ledoit-wolf"
+        )
 
     def score(self, feats: torch.Tensor | np.ndarray) -> np.ndarray:
-        x = _normalized(feats)
-        d = np.stack([self.cov.mahalanobis(x - m) for m in self.means], axis=1)  # (N, K)
-        return -d.min(axis=1)
+        return -self.fit.score(np.asarray(feats))
 
 
 def auroc(score_in: np.ndarray, score_out: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    truth = np.r_[np.ones(len(score_in)), np.zeros(len(score_out))]
-    return float(roc_auc_score(truth, np.r_[score_in, score_out]))
+    """The project's one AUROC (training/ood_metrics.py), in-distribution positive."""
+    return ood_metrics(score_in, score_out)["auroc"]
 
 
 def aurocs(score_in: np.ndarray, scores_out: dict[str, np.ndarray]) -> dict[str, float]:
@@ -69,8 +64,8 @@ def linear_probe_accuracy(
     from sklearn.preprocessing import StandardScaler
 
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500))
-    probe.fit(_normalized(train_feats), np.asarray(train_labels))
-    return float((probe.predict(_normalized(val_feats)) == np.asarray(val_y)).mean())
+    probe.fit(normalize(np.asarray(train_feats)), np.asarray(train_labels))
+    return float((probe.predict(normalize(np.asarray(val_feats))) == np.asarray(val_y)).mean())
 
 
 def frozen_figures(

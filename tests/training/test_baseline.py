@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from sklearn.covariance import LedoitWolf
 
 from training.baseline import Mahalanobis, aurocs, frozen_figures
 from training.pseudo_ood import PSEUDO_OOD, mosaic, pixel_shuffle, pseudo_ood_sets
@@ -44,12 +45,14 @@ def test_mahalanobis_equals_a_numpy_reference() -> None:
     maha = Mahalanobis(torch.from_numpy(feats), torch.from_numpy(labels))
     test = rng.normal(size=(7, 5))
     x = test / np.linalg.norm(test, axis=1, keepdims=True)
-    precision = np.linalg.inv(maha.cov.covariance_)
-    ref = -np.min([np.einsum("nd,de,ne->n", x - m, precision, x - m) for m in maha.means], axis=0)
+    f = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    means = np.stack([f[labels == k].mean(0) for k in range(3)])
+    lw = LedoitWolf(assume_centered=True).fit(f - means[labels])  # an independent fit
+    precision = np.linalg.inv(lw.covariance_)
+    ref = -np.min([np.einsum("nd,de,ne->n", x - m, precision, x - m) for m in means], axis=0)
     np.testing.assert_allclose(maha.score(test), ref, rtol=1e-6)
     # The means are those of the normalized training features.
-    f = feats / np.linalg.norm(feats, axis=1, keepdims=True)
-    np.testing.assert_allclose(maha.means[1], f[labels == 1].mean(0))
+    np.testing.assert_allclose(maha.fit.means, means)
 
 
 def test_separable_sets_give_auroc_one_and_the_figures_have_every_set() -> None:
