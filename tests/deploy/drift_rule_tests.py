@@ -195,6 +195,12 @@ def shift_cases() -> list[dict[str, Any]]:
                     "15m", 144, s, [
         {"eval_time": "30h", "alertname": "IsomaxOODRateHigh", "exp_alerts": []},
     ]))  # fmt: skip
+    s = simulate([(90, 20.0, CLASS_P, with_ood(0.07))], 60, seed=45)
+    out.append(case("OOD rate 7% at 20 images/s for 90 min: the persistent-drift alert fires",
+                    "1m", 90, s, [
+        {"eval_time": "85m", "alertname": "IsomaxOODRateDrift",
+         "exp_alerts": [expect("IsomaxOODRateDrift", w) for w in ("1h", "1d")]},
+    ]))  # fmt: skip
     s = simulate([(60, 20.0, CLASS_P, idp), (15, 20.0, CLASS_P, inside_shift())], 60, seed=42)
     out.append(case("scores shift inside the threshold at 20 images/s: score drift, no OOD alert",
                     "1m", 75, s, [
