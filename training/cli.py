@@ -221,6 +221,15 @@ def threshold_summary(bundle: Path) -> str:
     )
 
 
+def cmd_select(a: argparse.Namespace) -> int:
+    from training.select_runs import markdown, select_runs
+
+    record = select_runs([Path(d) for d in a.run_dirs], Path(a.json) if a.json else None)
+    print(markdown(record))
+    print(f"chosen: {record['chosen']} serving {record['chosen_score']}")
+    return 0
+
+
 def cmd_data(a: argparse.Namespace) -> int:
     if a.photos:
         from training.data.sample_photos import make_photo_folder
@@ -347,12 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--score",
-        default="min_distance",
+        default="auto",
         choices=[*SERVED_SCORES, "auto"],
         help="the served score the verdict is calibrated on: min_distance (IsoMax+'s MDS), "
         "entropic, mmles (DisMax's), mahalanobis (on the normalized features, fitted on the "
         "training split), or auto: the one with the best pseudo-OOD AUROC on the validation "
-        "split (training/selection.py; no OOD data)",
+        "split (training/selection.py; no OOD data) (default: auto)",
     )
     _add_ood_folder_arg(p)
     p.add_argument("--description", default=None)
@@ -380,6 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs/results")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser(
+        "select",
+        help="which trained run (loss, recipe, augmentation) the choosing rule ships, from "
+        "validation data and pseudo-OOD only",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN")
+    p.add_argument("--json", default=None, help="also write the rule's record here")
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("data", help="check the data sets and describe them")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST idx directory")
