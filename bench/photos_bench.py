@@ -167,14 +167,20 @@ def export_record(run: Path) -> dict:
         )  # fmt: skip
     manifest = json.loads((models / "bench" / "1" / "manifest.json").read_text())
     ev = manifest["metrics"]
-    served = manifest.get("score", {}).get("name", "mds_class")
+    # The verdict as served: the bundle's score against its class thresholds (`mds_class` for
+    # bundles serving min_distance, `mahalanobis_class` for Mahalanobis, ...).
+    from training.export_run import served_metric_names
+
+    score = manifest["calibration"].get("score", "min_distance")
+    served = served_metric_names(score)[1]
     ood = {
         name: {s: round(m["auroc"], 4) for s, m in per.items()} for name, per in ev["ood"].items()
     }
     return {
         "test_accuracy": ev["accuracy"].get("test"),
         "val_accuracy": ev["accuracy"].get("val"),
-        "served_score": served,
+        "served_score": score,
+        "served_metric": served,
         "auroc": ood,
         "flagged": ev.get("flagged"),
         "ece_test": ev.get("calibration_error", {}).get("test"),
@@ -243,9 +249,10 @@ def markdown(result: dict) -> str:
         f"images. Common arguments: `{' '.join(result['common_args'])}`. {result['machine']}; "
         f"load average {result['load_average']}.",
         "",
-        "| run | val accuracy per epoch | largest drop (points) | test accuracy | served AUROC "
-        "(mnist / digits / photo-crops) | test flagged | ECE test (T fitted) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| run | val accuracy per epoch | largest drop (points) | test accuracy | served score "
+        "| served-verdict AUROC (mnist / digits / photo-crops) | test flagged | ECE test "
+        "(T fitted) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in result["runs"].items():
         e = r.get("export", {})
@@ -259,12 +266,13 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {name} | {' '.join(f'{100 * v:.1f}' for v in r['val_accuracy_per_epoch'])} | "
             f"{r['largest_epoch_drop_points']:.1f} | "
-            f"{100 * e['test_accuracy']:.1f}% | {auroc} | "
+            f"{100 * e['test_accuracy']:.1f}% | {e.get('served_score', 'min_distance')} | "
+            f"{auroc} | "
             f"{100 * (e.get('flagged') or {}).get('test', float('nan')):.1f}% | "
             f"{'-' if ece is None else f'{ece:.3f}'} |"
             if e
             else f"| {name} | {' '.join(f'{100 * v:.1f}' for v in r['val_accuracy_per_epoch'])} | "
-            f"{r['largest_epoch_drop_points']:.1f} | - | - | - | - |"
+            f"{r['largest_epoch_drop_points']:.1f} | - | - | - | - | - |"
         )
     for name, r in result["runs"].items():
         if "summary" in r:
