@@ -45,7 +45,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from isomax import harness  # noqa: E402
+from tests import harness  # noqa: E402
 from tests.service.hostile_files import png_rgba, tiff_strips  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"

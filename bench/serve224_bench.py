@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.serve_bench import Body, wrk  # noqa: E402
-from isomax import harness  # noqa: E402
+from tests import harness  # noqa: E402
 
 
 def raw_ort(model: Path, x1: np.ndarray, batches: list[int], rounds: int = 6) -> dict[str, int]:

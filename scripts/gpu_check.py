@@ -47,10 +47,10 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script: the repository's packages (isomax, training)
+if str(ROOT) not in sys.path:  # run as a script: the repository's packages (isomax, training, tests)
     sys.path.insert(0, str(ROOT))
 
-from isomax import harness  # noqa: E402
+from tests import harness  # noqa: E402
 
 CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
 DIST_ATOL = 1e-4

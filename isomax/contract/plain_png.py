@@ -29,6 +29,8 @@ import numpy as np
 from isomax.contract.manifest import Preprocess
 from isomax.contract.structure import MAX_PNG_CHUNKS
 
+__all__ = ["decoded_bytes", "plain_png_uint8"]
+
 try:  # a base dependency; without it (a platform with no wheel) every PNG takes Pillow's path
     import pyspng
 except ImportError:  # pragma: no cover - tests/test_plain_png.py requires it

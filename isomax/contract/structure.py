@@ -19,6 +19,15 @@ from __future__ import annotations
 import struct
 import zlib
 
+__all__ = [
+    "MAX_JPEG_SEGMENTS",
+    "MAX_PNG_CHUNKS",
+    "MAX_TIFF_PARTS",
+    "CorruptError",
+    "StructureError",
+    "check_structure",
+]
+
 # PNG chunks in a file. A 10 MiB PNG written in libpng's 8 KiB IDAT chunks has ~1,300.
 MAX_PNG_CHUNKS = 16_384
 # JPEG marker segments before the first scan. Writers put ~10-30 there (APPn, DQT, DHT, SOF),

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from isomax.contract.manifest import Calibration, Direction
 
+__all__ = ["SERVED_SCORES", "Thresholds", "UnknownScoreError"]
+
 # The scores a bundle may serve -> which way is in-distribution. Each is an output of the graph,
 # computed in the same forward pass as the logits (docs/bundle-format.md, "model.onnx").
 SERVED_SCORES: dict[str, Direction] = {
