@@ -57,7 +57,7 @@ def make_bundle(work: Path, arch: str) -> Path:
     import torch
 
     from isomax.contract.manifest import Preprocess
-    from training.export import export_bundle
+    from training.export import BundleSpec, CalibrationSet, export_bundle
     from training.models import build_model
     from training.models.pretrained import normalization
 
@@ -70,12 +70,14 @@ def make_bundle(work: Path, arch: str) -> Path:
     )
     return export_bundle(
         model,
-        name=arch.removeprefix("tv-").replace("_", "-"),
-        labels=[f"class-{i}" for i in range(10)],
-        preprocess=spec,
-        calibration_images=calibration,
-        models_dir=work / "models",
-        description=f"{arch} + IsoMax+ head, random weights (benchmark only)",
+        BundleSpec(
+            arch.removeprefix("tv-").replace("_", "-"),
+            [f"class-{i}" for i in range(10)],
+            spec,
+            models_dir=work / "models",
+            description=f"{arch} + IsoMax+ head, random weights (benchmark only)",
+        ),
+        CalibrationSet(calibration),
     )
 
 

@@ -47,7 +47,8 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script: the repository's packages (isomax, training, tests)
+# Run as a script: the repository's packages (isomax, training, tests for the harness).
+if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests import harness  # noqa: E402
