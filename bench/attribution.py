@@ -89,7 +89,7 @@ def make_app():  # type: ignore[no-untyped-def]
 
 def main() -> int:
     from bench.serve_bench import OUT, loadavg, pick_bundle, test_png, write_bodies, wrk
-    from isomax import harness
+    from tests import harness
 
     models_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else pick_bundle()[0].parent.parent
     bundle = next(p for p in models_dir.glob("*/*") if (p / "manifest.json").is_file())

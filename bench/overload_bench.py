@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import loadgen  # noqa: E402
 from bench.serve_bench import cpu_seconds  # noqa: E402
-from isomax import harness  # noqa: E402
+from tests import harness  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 LUA = REPO / "bench" / "wrk_post.lua"

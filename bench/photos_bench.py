@@ -30,9 +30,7 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +38,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.training_runs import history, isomax, machine, step_seconds, train_folder  # noqa: E402
+
 OUT = ROOT / "bench" / "out"
 FOLDER = OUT / "photos-fmnist"
 SIDE = 64
@@ -112,11 +114,6 @@ def make_folder(per_class: int, root: Path = FOLDER) -> Path:
     return root
 
 
-def _isomax(*args: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-m", "isomax", *args], cwd=ROOT, check=True, env=env)
-
-
 def train_run(name: str, args: list[str], folder: Path) -> Path:
     """Train into `bench/out/runs/NAME`; a finished run is reused, an unfinished one resumed
     (`--resume`: the project's resume ends with the uninterrupted run's weights)."""
@@ -126,24 +123,21 @@ def train_run(name: str, args: list[str], folder: Path) -> Path:
     if history.is_file() and len(history.read_text().splitlines()) >= epochs:
         return run
     resume = ["--resume"] if (run / "last.pt").is_file() else []
-    _isomax(
-        "train", "--quiet", "--dataset", "folder", "--data-dir", str(folder),
-        *COMMON, *args, "--out", str(run), *resume,
-    )  # fmt: skip
+    train_folder(folder, run, *COMMON, *args, *resume)
     return run
 
 
 def run_record(run: Path, export: bool) -> dict:
     """What one run measured: validation per epoch, throughput, baseline, exported figures."""
-    history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
-    val = [h["val_accuracy"] for h in history]
+    records = history(run)
+    val = [h["val_accuracy"] for h in records]
     drops = [100 * (b - a) for a, b in itertools.pairwise(val)]
     record: dict = {
         "epochs_done": len(val),
         "val_accuracy_per_epoch": val,
         "largest_epoch_drop_points": max([0.0, *[-d for d in drops]]),
-        "train_seconds": history[-1]["seconds"],
-        "images_per_second": [round(h["images_per_second"], 1) for h in history],
+        "train_seconds": records[-1]["seconds"],
+        "images_per_second": [round(h["images_per_second"], 1) for h in records],
     }
     summary = run / "summary.json"
     if summary.is_file():
@@ -161,7 +155,7 @@ def export_record(run: Path) -> dict:
     models = run / "models"
     if not (models / "bench" / "1" / "manifest.json").is_file():
         folders = [f"{p.name}={p}" for p in sorted((FOLDER / "ood").iterdir())]
-        _isomax(
+        isomax(
             "export", str(run), "--models-dir", str(models), "--name", "bench", "--version", "1",
             *[a for f in folders for a in ("--ood-folder", f)],
         )  # fmt: skip
@@ -222,14 +216,7 @@ def throughput(steps: int = 6, rounds: int = 3, batch: int = 64, threads: int = 
             model.train()
             if mode == "batchnorm_eval_mode":
                 set_batchnorm_eval(model.backbone)
-            for i in range(steps + 1):
-                t0 = time.perf_counter()
-                loss = loss_fn(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                if i:  # the first step after a switch warms up
-                    times[mode].append(time.perf_counter() - t0)
+            times[mode] += step_seconds(model, loss_fn, opt, x, y, steps)  # warm-up not timed
     return {
         "batch": batch,
         "threads": threads,
@@ -318,7 +305,7 @@ def main() -> None:
         runs[name] = {"args": args, **run_record(run, export=export)}
         print(json.dumps({name: runs[name]}, indent=1), flush=True)
     result = {
-        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), no GPU",
+        "machine": machine(),
         "folder": {"train_per_class": a.per_class, "val_per_class": VAL_PER_CLASS,
                    "test_per_class": TEST_PER_CLASS, "ood_per_folder": OOD_PER_FOLDER,
                    "side": SIDE},

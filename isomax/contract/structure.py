@@ -1,23 +1,30 @@
 """Bounds on an image file's structure, checked before Pillow parses its header.
 
 Why: Pillow parses container structure in Python, one step per piece, while `Image.open` runs
-(and, for PNG, again when the pixels load). A file made of many tiny pieces costs seconds with
-no pixel in it (issue 24, measured on the 2-core development machine): a 9 MB TIFF of 1 x
-1,000,000 pixels in 1,000,000 strips took 1.7-8.7 s in `Image.open` and ~1.2 GB of memory for
-its strip list; a 10 MB PNG of 800,000 empty chunks 11.6 s; a 2 MB JPEG of 500,000 empty COM
-segments 2.7 s. The walk here reads only the pieces' headers (a few struct reads each) and stops
-at the first count over its bound, so refusing such a file costs microseconds, and a file
-within the bounds costs Pillow at most the bound's worth of steps.
+(and, for PNG, again when the pixels load). A file made of many tiny pieces costs seconds of
+CPU and a large strip list with no pixel in it (issue 24; the files and their cost:
+bench/results/serving-log.md, "Hardening findings", Decoding). The walk here reads only the pieces' headers (a few
+struct reads each) and stops at the first count over its bound, so refusing such a file costs
+almost nothing, and a file within the bounds costs Pillow at most the bound's worth of steps.
 
 The bounds are far above what image writers produce (below each constant); GIF and WebP need
-none: `Image.open` reads the first GIF frame's header only, and WebP's demuxer is C (20,000
-frames: 1 ms and 5 ms), and only the first frame is ever decoded.
+none: `Image.open` reads the first GIF frame's header only, and WebP's demuxer is C (fast even
+on thousands of frames), and only the first frame is ever decoded.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+
+__all__ = [
+    "MAX_JPEG_SEGMENTS",
+    "MAX_PNG_CHUNKS",
+    "MAX_TIFF_PARTS",
+    "CorruptError",
+    "StructureError",
+    "check_structure",
+]
 
 # PNG chunks in a file. A 10 MiB PNG written in libpng's 8 KiB IDAT chunks has ~1,300.
 MAX_PNG_CHUNKS = 16_384

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from isomax import harness
+from tests import harness
 from tests.service.cases import PNG
 from tests.service.conftest import Server, run_server
 
