@@ -34,7 +34,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.hostile_probe import _write_small_png, small_png, status_of  # noqa: E402
+from bench.hostile_probe import _write_small_png, small_png  # noqa: E402
 from isomax import harness  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
