@@ -31,10 +31,16 @@ MAX_PNG_CHUNKS = 16_384
 # JPEG marker segments before the first scan. Writers put ~10-30 there (APPn, DQT, DHT, SOF),
 # an ICC profile split into APP2 segments at most 255 more.
 MAX_JPEG_SEGMENTS = 4_096
-# TIFF: tags in the first IFD (writers use ~10-60), and strips or tiles of the first image
-# (one row per strip for a 25-megapixel image of 5,000 rows: 5,000).
+# TIFF: tags per IFD (writers use ~10-60), and strips or tiles per image (one row per strip for
+# a 25-megapixel image of 5,000 rows: 5,000), in every IFD of the chain, not only the first:
+# Pillow reads only the first to open and decode (so does the service: 10,000 IFDs cost it
+# 0.7 ms), but anything that counts the frames (`n_frames`, `seek`) walks them all, and did
+# 10,000 one-pixel IFDs in 8.3 s. A multi-page scan or an image pyramid has tens of IFDs.
 MAX_TIFF_TAGS = 4_096
 MAX_TIFF_PARTS = 65_536
+MAX_TIFF_IFDS = 1_024
+# Tags over all the IFDs: what bounds the walk itself (~1 us per tag).
+MAX_TIFF_ENTRIES = 32_768
 
 _TIFF_PART_TAGS = {273: "strips", 279: "strips", 324: "tiles", 325: "tiles"}
 
@@ -103,23 +109,59 @@ def _jpeg(data: bytes) -> None:
 
 
 def _tiff(data: bytes) -> None:
+    """Every IFD of the chain (a repeated offset ends the walk: Pillow reads the first only)."""
     order = "<" if data[:2] == b"II" else ">"
-    big = data[2:4] in (b"+\x00", b"\x00+")
+    if data[2:4] in (b"+\x00", b"\x00+"):  # BigTIFF: 8-byte counts and offsets, 20-byte entries
+        layout = (order + "Q", order + "HHQ8x", 8, 20)
+        first_at, offset_fmt = 8, order + "Q"
+    else:
+        layout = (order + "H", order + "HHI4x", 2, 12)
+        first_at, offset_fmt = 4, order + "I"
     try:
-        if big:  # BigTIFF: 8-byte counts and offsets, 20-byte entries
-            (ifd,) = struct.unpack_from(order + "Q", data, 8)
-            (tags,) = struct.unpack_from(order + "Q", data, ifd)
-            first, size, fmt = ifd + 8, 20, order + "HHQ"
-        else:
-            (ifd,) = struct.unpack_from(order + "I", data, 4)
-            (tags,) = struct.unpack_from(order + "H", data, ifd)
-            first, size, fmt = ifd + 2, 12, order + "HHI"
+        (ifd,) = struct.unpack_from(offset_fmt, data, first_at)
     except struct.error:
         return  # truncated: Pillow says so
+    seen: set[int] = set()
+    entries = 0
+    while ifd and ifd not in seen:
+        if len(seen) == MAX_TIFF_IFDS:
+            raise StructureError(f"the TIFF has more than {MAX_TIFF_IFDS} IFDs (images)")
+        seen.add(ifd)
+        walked = _tiff_ifd(data, ifd, len(seen) - 1, layout, MAX_TIFF_ENTRIES - entries)
+        if walked is None:
+            return  # runs off the end: damaged, left to Pillow
+        tags, next_at = walked
+        entries += tags
+        try:
+            (ifd,) = struct.unpack_from(offset_fmt, data, next_at)
+        except struct.error:
+            return
+
+
+def _tiff_ifd(
+    data: bytes, ifd: int, index: int, layout: tuple[str, str, int, int], entries_left: int
+) -> tuple[int, int] | None:
+    """Check the IFD at `ifd` (the `index`-th); (its tag count, where the next IFD's offset is),
+    or None if it runs off the end of `data` (the entries present are checked all the same)."""
+    count_fmt, entry_fmt, count_size, size = layout
+    try:
+        (tags,) = struct.unpack_from(count_fmt, data, ifd)
+    except struct.error:
+        return None
+    where = "its first IFD" if index == 0 else f"IFD {index}"
     if tags > MAX_TIFF_TAGS:
-        raise StructureError(f"the TIFF has {tags} tags in its first IFD; at most {MAX_TIFF_TAGS}")
-    for i in range(min(tags, (len(data) - first) // size)):
-        tag, _, count = struct.unpack_from(fmt, data, first + i * size)
-        what = _TIFF_PART_TAGS.get(tag)
-        if what is not None and count > MAX_TIFF_PARTS:
-            raise StructureError(f"the TIFF has {count} {what}; at most {MAX_TIFF_PARTS}")
+        raise StructureError(f"the TIFF has {tags} tags in {where}; at most {MAX_TIFF_TAGS}")
+    if tags > entries_left:
+        raise StructureError(f"the TIFF has more than {MAX_TIFF_ENTRIES} tags over its IFDs")
+    first = ifd + count_size
+    present = max(0, min(tags, (len(data) - first) // size))  # Pillow parses those, then fails
+    # (tag, type, count) of each entry, its value skipped; iter_unpack: 4x a loop of unpack_from
+    for tag, _, count in struct.iter_unpack(
+        entry_fmt, memoryview(data)[first : first + present * size]
+    ):
+        if count > MAX_TIFF_PARTS and tag in _TIFF_PART_TAGS:
+            what = _TIFF_PART_TAGS[tag]
+            raise StructureError(
+                f"the TIFF has {count} {what} in {where}; at most {MAX_TIFF_PARTS}"
+            )
+    return (tags, first + tags * size) if present == tags else None
