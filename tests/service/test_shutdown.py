@@ -13,6 +13,7 @@ import asyncio
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,7 @@ def _refused_while_alive(srv: Server) -> bool:
             socket.create_connection(_addr(srv), timeout=5).close()
         except ConnectionRefusedError:
             return srv.proc.poll() is None
+        time.sleep(0.01)
     return False
 
 
