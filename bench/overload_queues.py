@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 from bench import loadgen  # noqa: E402
 from bench.hostile_probe import _write_small_png, small_png  # noqa: E402
 from bench.overload_bench import _more_fds, loadavg  # noqa: E402
-from isomax import harness  # noqa: E402
+from tests import harness  # noqa: E402
 
 
 def queues(port: int) -> tuple[int, int, int, int]:

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.hostile_probe import _write_small_png, small_png  # noqa: E402
-from isomax import harness  # noqa: E402
+from tests import harness  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 

@@ -6,7 +6,7 @@ accept(), and queues the connection; a client then writes its request at once. W
 shutdown closes the listening socket, Linux resets every connection still in that queue, so a
 client that connected a moment before (under load the event loop accepts late, up to a few
 hundred ms) gets ECONNRESET after writing its request, and cannot tell whether it was served
-(docs/serving.md, "Run", has the measurement). `GracefulServer` first takes
+(bench/results/serving-log.md, "Shutdown", has the measurement). `GracefulServer` first takes
 every connection waiting in the backlog, then closes the listening socket in the same step of the
 event loop, and hands the taken ones to the protocol like any other: they are served in the
 draining mode of service/http_protocol.py (one request, answered with `Connection: close`).

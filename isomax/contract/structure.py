@@ -20,6 +20,8 @@ import zlib
 __all__ = [
     "MAX_JPEG_SEGMENTS",
     "MAX_PNG_CHUNKS",
+    "MAX_TIFF_ENTRIES",
+    "MAX_TIFF_IFDS",
     "MAX_TIFF_PARTS",
     "CorruptError",
     "StructureError",
@@ -33,13 +35,13 @@ MAX_PNG_CHUNKS = 16_384
 MAX_JPEG_SEGMENTS = 4_096
 # TIFF: tags per IFD (writers use ~10-60), and strips or tiles per image (one row per strip for
 # a 25-megapixel image of 5,000 rows: 5,000), in every IFD of the chain, not only the first:
-# Pillow reads only the first to open and decode (so does the service: 10,000 IFDs cost it
-# 0.7 ms), but anything that counts the frames (`n_frames`, `seek`) walks them all, and did
-# 10,000 one-pixel IFDs in 8.3 s. A multi-page scan or an image pyramid has tens of IFDs.
+# Pillow reads only the first to open and decode, but anything that counts or seeks the frames
+# (`n_frames`, `seek`) walks them all, a Python step per IFD and tag (serving-log.md, Decoding).
+# A multi-page scan or an image pyramid has tens of IFDs.
 MAX_TIFF_TAGS = 4_096
 MAX_TIFF_PARTS = 65_536
 MAX_TIFF_IFDS = 1_024
-# Tags over all the IFDs: what bounds the walk itself (~1 us per tag).
+# Tags over all the IFDs: what bounds the walk itself.
 MAX_TIFF_ENTRIES = 32_768
 
 _TIFF_PART_TAGS = {273: "strips", 279: "strips", 324: "tiles", 325: "tiles"}
@@ -155,7 +157,7 @@ def _tiff_ifd(
         raise StructureError(f"the TIFF has more than {MAX_TIFF_ENTRIES} tags over its IFDs")
     first = ifd + count_size
     present = max(0, min(tags, (len(data) - first) // size))  # Pillow parses those, then fails
-    # (tag, type, count) of each entry, its value skipped; iter_unpack: 4x a loop of unpack_from
+    # (tag, type, count) of each entry, its value skipped; iter_unpack: C's loop, not Python's
     for tag, _, count in struct.iter_unpack(
         entry_fmt, memoryview(data)[first : first + present * size]
     ):
