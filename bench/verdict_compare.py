@@ -101,6 +101,11 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             }
         out[head] = {
             "seeds": [r["seed"] for r in mine],
+            "unfinished": [
+                f"{r['run']} ({r['epochs_done']} of {r['recipe']['epochs']} epochs)"
+                for r in mine
+                if r.get("epochs_done", r["recipe"]["epochs"]) < r["recipe"]["epochs"]
+            ],
             "accuracy": mean_std([r["accuracy"]["test"] for r in mine]),
             "calibration": {
                 k: mean_std([r["calibration"][k] for r in mine]) for k in mine[0]["calibration"]
@@ -479,6 +484,7 @@ def evaluate_run(
         "head": cfg.head,
         "seed": cfg.seed,
         "test_size": len(splits.test_y),
+        "epochs_done": history_lines(Path(run_dir)),
         "recipe": {k: getattr(cfg, k) for k in ("arch", "augment", "epochs", "batch_size", "split_seed")},
         "accuracy": {"test": float((test.logits.argmax(1) == splits.test_y).mean()), "val": float((val.logits.argmax(1) == splits.val_y).mean())},
         "calibration": calibration(val, splits.val_y, test, splits.test_y),
@@ -529,7 +535,8 @@ SET_NAMES = {"mnist": "MNIST", "digits": "digits", "natural-crops": "natural cro
 
 
 def _model(head: str, agg: Mapping[str, Any]) -> str:
-    return f"{HEAD_NAMES.get(head, head)} (n={len(agg[head]['seeds'])})"
+    unfinished = " UNFINISHED" if agg[head].get("unfinished") else ""
+    return f"{HEAD_NAMES.get(head, head)} (n={len(agg[head]['seeds'])}{unfinished})"
 
 
 def metric_table(agg: Mapping[str, Any], metric: str) -> list[str]:
@@ -605,6 +612,19 @@ def verdict_losses(agg: Mapping[str, Any]) -> list[str]:
     return losses(agg, ("isomaxplus", VERDICT), rivals)
 
 
+def unfinished_note(agg: Mapping[str, Any]) -> list[str]:
+    """A warning above the tables when a model's rows include runs still training."""
+    runs = [u for a in agg.values() for u in a.get("unfinished", [])]
+    if not runs:
+        return []
+    return [
+        f"**UNFINISHED runs included** (`--include-unfinished`): {', '.join(runs)}. Their "
+        "rows come from the best checkpoint so far, not the recipe's 10 epochs: provisional, "
+        "to be regenerated when training ends.",
+        "",
+    ]
+
+
 def markdown(results: Mapping[str, Any]) -> str:
     """The full results file: sizes, the tables, the cost, where the served verdict loses."""
     runs, agg, env = results["runs"], results["aggregate"], results["environment"]
@@ -640,6 +660,7 @@ def markdown(results: Mapping[str, Any]) -> str:
         "image's predicted class (what `is_ood` thresholds); bundles served "
         + ", ".join(f"`{v['score']}` ({k})" for k, v in served.items()) + ".",
         "",
+        *unfinished_note(agg),
         "## AUROC (%)",
         "",
         *metric_table(agg, "auroc"),
@@ -717,6 +738,7 @@ def summary(results: Mapping[str, Any]) -> str:
         "smallcnn, the same recipe for every model; no OOD set chose anything. Full tables, FPR95, "
         "calibration and the per-image cost of each score: [verdict-compare.md](verdict-compare.md).",
         "",
+        *unfinished_note(agg),
         "| OOD set | IsoMax+ served verdict | SoftMax + energy | best post-hoc detector on the SoftMax model, per set (an oracle pick: it looks at the set) | DisMax served verdict |",
         "| --- | --- | --- | --- | --- |",
     ]  # fmt: skip
@@ -818,6 +840,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "and the options are unchanged (score runs as they finish; aggregate at the end)",
     )
     p.add_argument(
+        "--include-unfinished",
+        action="store_true",
+        help="also score runs still training (their best.pt so far), marked UNFINISHED in "
+        "every table: provisional numbers, not the recipe's",
+    )
+    p.add_argument(
         "--limit",
         type=int,
         default=0,
@@ -834,7 +862,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     import_pytorch_ood()  # fail before minutes of forward passes, not after
     runs, skipped = finished_runs(sorted(set(args.runs)))
-    if args.limit:
+    if args.limit or args.include_unfinished:
         runs, skipped = sorted(set(args.runs)), []
     if not runs:
         raise SystemExit(f"no finished run among {[str(r) for r in args.runs]}: {skipped}")

@@ -37,6 +37,7 @@ def _run(head: str, seed: int, acc: float, aurocs: dict[str, dict[str, float]]) 
         "seed": seed,
         "accuracy": {"test": acc},
         "calibration": {"ece_fitted": 0.01 * (seed + 1)},
+        "recipe": {"epochs": 10},
         "scores": {
             row: {s: {"auroc": a, "fpr95": 1.0 - a} for s, a in per_set.items()}
             for row, per_set in aurocs.items()
@@ -78,6 +79,18 @@ def test_aggregate_averages_each_head_over_its_own_seeds() -> None:
     assert agg["isomaxplus"]["scores"][vc.VERDICT]["mnist"]["auroc"]["n"] == 1
     assert math.isclose(agg["softmax"]["calibration"]["ece_fitted"]["mean"], 0.015)
     assert math.isclose(vc.set_mean(energy, "auroc"), 0.945)
+
+
+def test_aggregate_marks_a_run_still_training() -> None:
+    finished = {**_run("softmax", 0, 0.93, {"energy": {"mnist": 0.96}}), "run": "s0"}
+    training = {**_run("softmax", 1, 0.90, {"energy": {"mnist": 0.90}}), "run": "s1"}
+    finished |= {"epochs_done": 10, "recipe": {"epochs": 10}}
+    training |= {"epochs_done": 4, "recipe": {"epochs": 10}}
+    assert vc.aggregate([finished])["softmax"]["unfinished"] == []
+    agg = vc.aggregate([finished, training])
+    assert agg["softmax"]["unfinished"] == ["s1 (4 of 10 epochs)"]
+    assert "UNFINISHED" in vc._model("softmax", agg)
+    assert "s1 (4 of 10 epochs)" in vc.unfinished_note(agg)[0]
 
 
 def test_losses_name_each_set_where_the_target_is_below_a_rival() -> None:
