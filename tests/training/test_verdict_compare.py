@@ -101,6 +101,8 @@ def test_losses_name_each_set_where_the_target_is_below_a_rival() -> None:
     agg = vc.aggregate(runs)
     lines = vc.losses(agg, ("isomaxplus", vc.VERDICT), [("softmax", "energy"), ("dismax", "x")])
     assert lines == [
-        f"digits: IsoMax+ {vc.VERDICT} 80.0 < SoftMax energy 90.0 (by 10.0 points)"
+        f"digits: IsoMax+ {vc.VERDICT} 80.0 < SoftMax energy 90.0 (by 10.00 points)"
     ]  # MNIST is won; a rival that was not run (DisMax) is not a loss
-    assert vc.verdict_losses(agg) == lines
+    grouped = vc.verdict_losses(agg)
+    assert grouped["SoftMax's own outputs"] == lines
+    assert grouped["DisMax's served verdict"] == []
