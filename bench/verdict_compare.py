@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -415,7 +416,7 @@ def time_scores(
         "extra_ms_per_image": {},
     }
     for s in scores:
-        t = _median_seconds(lambda s=s: s.fn(o), repeats)
+        t = _median_seconds(functools.partial(s.fn, o), repeats)
         if s.row == "ODIN":
             t -= fwd
         out["extra_ms_per_image"][s.row] = 1e3 * t / n
