@@ -47,7 +47,13 @@ from service.errors import InvalidParameterError
 from service.loading import load_model
 from service.metrics import PrometheusMetrics
 from service.registry_state import EntryState, ModelStatus, RegistryState
-from service.serving import RETIRE_GRACE_S, LoadedModel, Retirement, put_in_service
+from service.serving import (
+    RETIRE_GRACE_S,
+    LoadedModel,
+    Retirement,
+    put_in_service,
+    served_gauges,
+)
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -361,26 +367,8 @@ class ModelRegistry:
         return replace(loading, status="ready", model=model)
 
     def _update_metrics(self) -> None:
-        m = self.metrics
         state = self._state
-        for name in state.names:
-            m.model_ready.labels(name).set(int(name in state.by_name))
-            default = state.by_name.get(name)
-            if default is not None:
-                t = default.thresholds
-                m.threshold.labels(name).set(t.overall)
-                for label, value in zip(default.labels, t.per_class or (), strict=False):
-                    m.class_threshold.labels(name, label).set(value)
-                m.default_version.labels(name).set(int(default.version))
-                m.set_drift_expected(
-                    name, default.labels, default.drift, t.target_tpr,
-                    default.manifest.calibration.size,
-                )  # fmt: skip
-        for model in state.by_key.values():
-            m.model_info.labels(model.name, model.version, model.provider).set(1)
-        for model in self._retiring.models():
-            if model.ref.key not in state.by_key:
-                m.model_info.labels(model.name, model.version, model.provider).set(0)
+        served_gauges(self.metrics, state.names, state.by_name, state.by_key, self._retiring)
 
     def close(self, timeout: float = 10.0) -> None:
         self._stop.set()

@@ -129,3 +129,33 @@ class Retirement:
             else:
                 keep.append(r)
         self._waiting = keep
+
+
+def served_gauges(
+    metrics: PrometheusMetrics,
+    names: list[str],
+    by_name: dict[str, LoadedModel],
+    by_key: dict[str, LoadedModel],
+    retiring: Retirement,
+) -> None:
+    """The gauges of what is served: per model its readiness, default version, thresholds and
+    the drift shares calibration expects; per version `model_info` (0 once retired)."""
+    m = metrics
+    for name in names:
+        m.model_ready.labels(name).set(int(name in by_name))
+        default = by_name.get(name)
+        if default is not None:
+            t = default.thresholds
+            m.threshold.labels(name).set(t.overall)
+            for label, value in zip(default.labels, t.per_class or (), strict=False):
+                m.class_threshold.labels(name, label).set(value)
+            m.default_version.labels(name).set(int(default.version))
+            m.set_drift_expected(
+                name, default.labels, default.drift, t.target_tpr,
+                default.manifest.calibration.size,
+            )  # fmt: skip
+    for model in by_key.values():
+        m.model_info.labels(model.name, model.version, model.provider).set(1)
+    for model in retiring.models():
+        if model.ref.key not in by_key:
+            m.model_info.labels(model.name, model.version, model.provider).set(0)
