@@ -31,6 +31,7 @@ from service.auth import TokenGuard
 from service.capture import CaptureWriter
 from service.classify import ClassifyEndpoint, openapi_operation
 from service.descriptors import install_loop_handler
+from service.discovery import configured
 from service.errors import (
     RETRY_AFTER,
     ServiceError,
@@ -39,8 +40,9 @@ from service.errors import (
     validation_detail,
 )
 from service.metrics import PrometheusMetrics, RequestMetricsMiddleware, route_path
-from service.models import ModelRegistry, ModelStatus, configured
 from service.page import add_page
+from service.registry import ModelRegistry
+from service.registry_state import ModelStatus
 from service.schemas import (
     CalibrationSummary,
     ErrorResponse,

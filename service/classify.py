@@ -58,9 +58,11 @@ from service.errors import (
     error_status,
     validation_detail,
 )
+from service.loading import LoadedBundle
 from service.metrics import PrometheusMetrics
-from service.models import LoadedModel, ModelRegistry
+from service.registry import ModelRegistry
 from service.schemas import ClassifyResponse, ErrorResponse
+from service.serving import LoadedModel
 from service.settings import Settings
 from service.shutdown import SHUTTING_DOWN, answer_cut, cut_headers
 
@@ -418,7 +420,7 @@ def response_body(model: LoadedModel, results: list[dict[str, Any]]) -> bytes:
 
 
 def result_rows(
-    model: LoadedModel, uploads: list[Upload], logits: np.ndarray, distance: np.ndarray, top_k: int
+    model: LoadedBundle, uploads: list[Upload], logits: np.ndarray, distance: np.ndarray, top_k: int
 ) -> tuple[list[dict[str, Any]], int]:
     """One result per image and the number of OOD images.
 

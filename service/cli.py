@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic import SecretStr, ValidationError
 
+from service.discovery import ConfigError, check_config, discover
 from service.metrics import MULTIPROC_ENV, multiprocess_dir
-from service.models import ConfigError, check_config, discover
 from service.settings import Settings, unknown_env
 
 log = logging.getLogger("service")

@@ -24,7 +24,7 @@ from isomax.batch.report import write_summary
 from isomax.batch.scoring import BundleNotFoundError, ScorerConfig, scorer_config
 from isomax.contract.manifest import Manifest, Preprocess
 from isomax.contract.verdict import Thresholds
-from service.models import ConfigError, ModelLoadError
+from service.discovery import ConfigError, ModelLoadError
 from service.settings import Settings
 
 log = logging.getLogger("isomax.score")

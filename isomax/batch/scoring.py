@@ -1,6 +1,6 @@
 """The bundle as the service loads it, and rows as the service answers them.
 
-Loading is `service.models.load_model` itself (manifest, sha256, provider with the
+Loading is `service.loading.load_model` itself (manifest, sha256, provider with the
 no-silent-CPU-fallback rule of `device=cuda`, input/output checks, thresholds at the operating
 point), so a bundle the service refuses is refused here with the same reason. Rows come from
 `service.classify.result_rows`, the code that builds /classify's answers (argmax, probability
@@ -21,8 +21,8 @@ from isomax.batch.decoding import Limits, Meta
 from isomax.contract.decode import graph_input
 from isomax.contract.manifest import MANIFEST_FILE, Manifest
 from service.classify import Upload, result_rows
-from service.metrics import PrometheusMetrics
-from service.models import BundleRef, LoadedModel, discover, load_model
+from service.discovery import BundleRef, discover
+from service.loading import LoadedBundle, load_model
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class ScorerConfig:
         ref = BundleRef(manifest.name, manifest.version, Path(self.bundle))
         # One warm-up run (batch 1) instead of the service's 1..max_batch_size: the batch
         # path forms its own batches.
-        model = load_model(ref, settings, PrometheusMetrics(), Path(self.models_dir))
+        model = load_model(ref, settings, Path(self.models_dir))
         return Scorer(self, settings, model)
 
 
@@ -68,7 +68,7 @@ class ScorerConfig:
 class Scorer:
     config: ScorerConfig
     settings: Settings
-    model: LoadedModel
+    model: LoadedBundle
 
     @property
     def limits(self) -> Limits:

@@ -29,7 +29,7 @@ from service.capture import CaptureWriter
 from service.classify import Upload, decode_uploads
 from service.errors import PayloadTooLargeError
 from service.metrics import PrometheusMetrics
-from service.models import LoadedModel
+from service.serving import LoadedModel
 from service.settings import Settings
 from service.v2.tensors import (
     BYTES,

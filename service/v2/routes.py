@@ -26,7 +26,8 @@ from service.errors import (
     error_detail,
     error_status,
 )
-from service.models import LoadedModel, ModelRegistry
+from service.registry import ModelRegistry
+from service.serving import LoadedModel
 from service.settings import Settings
 from service.shutdown import SHUTTING_DOWN, AnswerWhenCut
 from service.v2.infer import model_input, model_metadata, run

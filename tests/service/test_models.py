@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 
 from isomax.contract.manifest import Manifest, sha256_file
-from service.metrics import PrometheusMetrics
-from service.models import BundleRef, ConfigError, ModelLoadError, discover, load_model
+from service.discovery import BundleRef, ConfigError, ModelLoadError, discover
+from service.loading import load_model
 from service.settings import Settings
 from tests.service.bundles import tiny_graph, write_bundle
 from tests.service.cases import PNG
@@ -21,9 +21,7 @@ from tests.service.conftest import app_client, wait_ready
 
 def load(bundle: Path, **settings: object) -> object:
     ref = BundleRef(bundle.parent.name, bundle.name, bundle)
-    return load_model(
-        ref, Settings(models_dir=bundle.parent.parent, **settings), PrometheusMetrics()
-    )  # type: ignore[arg-type]
+    return load_model(ref, Settings(models_dir=bundle.parent.parent, **settings))  # type: ignore[arg-type]
 
 
 def test_discover_serves_the_newest_numeric_version(tmp_path: Path) -> None:
@@ -248,7 +246,7 @@ def test_a_containers_cpu_limit_caps_the_cores(
 
 def test_fingerprint_follows_every_file_not_only_model_onnx(tmp_path: Path) -> None:
     """A bundle's graph may be named anything (`manifest.onnx.file`): replacing it must show."""
-    from service.models import fingerprint
+    from service.discovery import fingerprint
 
     version = tmp_path / "m" / "1"
     version.mkdir(parents=True)
