@@ -28,7 +28,8 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 # The output's columns, in order (output.SCHEMA gives their types). `score` is the served
-# score, the one the verdict compares with `threshold`; today that is `min_distance`.
+# score, the one the verdict compares with `threshold` (`min_distance` unless the bundle serves
+# another, as the default bundle serves `mahalanobis`).
 COLUMNS = (
     "path", "class", "label", "probability", "score", "min_distance", "threshold", "is_ood",
     "width", "height", "format", "error",
