@@ -81,7 +81,7 @@ def make_app():  # type: ignore[no-untyped-def]
 
         classify.decode_uploads = no_decode  # type: ignore[assignment]
     if stage >= VARIANTS.index("no-json"):
-        classify.result_rows = lambda model, uploads, *a: ([{} for _ in uploads], 0)  # type: ignore[assignment]
+        classify.answer_rows = lambda model, uploads, *a: [{} for _ in uploads]  # type: ignore[assignment]
         classify.response_body = lambda *a: b'{"ok":1}'  # type: ignore[assignment]
     configure_process("warning")  # as `isomax serve`: the GIL switch interval, logging
     return create_app(Settings())

@@ -62,7 +62,9 @@ def fingerprints(models_dir: Path) -> dict[str, str]:
         Settings.model_validate({k: v for k, v in wanted.items() if k in Settings.model_fields})
     )
     with TestClient(app) as c:
-        app.state.registry.wait_loaded(60)
+        # The app's state (`app.service`); `app.state` on commits before the typed AppState.
+        state = getattr(app, "service", None) or app.state
+        state.registry.wait_loaded(60)
         for i, im in enumerate(imgs):
             for q in ("", "?top_k=10", "?top_k=1&model=fmnist-isomaxplus"):
                 r = c.post("/classify" + q, content=im, headers={"content-type": "image/png"})
