@@ -45,11 +45,12 @@ predicted as that class when the model has class thresholds, else of all of them
 class ServiceApp(FastAPI):
     """FastAPI, plus direct routes: `POST <path>` requests go straight to an ASGI endpoint.
 
-    Every other request takes the usual way (middleware stack, router). The stack in front of
-    the router (ServerErrorMiddleware, FastAPI's telemetry and body-limit layers, the exception
-    middleware) costs ~15-25 us per request, ~10% of a single-image request on this machine;
-    a direct endpoint catches its own errors and counts its own metrics, so it needs none of it.
-    The same endpoint is also a router route, so GET answers 405 as on any other route.
+    This is the seam of the /classify fast path, and all of it: `direct_posts` maps a path to
+    its endpoint, which `_dispatch` calls before the middleware stack and the router. Every other
+    request takes the usual way. The stack and the router cost a measurable share of a
+    single-image request (docs/serving.md, "Design notes"); a direct endpoint catches its own
+    errors and counts its own metrics, so it needs none of it. The same endpoint is also the app
+    of a declared router route (OpenAPI documents it; GET answers 405 as on any other route).
     """
 
     def __init__(self, **kwargs: Any) -> None:

@@ -51,8 +51,8 @@ _JSON = (b"content-type", b"application/json")
 class ClassifyQuery(BaseModel):
     """The query of POST /classify: the one declaration that validates it and documents it.
 
-    The endpoint validates the query string with this model, and `openapi_operation` builds the
-    OpenAPI parameters from its JSON schema, so the two cannot drift apart. `top_k` has no upper
+    The endpoint validates the query string with this model, and `declare` builds the OpenAPI
+    parameters from its JSON schema, so the two cannot drift apart. `top_k` has no upper
     bound: above the model's number of labels, all of them are listed.
     """
 
