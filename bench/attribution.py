@@ -104,7 +104,7 @@ def main() -> int:
     import argparse
 
     from bench.serve_bench import OUT, loadavg, pick_bundle, test_png, write_bodies, wrk
-    from isomax import harness
+    from tests import harness
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("models_dir", nargs="?", type=Path)

@@ -41,10 +41,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from isomax import harness  # noqa: E402
 from isomax.contract.decode import decode_uint8, graph_input  # noqa: E402
 from isomax.contract.manifest import Manifest  # noqa: E402
 from service.sessions import cores, session_options  # noqa: E402
+from tests import harness  # noqa: E402
 
 LUA = REPO / "bench" / "wrk_post_files.lua"
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")

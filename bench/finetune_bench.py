@@ -17,9 +17,7 @@ import argparse
 import io
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.training_runs import history, isomax, machine, step_seconds, train_folder  # noqa: E402
+
 RECIPE = [
     "--optimizer", "sgd", "--lr", "0.1", "--backbone-lr-scale", "0.1",
     "--no-head-weight-decay", "--schedule", "cosine", "--warmup-epochs", "0.5",
@@ -44,10 +46,6 @@ RUNS = {
 }
 
 
-def _isomax(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "isomax", *args], cwd=ROOT, check=True)
-
-
 def compare(work: Path, size: int, epochs: int, freeze: int, threads: int) -> dict:
     from training.data.sample_photos import make_photo_folder
 
@@ -59,21 +57,20 @@ def compare(work: Path, size: int, epochs: int, freeze: int, threads: int) -> di
         run = work / name.replace(", ", "-").replace(" ", "-")
         pretrained = "--weights" in args
         if not (run / "best.pt").exists():
-            _isomax(
-                "train", "--quiet", "--dataset", "folder", "--data-dir", str(photos),
+            train_folder(
+                photos, run,
                 "--image-size", str(size), "--epochs", str(epochs), "--threads", str(threads),
                 "--freeze-backbone-epochs", str(freeze if pretrained else 0),
-                *RECIPE, *args, "--out", str(run),
+                *RECIPE, *args,
             )  # fmt: skip
-        _isomax("evaluate", str(run), "--ood-folder", f"other-photos={photos / 'ood'}")
+        isomax("evaluate", str(run), "--ood-folder", f"other-photos={photos / 'ood'}")
         report = json.loads((run / "eval" / "metrics.json").read_text())
-        history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
         ood = report["ood"]["other-photos"]
         out[name] = {
             "test_accuracy": report["accuracy"]["test"],
             "ood_auroc_mds": ood["mds"]["auroc"],
             "ood_auroc_mds_class": ood.get("mds_class", {}).get("auroc"),
-            "train_seconds": history[-1]["seconds"],
+            "train_seconds": history(run)[-1]["seconds"],
         }
     return {"image_size": size, "epochs": epochs, "frozen_epochs_pretrained": freeze, "runs": out}
 
@@ -93,15 +90,7 @@ def throughput(size: int, batch: int, steps: int, threads: int) -> dict:
     loss_fn = make_loss("isomaxplus")
     x = torch.rand(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
-    times = []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
-        loss = loss_fn(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if i:  # the first step warms up allocators and kernels
-            times.append(time.perf_counter() - t0)
+    times = step_seconds(model, loss_fn, opt, x, y, steps)
     return {
         "model": f"{LITE0} + IsoMax+ head",
         "image_size": size,
@@ -164,7 +153,7 @@ def main() -> None:
     a = p.parse_args()
     load_before = os.getloadavg()
     result: dict = {
-        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), no GPU",
+        "machine": machine(),
         "load_average_before": load_before,
     }
     result["decode"] = decode_times(7)

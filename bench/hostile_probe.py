@@ -1,4 +1,4 @@
-"""Hostile-client probes with numbers, for the before/after record in docs/serving.md.
+"""Hostile-client probes with numbers, for the before/after record in bench/results/serving-log.md.
 
     .venv/bin/python bench/hostile_probe.py                          # this checkout
     .venv/bin/python bench/hostile_probe.py --repo OTHER_CHECKOUT --label before
@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from isomax import harness  # noqa: E402
+from tests import harness  # noqa: E402
 from tests.service.hostile_files import png_rgba, tiff_strips  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -67,11 +68,16 @@ def get(port: int, path: str) -> int:
         return status_of(s)
 
 
-def peak_rss_kib(pid: int) -> int:
+def _status_kib(pid: int, field: str) -> int:
+    """A `/proc/PID/status` memory field (`VmHWM`, `VmRSS`) in KiB; 0 when absent."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
     return 0
+
+
+def peak_rss_kib(pid: int) -> int:
+    return _status_kib(pid, "VmHWM")
 
 
 def png_gray16(side: int) -> bytes:
@@ -87,55 +93,36 @@ def png_gray16(side: int) -> bytes:
 
 
 def probe_header(port: int, size: int) -> dict[str, Any]:
-    worst = 0.0
-    stop = threading.Event()
+    def big_header() -> tuple[int, float]:
+        t0 = time.perf_counter()
+        status = 0
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
+                head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: "
+                with contextlib.suppress(OSError):
+                    s.sendall(head + b"a" * size + b"\r\n\r\n")
+                status = status_of(s)
+        except OSError:
+            pass
+        return status, time.perf_counter() - t0
 
-    def health() -> None:
-        nonlocal worst
-        while not stop.is_set():
-            t = time.perf_counter()
-            get(port, "/healthz")
-            worst = max(worst, time.perf_counter() - t)
-            time.sleep(0.02)
-
-    th = threading.Thread(target=health)
-    th.start()
-    t0 = time.perf_counter()
-    status = 0
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
-            head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: "
-            with contextlib.suppress(OSError):
-                s.sendall(head + b"a" * size + b"\r\n\r\n")
-            status = status_of(s)
-    except OSError:
-        pass
-    elapsed = time.perf_counter() - t0
-    stop.set()
-    th.join()
+    (status, elapsed), worst = with_healthz(port, big_header)
     return {
         "header_bytes": size,
         "status": status,
         "seconds": round(elapsed, 3),
-        "worst_healthz_s": round(worst, 3),
+        "worst_healthz_s": worst,
     }
 
 
 def probe_png16(port: int, pid: int) -> dict[str, Any]:
     body = png_gray16(5000)
     before = peak_rss_kib(pid)
-    t0 = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
-        head = (
-            "POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        )
-        s.sendall(head.encode() + body)
-        status = status_of(s)
+    status, seconds = post(port, body, "image/png", timeout=120)
     return {
         "wire_bytes": len(body),
         "status": status,
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": seconds,
         "peak_rss_growth_mib": round((peak_rss_kib(pid) - before) / 1024, 1),
     }
 
@@ -168,10 +155,7 @@ def probe_slowloris(port: int, n: int = 50, seconds: float = 20.0) -> dict[str, 
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return _status_kib(pid, "VmRSS") / 1024
 
 
 def post(port: int, body: bytes, ctype: str, timeout: float = 60) -> tuple[int, float]:
@@ -216,25 +200,58 @@ def probe_trickle(port: int, n: int = 8, seconds: float = 30.0) -> dict[str, Any
     socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(n)]
     for s in socks:
         s.sendall(head + b"-")
-    probes: list[tuple[int, float]] = []
-    t0 = time.monotonic()
-    last_byte = t0
-    while time.monotonic() - t0 < seconds:
+    last_byte = time.monotonic()
+
+    def keep_holding() -> None:  # one more byte every 10 s
+        nonlocal last_byte
         if time.monotonic() - last_byte >= 10:
             for s in socks:
                 with contextlib.suppress(OSError):
                     s.sendall(b"-")
             last_byte = time.monotonic()
-        probes.append(post(port, small_png(), "image/png", timeout=15))
-        time.sleep(1)
+
+    probes = probe_for(port, seconds, every=1, timeout=15, before_each=keep_holding)
     for s in socks:
         s.close()
+    return {"holders": n, "seconds": seconds, **probes}
+
+
+def probe_for(
+    port: int,
+    seconds: float,
+    every: float,
+    timeout: float,
+    before_each: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """A small PNG posted every `every` s for `seconds`: how many, how many answered 200, the
+    statuses seen and the slowest 200 (None without one)."""
+    probes: list[tuple[int, float]] = []
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        if before_each is not None:
+            before_each()
+        probes.append(post(port, small_png(), "image/png", timeout=timeout))
+        time.sleep(every)
     ok = [t for st, t in probes if st == 200]
     return {
-        "holders": n, "seconds": seconds, "probes": len(probes), "answered_200": len(ok),
-        "statuses": sorted({st for st, _ in probes}),
-        "slowest_200_s": max(ok) if ok else None,
+        "probes": len(probes), "answered_200": len(ok),
+        "statuses": sorted({st for st, _ in probes}), "slowest_200_s": max(ok) if ok else None,
     }  # fmt: skip
+
+
+def concurrently(n: int, one: Callable[[int], Any]) -> list[Any]:
+    """`one(i)` for i in 0..n-1, each in a thread of its own, all at once; their results."""
+    out: list[Any] = [None] * n
+
+    def run(i: int) -> None:
+        out[i] = one(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
 
 
 def with_healthz(port: int, work: Any) -> tuple[Any, float]:
@@ -265,17 +282,7 @@ def probe_tiff(port: int, pid: int) -> dict[str, Any]:
     before = peak_rss_kib(pid)
 
     def four() -> list[tuple[int, float]]:
-        out: list[tuple[int, float]] = [(0, 0.0)] * 4
-
-        def one(i: int) -> None:
-            out[i] = post(port, body, "image/tiff", timeout=120)
-
-        ths = [threading.Thread(target=one, args=(i,)) for i in range(4)]
-        for t in ths:
-            t.start()
-        for t in ths:
-            t.join()
-        return out
+        return concurrently(4, lambda _: post(port, body, "image/tiff", timeout=120))
 
     answers, worst = with_healthz(port, four)
     return {
@@ -316,18 +323,11 @@ def probe_fds(port: int, n: int = 1100, seconds: float = 30.0) -> dict[str, Any]
     th = threading.Thread(target=attacker)
     th.start()
     time.sleep(3)
-    probes = []
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < seconds:
-        probes.append(post(port, small_png(), "image/png", timeout=5))
-        time.sleep(0.5)
+    probes = probe_for(port, seconds, every=0.5, timeout=5)
     stop.set()
     th.join()
-    ok = [t for st, t in probes if st == 200]
-    return {
-        "attacker_connections": n, "attacker_opened": opened, "probes": len(probes),
-        "answered_200": len(ok), "slowest_200_s": max(ok) if ok else None,
-    }  # fmt: skip
+    del probes["statuses"]
+    return {"attacker_connections": n, "attacker_opened": opened, **probes}
 
 
 def _rgba_round(port: int, pid: int, body: bytes, n: int) -> dict[str, Any]:
@@ -343,16 +343,7 @@ def _rgba_round(port: int, pid: int, body: bytes, n: int) -> dict[str, Any]:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    statuses: list[int] = [0] * n
-
-    def one(i: int) -> None:
-        statuses[i] = post(port, body, "image/png", timeout=120)[0]
-
-    ths = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in ths:
-        t.start()
-    for t in ths:
-        t.join()
+    statuses = [r[0] for r in concurrently(n, lambda _: post(port, body, "image/png", timeout=120))]
     time.sleep(3)
     done.set()
     sampler.join()

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.serve_bench import cpu_seconds  # noqa: E402
-from isomax import harness  # noqa: E402
+from tests import harness  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 LUA = REPO / "bench" / "wrk_post.lua"

@@ -13,7 +13,10 @@ served at the peak rate: the figure of merit is
 (1.0: overload costs nothing; the issue measured 0.035 at 2,048 connections with Q = 1,024,
 i.e. 2 x Q). `--repo` runs another checkout's server (e.g. the code before the change) with this
 script, so both are measured the same way in the same sitting. The machine's load average is
-recorded: on a shared machine, compare runs of one sitting only.
+recorded: on a shared machine, compare runs of one sitting only. Each run also reports the
+server's own p99 of its successful answers (`server_ok_p99_s_at_most`, a bucket bound of the
+request-duration histogram): the difference to the client's p99 is time before the app read the
+request (bench/overload_queues.py says where).
 Results: bench/results/overload[-LABEL].json and .md.
 """
 
@@ -40,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import loadgen  # noqa: E402
 from bench.serve_bench import cpu_seconds  # noqa: E402
-from isomax import harness  # noqa: E402
+from tests import harness  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 LUA = REPO / "bench" / "wrk_post.lua"
@@ -101,6 +104,30 @@ def answers(port: int, body: Path, conns: int, seconds: int, pid: int) -> dict[s
     return r
 
 
+def classify_buckets(port: int) -> dict[float, float]:
+    """The server's own isomax_request_duration_seconds buckets of /classify (cumulative)."""
+    _, body = harness.request("GET", f"http://127.0.0.1:{port}/metrics", timeout=30)
+    out: dict[float, float] = {}
+    pattern = r'^isomax_request_duration_seconds_bucket\{endpoint="/classify",le="([^"]+)"\} (\S+)'
+    for m in re.finditer(pattern, body.decode(), re.M):
+        out[float(m.group(1))] = float(m.group(2))
+    return out
+
+
+def server_p99(before: dict[float, float], after: dict[float, float], ok: int) -> float | None:
+    """The upper bound of the bucket holding the server-side p99 of the successful answers of a
+    run: time from the app's start of a request to its response's end, so the difference to the
+    client's p99 is time spent before the app read the request (socket buffers, the event loop,
+    reconnecting). Assumes the 503s were faster than any 200 (they are answered before the body
+    is read), so the 200s' p99 is the all-answers quantile 1 - 0.01 * ok / all."""
+    delta = {le: after.get(le, 0.0) - before.get(le, 0.0) for le in after}
+    total = delta.get(float("inf"), 0.0)
+    if not total or not ok:
+        return None
+    rank = total - 0.01 * ok
+    return next((le for le in sorted(delta) if delta[le] >= rank), None)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repo", type=Path, default=REPO, help="checkout whose server to run")
@@ -147,7 +174,10 @@ def main() -> int:
         pid = server.proc.pid
         measure(port, body, 32, 2, pid)  # warm-up
         for c in conns:
+            before = classify_buckets(port)
             r = measure(port, body, c, args.duration, pid)
+            ok = int(r.get("statuses", {}).get("200", 0)) if args.client == "loadgen" else 0
+            r["server_ok_p99_s_at_most"] = server_p99(before, classify_buckets(port), ok)
             runs.append(r)
             print(json.dumps(r), flush=True)
             time.sleep(2)  # let refused connections drain
@@ -196,7 +226,7 @@ def main() -> int:
         else:
             errs = str(r["socket_errors"] or "-")
             statuses = ", ".join(f"{k}: {v}" for k, v in sorted(r["statuses"].items()))
-            p99 = f"{r['ok_p99_s']} s (200s)"
+            p99 = f"{r['ok_p99_s']} s (200s; server side <= {r['server_ok_p99_s_at_most']} s)"
         lines.append(
             f"| {r['connections']} | {r['ok_rps']:.0f} | {statuses} | "
             f"{r['server_cpu_ms_per_answer']} | {p99} | {errs} |"

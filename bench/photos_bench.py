@@ -30,9 +30,7 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +38,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.training_runs import history, isomax, machine, step_seconds, train_folder  # noqa: E402
+
 OUT = ROOT / "bench" / "out"
 FOLDER = OUT / "photos-fmnist"
 SIDE = 64
@@ -112,11 +114,6 @@ def make_folder(per_class: int, root: Path = FOLDER) -> Path:
     return root
 
 
-def _isomax(*args: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-m", "isomax", *args], cwd=ROOT, check=True, env=env)
-
-
 def train_run(name: str, args: list[str], folder: Path) -> Path:
     """Train into `bench/out/runs/NAME`; a finished run is reused, an unfinished one resumed
     (`--resume`: the project's resume ends with the uninterrupted run's weights)."""
@@ -126,24 +123,21 @@ def train_run(name: str, args: list[str], folder: Path) -> Path:
     if history.is_file() and len(history.read_text().splitlines()) >= epochs:
         return run
     resume = ["--resume"] if (run / "last.pt").is_file() else []
-    _isomax(
-        "train", "--quiet", "--dataset", "folder", "--data-dir", str(folder),
-        *COMMON, *args, "--out", str(run), *resume,
-    )  # fmt: skip
+    train_folder(folder, run, *COMMON, *args, *resume)
     return run
 
 
 def run_record(run: Path, export: bool) -> dict:
     """What one run measured: validation per epoch, throughput, baseline, exported figures."""
-    history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
-    val = [h["val_accuracy"] for h in history]
+    records = history(run)
+    val = [h["val_accuracy"] for h in records]
     drops = [100 * (b - a) for a, b in itertools.pairwise(val)]
     record: dict = {
         "epochs_done": len(val),
         "val_accuracy_per_epoch": val,
         "largest_epoch_drop_points": max([0.0, *[-d for d in drops]]),
-        "train_seconds": history[-1]["seconds"],
-        "images_per_second": [round(h["images_per_second"], 1) for h in history],
+        "train_seconds": records[-1]["seconds"],
+        "images_per_second": [round(h["images_per_second"], 1) for h in records],
     }
     summary = run / "summary.json"
     if summary.is_file():
@@ -161,20 +155,26 @@ def export_record(run: Path) -> dict:
     models = run / "models"
     if not (models / "bench" / "1" / "manifest.json").is_file():
         folders = [f"{p.name}={p}" for p in sorted((FOLDER / "ood").iterdir())]
-        _isomax(
+        isomax(
             "export", str(run), "--models-dir", str(models), "--name", "bench", "--version", "1",
             *[a for f in folders for a in ("--ood-folder", f)],
         )  # fmt: skip
     manifest = json.loads((models / "bench" / "1" / "manifest.json").read_text())
     ev = manifest["metrics"]
-    served = manifest.get("score", {}).get("name", "mds_class")
+    # The verdict as served: the bundle's score against its class thresholds (`mds_class` for
+    # bundles serving min_distance, `mahalanobis_class` for Mahalanobis, ...).
+    from training.export_run import served_metric_names
+
+    score = manifest["calibration"].get("score", "min_distance")
+    served = served_metric_names(score)[1]
     ood = {
         name: {s: round(m["auroc"], 4) for s, m in per.items()} for name, per in ev["ood"].items()
     }
     return {
         "test_accuracy": ev["accuracy"].get("test"),
         "val_accuracy": ev["accuracy"].get("val"),
-        "served_score": served,
+        "served_score": score,
+        "served_metric": served,
         "auroc": ood,
         "flagged": ev.get("flagged"),
         "ece_test": ev.get("calibration_error", {}).get("test"),
@@ -216,14 +216,7 @@ def throughput(steps: int = 6, rounds: int = 3, batch: int = 64, threads: int = 
             model.train()
             if mode == "batchnorm_eval_mode":
                 set_batchnorm_eval(model.backbone)
-            for i in range(steps + 1):
-                t0 = time.perf_counter()
-                loss = loss_fn(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                if i:  # the first step after a switch warms up
-                    times[mode].append(time.perf_counter() - t0)
+            times[mode] += step_seconds(model, loss_fn, opt, x, y, steps)  # warm-up not timed
     return {
         "batch": batch,
         "threads": threads,
@@ -243,9 +236,10 @@ def markdown(result: dict) -> str:
         f"images. Common arguments: `{' '.join(result['common_args'])}`. {result['machine']}; "
         f"load average {result['load_average']}.",
         "",
-        "| run | val accuracy per epoch | largest drop (points) | test accuracy | served AUROC "
-        "(mnist / digits / photo-crops) | test flagged | ECE test (T fitted) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| run | val accuracy per epoch | largest drop (points) | test accuracy | served score "
+        "| served-verdict AUROC (mnist / digits / photo-crops) | test flagged | ECE test "
+        "(T fitted) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in result["runs"].items():
         e = r.get("export", {})
@@ -259,12 +253,13 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {name} | {' '.join(f'{100 * v:.1f}' for v in r['val_accuracy_per_epoch'])} | "
             f"{r['largest_epoch_drop_points']:.1f} | "
-            f"{100 * e['test_accuracy']:.1f}% | {auroc} | "
+            f"{100 * e['test_accuracy']:.1f}% | {e.get('served_score', 'min_distance')} | "
+            f"{auroc} | "
             f"{100 * (e.get('flagged') or {}).get('test', float('nan')):.1f}% | "
             f"{'-' if ece is None else f'{ece:.3f}'} |"
             if e
             else f"| {name} | {' '.join(f'{100 * v:.1f}' for v in r['val_accuracy_per_epoch'])} | "
-            f"{r['largest_epoch_drop_points']:.1f} | - | - | - | - |"
+            f"{r['largest_epoch_drop_points']:.1f} | - | - | - | - | - |"
         )
     for name, r in result["runs"].items():
         if "summary" in r:
@@ -310,7 +305,7 @@ def main() -> None:
         runs[name] = {"args": args, **run_record(run, export=export)}
         print(json.dumps({name: runs[name]}, indent=1), flush=True)
     result = {
-        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), no GPU",
+        "machine": machine(),
         "folder": {"train_per_class": a.per_class, "val_per_class": VAL_PER_CLASS,
                    "test_per_class": TEST_PER_CLASS, "ood_per_folder": OOD_PER_FOLDER,
                    "side": SIDE},

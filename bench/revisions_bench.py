@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.serve_bench import OUT, RESULTS, loadavg, pick_bundle, test_png, write_bodies, wrk  # noqa: E402
-from isomax import harness  # noqa: E402
+from tests import harness  # noqa: E402
 
 WORKTREES = OUT / "revisions"
 

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.serve_bench import Body, wrk  # noqa: E402
-from isomax import harness  # noqa: E402
+from tests import harness  # noqa: E402
 
 
 def raw_ort(model: Path, x1: np.ndarray, batches: list[int], rounds: int = 6) -> dict[str, int]:
@@ -57,7 +57,7 @@ def make_bundle(work: Path, arch: str) -> Path:
     import torch
 
     from isomax.contract.manifest import Preprocess
-    from training.export import export_bundle
+    from training.export import BundleSpec, CalibrationSet, export_bundle
     from training.models import build_model
     from training.models.pretrained import normalization
 
@@ -70,12 +70,14 @@ def make_bundle(work: Path, arch: str) -> Path:
     )
     return export_bundle(
         model,
-        name=arch.removeprefix("tv-").replace("_", "-"),
-        labels=[f"class-{i}" for i in range(10)],
-        preprocess=spec,
-        calibration_images=calibration,
-        models_dir=work / "models",
-        description=f"{arch} + IsoMax+ head, random weights (benchmark only)",
+        BundleSpec(
+            arch.removeprefix("tv-").replace("_", "-"),
+            [f"class-{i}" for i in range(10)],
+            spec,
+            models_dir=work / "models",
+            description=f"{arch} + IsoMax+ head, random weights (benchmark only)",
+        ),
+        CalibrationSet(calibration),
     )
 
 

@@ -55,8 +55,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.standin_model import write_standin  # noqa: E402
-from isomax import harness  # noqa: E402
 from isomax.contract.manifest import Manifest  # noqa: E402
+from tests import harness  # noqa: E402
 
 OUT = REPO / "bench" / "out"
 PEERS = OUT / "peers"  # one venv per peer (bench/peers/setup.sh)

@@ -40,9 +40,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from isomax import harness  # noqa: E402
 from isomax.contract.decode import decode  # noqa: E402
 from isomax.contract.manifest import Manifest  # noqa: E402
+from tests import harness  # noqa: E402
 
 MODEL = "fmnist-isomaxplus"
 RESULTS = REPO / "bench" / "results"

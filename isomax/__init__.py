@@ -1,12 +1,13 @@
 """IsoMax+ as a drop-in: replace your last `nn.Linear` and your loss, then export a bundle.
 
-    from isomax import IsoMaxPlusHead, IsoMaxPlusLoss, export_bundle
+    from isomax import BundleSpec, CalibrationSet, GraphSpec, IsoMaxPlusHead, IsoMaxPlusLoss
+    from isomax import export_bundle
 
     model.fc = IsoMaxPlusHead(model.fc.in_features, num_classes)   # was nn.Linear
     criterion = IsoMaxPlusLoss()                                   # was nn.CrossEntropyLoss
     ... train as before ...
-    export_bundle(model, name="my-model", labels=classes, preprocess=Preprocess(...),
-                  calibration_images=held_out_images, mean=MEAN, std=STD)
+    export_bundle(model, BundleSpec("my-model", classes, Preprocess(...)),
+                  CalibrationSet(held_out_images), GraphSpec(mean=MEAN, std=STD))
 
 Names resolve lazily, so `import isomax` (and `isomax serve`) does not import torch.
 """
@@ -21,6 +22,9 @@ _EXPORTS = {
     "IsoMaxHead": "training.head",
     "IsoMaxPlusLoss": "training.loss",
     "export_bundle": "training.export",
+    "BundleSpec": "training.export",
+    "CalibrationSet": "training.export",
+    "GraphSpec": "training.export",
     "Preprocess": "isomax.contract.manifest",
     "Manifest": "isomax.contract.manifest",
 }

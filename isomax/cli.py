@@ -20,6 +20,7 @@ training (needs the [train] extra):
   train        train a SoftMax / IsoMax / IsoMax+ model
   evaluate     accuracy and OOD metrics of a checkpoint, with plots
   export       calibrate, export ONNX and write a bundle into models/
+  select       which trained run the choosing rule ships (validation data only)
   reproduce    the multi-seed comparison of the paper's tables
 
 `isomax <command> --help` for options.

@@ -1,6 +1,6 @@
 """What a temperature would do for an existing bundle: fit it, report ECE; changes nothing.
 
-    python scripts/bundle_temperature.py models/fmnist-isomaxplus/2 [--plot reliability.png]
+    python scripts/bundle_temperature.py models/fmnist-isomaxplus/3 [--plot reliability.png]
 
 Rebuilds the bundle's validation and test splits from the training configuration in its
 manifest (`training`: data set, validation size, split seed), runs the bundle's ONNX graph on

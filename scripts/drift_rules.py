@@ -33,7 +33,6 @@ many independent ones). bench/drift_bench.py measures the false-alarm rates they
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from statistics import NormalDist
 from typing import Any
 
 import yaml
+from generated import LiteralDumper, write_or_check
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "deploy" / "prometheus" / "rules" / "isomax-drift.rules.yml"
@@ -178,34 +178,41 @@ def _or(parts: list[str]) -> str:
     return "\nor\n".join(parts)
 
 
-def alert_rules(win: Windows) -> list[dict[str, Any]]:
-    z = {w: z_threshold(w) for w in WINDOWS}
+_SMALLEST_LEVEL = "on (model) min by (model) (isomax:score_level:expected)"
+_SMALLEST_CLASS = "on (model) min by (model) (isomax:class_share:expected)"
+
+
+def _ood_tier(w: str, confirm: str | None) -> str:
+    """The OOD rate's z over window `w` past its threshold, with enough images expected."""
     ood = "isomax:ood_ratio:expected"
-    smallest_level = "on (model) min by (model) (isomax:score_level:expected)"
-    smallest_class = "on (model) min by (model) (isomax:class_share:expected)"
+    cond = f"isomax:ood_z:{w} > {z_threshold(w)}\n    and {_min_count(f'isomax:drift_images:increase{w}', f'on (model) {ood}')}"
+    if confirm:  # still above calibration in the shorter window (resets the alert fast)
+        cond += f"\n    and isomax:ood_z:{confirm} > 0"
+    return _tier(w, cond)
 
-    def ood_tier(w: str, confirm: str | None) -> str:
-        cond = f"isomax:ood_z:{w} > {z[w]}\n    and {_min_count(f'isomax:drift_images:increase{w}', f'on (model) {ood}')}"
-        if confirm:  # still above calibration in the shorter window (resets the alert fast)
-            cond += f"\n    and isomax:ood_z:{confirm} > 0"
-        return _tier(w, cond)
 
-    def chi_tier(stat: str, w: str, smallest: str) -> str:
-        n = f"isomax:drift_images:increase{w}"
-        return _tier(w, f"isomax:{stat}:{w} > {z[w]}\n    and {_min_count(n, smallest)}")
+def _chi_tier(stat: str, w: str, smallest: str) -> str:
+    """A chi-square z (`stat`) over window `w` past its threshold, its smallest cell filled."""
+    n = f"isomax:drift_images:increase{w}"
+    return _tier(w, f"isomax:{stat}:{w} > {z_threshold(w)}\n    and {_min_count(n, smallest)}")
 
-    def class_tier(w: str) -> str:
-        n = f"isomax:class_images:increase{w}"
-        return _tier(
-            w,
-            f"isomax:class_ood_z:{w} > {z[w]}\n    and {_min_count(n, 'isomax:class_ood_ratio:expected')}",
-        )
 
+def _class_tier(w: str) -> str:
+    """One class's OOD-rate z over window `w` past its threshold."""
+    n = f"isomax:class_images:increase{w}"
+    return _tier(
+        w,
+        f"isomax:class_ood_z:{w} > {z_threshold(w)}\n    and {_min_count(n, 'isomax:class_ood_ratio:expected')}",
+    )
+
+
+def alert_rules(win: Windows) -> list[dict[str, Any]]:
+    """The five drift alerts, each a union of its window tiers."""
     where = "the last {{ $labels.window }} window"
     return [
         _alert(
             "IsomaxOODRateHigh",
-            ood_tier("5m", None),
+            _ood_tier("5m", None),
             "OOD rate of {{ $labels.model }} jumped",
             "The share of images of {{ $labels.model }} flagged out-of-distribution over "
             + where
@@ -216,7 +223,7 @@ def alert_rules(win: Windows) -> list[dict[str, Any]]:
         ),
         _alert(
             "IsomaxOODRateDrift",
-            _or([ood_tier("1h", "5m"), ood_tier("1d", "1h")]),
+            _or([_ood_tier("1h", "5m"), _ood_tier("1d", "1h")]),
             "OOD rate of {{ $labels.model }} is persistently above calibration over {{ $labels.window }}",
             "Over " + where + " the OOD rate of {{ $labels.model }} is above 1 - target_tpr by more"
             " than chance allows, and still is over the shorter window: a small persistent change"
@@ -224,7 +231,7 @@ def alert_rules(win: Windows) -> list[dict[str, Any]]:
         ),
         _alert(
             "IsomaxScoreDrift",
-            _or([chi_tier("score_level_chi2_z", w, smallest_level) for w in WINDOWS]),
+            _or([_chi_tier("score_level_chi2_z", w, _SMALLEST_LEVEL) for w in WINDOWS]),
             "score distribution of {{ $labels.model }} drifted over {{ $labels.window }}",
             "The scores of {{ $labels.model }} no longer fall into the calibration's quantile"
             " buckets as in-distribution images do (chi-square over " + where + "). With a"
@@ -233,7 +240,7 @@ def alert_rules(win: Windows) -> list[dict[str, Any]]:
         ),
         _alert(
             "IsomaxClassOODRate",
-            _or([class_tier(w) for w in WINDOWS]),
+            _or([_class_tier(w) for w in WINDOWS]),
             "OOD rate of class {{ $labels.label }} of {{ $labels.model }} is above calibration",
             "Images of {{ $labels.model }} predicted as {{ $labels.label }} are flagged more often"
             " over " + where + " than that class's validation images were: one class's inputs"
@@ -241,7 +248,7 @@ def alert_rules(win: Windows) -> list[dict[str, Any]]:
         ),
         _alert(
             "IsomaxClassMixDrift",
-            _or([chi_tier("class_mix_chi2_z", w, smallest_class) for w in WINDOWS]),
+            _or([_chi_tier("class_mix_chi2_z", w, _SMALLEST_CLASS) for w in WINDOWS]),
             "class mix of {{ $labels.model }} moved away from validation over {{ $labels.window }}",
             "The predicted classes of {{ $labels.model }} over " + where + " are not distributed"
             " as on the validation split (chi-square; isomax:class_mix_tv says by how much, the"
@@ -261,35 +268,12 @@ def render(win: Windows = PRODUCTION) -> dict[str, Any]:
     ]}  # fmt: skip
 
 
-class _Dumper(yaml.SafeDumper):
-    """Multi-line strings (PromQL) as literal blocks."""
-
-
-def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-_Dumper.add_representer(str, _str)
-
-
 def dump(rules: dict[str, Any]) -> str:
-    return HEADER + yaml.dump(rules, Dumper=_Dumper, sort_keys=False, width=100)
+    return HEADER + yaml.dump(rules, Dumper=LiteralDumper, sort_keys=False, width=100)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--check", action="store_true", help="exit 1 if the file is out of date")
-    args = p.parse_args(argv)
-    text = dump(render())
-    if args.check:
-        if not OUT.exists() or OUT.read_text() != text:
-            print(f"{OUT.relative_to(ROOT)} is out of date: run {Path(__file__).name}")
-            return 1
-        return 0
-    OUT.write_text(text)
-    print(f"wrote {OUT.relative_to(ROOT)}")
-    return 0
+    return write_or_check(lambda: {OUT: dump(render())}, "scripts/drift_rules.py", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -47,10 +47,11 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script: the repository's packages (isomax, training)
+# Run as a script: the repository's packages (isomax, training, tests for the harness).
+if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from isomax import harness  # noqa: E402
+from tests import harness  # noqa: E402
 
 CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
 DIST_ATOL = 1e-4

@@ -12,12 +12,12 @@ tests/deploy/test_k8s.py fails when the committed file differs from what this sc
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+from generated import LiteralDumper, write_or_check
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "rules"  # every *.yml there, in name order
@@ -30,18 +30,6 @@ HEADER = """\
 # ruleSelector (kube-prometheus-stack: label `release: <its release name>`; add it in an
 # overlay).
 """
-
-
-class _Dumper(yaml.SafeDumper):
-    """Multi-line strings (PromQL expressions, descriptions) as literal blocks, as written."""
-
-
-def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-_Dumper.add_representer(str, _str)
 
 
 def prometheus_rule(groups: list[dict[str, Any]]) -> dict[str, Any]:
@@ -60,24 +48,19 @@ def rule_groups() -> list[dict[str, Any]]:
 
 def render(groups: list[dict[str, Any]]) -> str:
     body = yaml.dump(
-        prometheus_rule(groups), Dumper=_Dumper, sort_keys=False, width=100, allow_unicode=True
+        prometheus_rule(groups),
+        Dumper=LiteralDumper,
+        sort_keys=False,
+        width=100,
+        allow_unicode=True,
     )
     return HEADER + body
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--check", action="store_true", help="exit 1 if the file is out of date")
-    args = p.parse_args(argv)
-    text = render(rule_groups())
-    if args.check:
-        if not OUT.exists() or OUT.read_text() != text:
-            print(f"{OUT.relative_to(ROOT)} is out of date: run {Path(__file__).name}")
-            return 1
-        return 0
-    OUT.write_text(text)
-    print(f"wrote {OUT.relative_to(ROOT)}")
-    return 0
+    return write_or_check(
+        lambda: {OUT: render(rule_groups())}, "scripts/k8s_prometheus_rule.py", __doc__, argv
+    )
 
 
 if __name__ == "__main__":

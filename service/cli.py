@@ -129,7 +129,7 @@ def main(argv: list[str]) -> int:
 
     import uvicorn
 
-    from service import http_protocol
+    from service import http_protocol, server
 
     http_protocol.configure_from(settings)
     common: dict[str, Any] = dict(
@@ -144,8 +144,8 @@ def main(argv: list[str]) -> int:
     )
     if settings.workers == 1:
         configure_process(settings.log_level)
-        uvicorn.run(create_app(settings), **common)
-        return 0
+        # uvicorn.run with a shutdown that resets no accepted client, exit 0 on SIGTERM
+        return server.run(create_app(settings), **common)
     # Several processes: each loads (and hot-reloads) the models; metrics go through
     # prometheus_client's multiprocess files, in a fresh directory unless PROMETHEUS_MULTIPROC_DIR
     # is given, and model state through the board (service.workers) in ISOMAX_STATE_DIR, also

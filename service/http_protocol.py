@@ -18,7 +18,10 @@ This subclass keeps the httptools parser and adds, per connection:
     reads while the app is waiting for it, else a JSON 408 and the close;
   - shutdown: an idle keep-alive connection is not cut at once; for `drain_s` it still takes one
     request, answered with `Connection: close` (uvicorn's own shutdown closes it immediately, and
-    a request the client wrote at that moment got EOF or a reset);
+    a request the client wrote at that moment got EOF or a reset); a request that uvicorn's
+    graceful-shutdown timeout cancels is logged in one line, not as uvicorn's "Exception in ASGI
+    application" with a CancelledError traceback, and answered with a JSON 503 if nothing else
+    answered it (service/shutdown.py; the listen backlog at shutdown: service/server.py);
 and, per process, a cap on the connections held (`max_connections`, below the descriptor limit:
 service/descriptors.py says why): a connection beyond it closes the longest-idle one (no
 request being served: an idle keep-alive or an incomplete head), or, when every one is serving
@@ -40,10 +43,16 @@ from typing import Any
 
 import httptools
 import orjson
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from service.descriptors import connection_cap
 from service.settings import Settings
+from service.shutdown import SHUTTING_DOWN, answer_cut, cut_headers
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +65,7 @@ class Limits:
     body_timeout_s: float = 15.0
     drain_s: float = 1.0
     max_connections: int = 0  # 0: no cap
+    retry_after_s: int = 1  # of the 503 to a request cut by the graceful-shutdown timeout
 
 
 _limits = Limits()
@@ -81,6 +91,7 @@ def configure_from(settings: Settings) -> None:
             body_timeout_s=settings.body_timeout_s,
             drain_s=min(settings.shutdown_drain_s, settings.graceful_timeout_s),
             max_connections=connection_cap(settings.max_connections),
+            retry_after_s=settings.retry_after_s,
         )
     )
 
@@ -362,6 +373,45 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         self.loop.call_later(self.limits.drain_s, self._drain_close)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        super()._start_asgi_task(cycle, self._quiet_when_cut(cycle, app))
+
+    def _quiet_when_cut(self, cycle: RequestResponseCycle, app: ASGIApp) -> Any:
+        """`app` for one request, ending quietly when the graceful-shutdown timeout cuts it.
+
+        uvicorn cancels the requests still running when that timeout ends (nothing else cancels
+        them), and logs each CancelledError as "Exception in ASGI application" with a traceback:
+        an expected end of a shutdown that reads as a crash. Here it is one warning; the request
+        is answered a JSON 503 unless the endpoint did (service/shutdown.py) or an answer had
+        started (then the connection closes); the cancellation ends here, with the request.
+        """
+
+        async def run(scope: Scope, receive: Receive, send: Send) -> None:
+            try:
+                await app(scope, receive, send)
+            except asyncio.CancelledError:
+                if not self._draining:
+                    raise
+                if not cycle.response_started:
+                    body = orjson.dumps({"detail": SHUTTING_DOWN})
+                    await answer_cut(send, body, cut_headers(body, self.limits.retry_after_s))
+                self._log_cut(cycle, scope)
+
+        return run
+
+    def _log_cut(self, cycle: RequestResponseCycle, scope: Scope) -> None:
+        """One line for a cut request; the connection closes if its answer was half sent."""
+        if cycle.response_complete:
+            outcome = "answered with Connection: close"
+        else:
+            outcome = "its answer was cut short"
+            cycle.disconnected = True  # uvicorn logs nothing more for it
+            self.transport.close()
+        log.warning(
+            "%s %s from %s cut by the graceful-shutdown timeout: %s",
+            scope.get("method", ""), scope.get("path", ""), self._peer(), outcome,
+        )  # fmt: skip
 
     def _drain_close(self) -> None:
         if self.transport.is_closing():

@@ -110,6 +110,16 @@ class QuantileValue(BaseModel):
 
 
 class CalibrationSummary(BaseModel):
+    score: str = Field(
+        default="min_distance",
+        description="The served OOD score the thresholds are for: min_distance, or the one a "
+        "result's `score` field carries (mahalanobis, entropic, mmles).",
+    )
+    in_distribution: Literal["lower", "higher"] = Field(
+        default="lower",
+        description="Which side of the threshold is in distribution: `lower` (is_ood = score > "
+        "threshold) or `higher` (is_ood = score < threshold).",
+    )
     split: str
     size: int
     target_tpr: float = Field(description="The manifest's calibrated operating point.")
@@ -129,7 +139,7 @@ class CalibrationSummary(BaseModel):
     )
     quantiles: list[QuantileValue] = Field(
         default_factory=list,
-        description="The manifest's quantile table of validation min_distance: `value` is the "
+        description="The manifest's quantile table of the served score on validation: `value` is the "
         "`q` quantile, so a threshold there keeps `q` of the in-distribution images. The web page "
         "draws an image's distance against it.",
     )

@@ -1,4 +1,4 @@
-"""The server harness (isomax/harness.py) on its own: what tests, benchmarks and the GPU check rely on.
+"""The server harness (tests/harness.py) on its own: what tests, benchmarks and the GPU check rely on.
 
 Its main user, `isomax serve` under the service tests, is covered there; here, the edges: a
 process that dies before it is ready, one that never gets ready, the process group stopped
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from isomax import harness
+from tests import harness
 
 # A server with a child that outlives its parent's end unless the harness finds it: the child
 # starts a session of its own (as BentoML's workers do), so neither the server's process group

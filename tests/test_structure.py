@@ -10,7 +10,7 @@ from PIL import Image
 
 from isomax.contract import structure
 from isomax.contract.decode import ImageTooLargeError, open_header
-from tests.service.hostile_files import jpeg_segments, png_chunks, tiff_strips
+from tests.service.hostile_files import jpeg_segments, png_chunks, tiff_chain, tiff_strips
 
 
 def saved(fmt: str, **kw: object) -> bytes:
@@ -29,6 +29,8 @@ def saved(fmt: str, **kw: object) -> bytes:
         saved("TIFF", compression="tiff_lzw"),
         saved("TIFF", big_tiff=True),
         tiff_strips(structure.MAX_TIFF_PARTS),
+        tiff_chain(structure.MAX_TIFF_IFDS, last_strips=structure.MAX_TIFF_PARTS),
+        tiff_chain(3, loop=True),
         png_chunks(structure.MAX_PNG_CHUNKS - 3),
         jpeg_segments(structure.MAX_JPEG_SEGMENTS - 20),
     ],
@@ -40,6 +42,8 @@ def saved(fmt: str, **kw: object) -> bytes:
         "tiff-lzw",
         "bigtiff",
         "tiff-at-bound",
+        "tiff-ifds-at-bound",
+        "tiff-ifd-loop",
         "png-at-bound",
         "jpeg-near-bound",
     ],
@@ -53,6 +57,11 @@ def test_files_within_the_bounds_pass(data: bytes) -> None:
     ("data", "what"),
     [
         (tiff_strips(structure.MAX_TIFF_PARTS + 1), "strips"),
+        # every IFD of the chain is checked, not only the first
+        (tiff_chain(2, last_strips=structure.MAX_TIFF_PARTS + 1), "strips in IFD 1"),
+        (tiff_chain(3, last_extra_tags=structure.MAX_TIFF_TAGS), "tags in IFD 2"),
+        (tiff_chain(structure.MAX_TIFF_IFDS + 1), "IFDs"),
+        (tiff_chain(9, extra_tags=structure.MAX_TIFF_TAGS - 9), "tags over its IFDs"),
         (png_chunks(structure.MAX_PNG_CHUNKS), "chunks"),
         (jpeg_segments(structure.MAX_JPEG_SEGMENTS), "segments"),
     ],
@@ -68,3 +77,13 @@ def test_damaged_files_are_left_to_pillow() -> None:
     """A walk that runs off the end or finds no marker decides nothing (Pillow says why)."""
     for data in (saved("PNG")[:30], saved("JPEG")[:10] + b"\x00" * 10, b"II*\x00\xff\xff\xff\xff"):
         structure.check_structure(data)
+
+
+def test_a_multi_image_tiff_within_the_bounds_decodes_its_first_image() -> None:
+    """The crafted chains are real TIFFs: Pillow counts their images and decodes the first."""
+    data = tiff_chain(4, last_strips=5)
+    structure.check_structure(data)
+    img = open_header(data)
+    assert img.size == (28, 28) and getattr(img, "n_frames", 1) == 4
+    img.seek(3)
+    assert img.size == (1, 5)

@@ -221,6 +221,15 @@ def threshold_summary(bundle: Path) -> str:
     )
 
 
+def cmd_select(a: argparse.Namespace) -> int:
+    from training.select_runs import markdown, select_runs
+
+    record = select_runs([Path(d) for d in a.run_dirs], Path(a.json) if a.json else None)
+    print(markdown(record))
+    print(f"chosen: {record['chosen']} serving {record['chosen_score']}")
+    return 0
+
+
 def cmd_data(a: argparse.Namespace) -> int:
     if a.photos:
         from training.data.sample_photos import make_photo_folder
@@ -291,15 +300,12 @@ def _add_ood_folder_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="isomax", description="Train, evaluate and export IsoMax+ models."
-    )
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="debug logging, other libraries' included"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+# What `add_subparsers` returns (argparse names its type only privately).
+_Subcommands = argparse._SubParsersAction
 
+
+def _add_train_command(sub: _Subcommands) -> None:
+    """`isomax train`: a model into a run directory."""
     p = sub.add_parser("train", help="train a model into a run directory")
     _add_train_args(p)
     p.add_argument(
@@ -309,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
+
+def _add_evaluate_command(sub: _Subcommands) -> None:
+    """`isomax evaluate`: accuracy, OOD metrics and plots of a trained run."""
     p = sub.add_parser("evaluate", help="accuracy, OOD metrics and plots of a trained run")
     p.add_argument("run_dir")
     p.add_argument("--checkpoint", default="best.pt")
@@ -317,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ood_folder_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_export_command(sub: _Subcommands) -> None:
+    """`isomax export`: a run to a calibrated bundle."""
     p = sub.add_parser(
         "export", help="ONNX export + parity check + calibration -> models/<name>/<version>"
     )
@@ -347,17 +359,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--score",
-        default="min_distance",
+        default="auto",
         choices=[*SERVED_SCORES, "auto"],
         help="the served score the verdict is calibrated on: min_distance (IsoMax+'s MDS), "
         "entropic, mmles (DisMax's), mahalanobis (on the normalized features, fitted on the "
         "training split), or auto: the one with the best pseudo-OOD AUROC on the validation "
-        "split (training/selection.py; no OOD data)",
+        "split (training/selection.py; no OOD data) (default: auto)",
     )
     _add_ood_folder_arg(p)
     p.add_argument("--description", default=None)
     p.set_defaults(func=cmd_export)
 
+
+def _add_reproduce_command(sub: _Subcommands) -> None:
+    """`isomax reproduce`: the paper's tables over seeds."""
     p = sub.add_parser(
         "reproduce", help="SoftMax vs IsoMax vs IsoMax+ over seeds (the paper's tables)"
     )
@@ -381,6 +396,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_reproduce)
 
+
+def _add_select_command(sub: _Subcommands) -> None:
+    """`isomax select`: the run the choosing rule ships."""
+    p = sub.add_parser(
+        "select",
+        help="which trained run (loss, recipe, augmentation) the choosing rule ships, from "
+        "validation data and pseudo-OOD only",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN")
+    p.add_argument("--json", default=None, help="also write the rule's record here")
+    p.set_defaults(func=cmd_select)
+
+
+def _add_data_command(sub: _Subcommands) -> None:
+    """`isomax data`: check and describe the data sets."""
     p = sub.add_parser("data", help="check the data sets and describe them")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST idx directory")
     p.add_argument(
@@ -395,6 +425,22 @@ def build_parser() -> argparse.ArgumentParser:
         "scikit-image's photographs, to try image-folder training",
     )
     p.set_defaults(func=cmd_data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="isomax", description="Train, evaluate and export IsoMax+ models."
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, other libraries' included"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_command(sub)
+    _add_evaluate_command(sub)
+    _add_export_command(sub)
+    _add_reproduce_command(sub)
+    _add_select_command(sub)
+    _add_data_command(sub)
     for p in sub.choices.values():  # `isomax export RUN --verbose` as well as `isomax -v export`
         p.add_argument(
             "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as isomax -v"

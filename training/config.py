@@ -115,7 +115,7 @@ class TrainConfig:
         "vs pseudo-OOD beside the trained model's (log and RUN/summary.json)",
     )
     # Off by default: on Fashion-MNIST in short CPU runs it cost accuracy and MDS AUROC vs MNIST
-    # (3 epochs on 15k images: 85.3% / 0.67 with it, 87.7% / 0.89 without).
+    # (docs/training.md, "Measurements behind the small defaults").
     augment: bool = _f(
         False,
         "augment training images: random crop (pad 2) + flip on small arrays; "

@@ -89,7 +89,10 @@ def markdown_table(
     acc = ", ".join(f"{k} {100 * v:.2f}%" for k, v in report["accuracy"].items())
     if not report["ood"]:  # a header alone reads as a failed evaluation
         return f"Accuracy: {acc}\n\nNo OOD set was scored (--ood-folder NAME=DIR adds one).\n"
-    scores = report["scores"]
+    # The served score (e.g. `mahalanobis`, `mahalanobis_class`) is scored beside the model's
+    # own; a table without it would hide the one figure that describes what is served.
+    first = next(iter(report["ood"].values()))
+    scores = [*report["scores"], *(s for s in first if s not in report["scores"])]
     head = "| OOD set | " + " | ".join(f"{s.upper()} {m}" for s in scores for m in metrics) + " |"
     lines = [head, "|" + " --- |" * (1 + len(scores) * len(metrics))]
     for name, per_score in report["ood"].items():

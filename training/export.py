@@ -17,7 +17,8 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -244,97 +245,82 @@ def next_version(models_dir: Path, name: str) -> str:
     return str(max(versions, default=0) + 1)
 
 
+@dataclass(frozen=True)
+class BundleSpec:
+    """What the bundle is and where it goes: `models_dir/name/version/`."""
+
+    name: str
+    labels: Sequence[str]
+    preprocess: Preprocess  # its mean/std are replaced by what the graph applies
+    models_dir: Path | str = "models"
+    version: str | None = None  # default: one past the highest version under models_dir/name
+    description: str = ""
+    training: Mapping[str, Any] = field(default_factory=dict)  # the manifest's `training` record
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """What the exported graph computes around the model (`ServingGraph`).
+
+    `mean`/`std`: applied inside the graph, unless the model normalizes itself (pass none).
+    `score`: the served score (`isomax.contract.verdict.SERVED_SCORES`), an output of the
+    graph on which the thresholds are calibrated; `mahalanobis`, its fit, for that score.
+    """
+
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    score: str = "min_distance"
+    mahalanobis: MahalanobisFit | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class CalibrationSet:
+    """Held-out in-distribution images the thresholds are calibrated on.
+
+    `images`: uint8 `[N, C, H, W]` or floats in [0, 1], never OOD data and never the test set;
+    the threshold keeps `target_tpr` of them. `labels`, if given: also fit a temperature on
+    them (`training.temperature`), stored as `calibration.temperature`, so that the served
+    probability is softmax(logits / T); without them the bundle has none. `per_class`: also
+    calibrate one threshold per predicted class (`ClassCalibration`), which the service then
+    uses. `split` names the images in the manifest; `parity_images` (default: the first 16
+    images) are those ONNX is checked against torch on.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray | None = None
+    split: str = "validation"
+    target_tpr: float = 0.95
+    per_class: bool = True
+    parity_images: np.ndarray | None = None
+
+
+Evaluate = Callable[[OnnxPredictor, Calibration], EvaluationMetrics]
+
+
 def export_bundle(
     model: nn.Module,
+    bundle: BundleSpec,
+    calibration: CalibrationSet,
+    graph: GraphSpec | None = None,
     *,
-    name: str,
-    labels: Sequence[str],
-    preprocess: Preprocess,
-    calibration_images: np.ndarray,
-    models_dir: Path | str = "models",
-    version: str | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    target_tpr: float = 0.95,
-    calibration_split: str = "validation",
-    parity_images: np.ndarray | None = None,
-    training: dict[str, Any] | None = None,
     metrics: EvaluationMetrics | dict[str, Any] | None = None,
-    evaluate: Callable[[OnnxPredictor, Calibration], EvaluationMetrics] | None = None,
-    calibration_labels: np.ndarray | None = None,
-    description: str = "",
-    per_class: bool = True,
-    score: str = "min_distance",
-    mahalanobis: MahalanobisFit | None = None,
+    evaluate: Evaluate | None = None,
 ) -> Path:
     """Write `models_dir/name/version/{model.onnx, manifest.json}` and return that directory.
 
-    `calibration_images`: held-out in-distribution images (uint8 `[N, C, H, W]` or floats in
-    [0, 1]), never OOD data and never the test set; the threshold keeps `target_tpr` of them.
-    `parity_images` default to the first calibration images. `evaluate`, if given, scores
-    the exported graph itself (what will be served) with the calibration just made, and its
-    metrics go into the manifest. `per_class`: also calibrate one threshold per
-    predicted class (`isomax.contract.manifest.ClassCalibration`), which the service then uses.
-    `calibration_labels` (the calibration images' labels): also fit a temperature on them
-    (`training.temperature`), stored as `calibration.temperature`, so that the served
-    probability is softmax(logits / T); without them the bundle has none (softmax(logits)).
-    `score`: the served score (`isomax.contract.verdict.SERVED_SCORES`), an output of the graph
-    on which the thresholds are calibrated; `mahalanobis`, its fit, for the Mahalanobis score.
+    `evaluate`, if given, scores the exported graph itself (what will be served) with the
+    calibration just made, and its metrics go into the manifest; else `metrics` do.
     """
-    models_dir = Path(models_dir)
-    version = version or next_version(models_dir, name)
-    final = models_dir / name / version
-    if final.exists():
-        raise FileExistsError(
-            f"bundle {final} already exists; choose another version (nothing was written)"
-        )
-    model = model.eval().cpu()
-    graph = ServingGraph(model, mean, std, score=score, mahalanobis=mahalanobis)
+    final = _final_dir(bundle)
+    spec = graph or GraphSpec()
+    serving = ServingGraph(model.eval().cpu(), spec.mean, spec.std, spec.score, spec.mahalanobis)
     # The manifest documents what the graph does, whatever the caller's preprocess said.
-    graph_mean, graph_std = graph.normalization()
-    preprocess = preprocess.model_copy(update={"mean": graph_mean, "std": graph_std})
+    graph_mean, graph_std = serving.normalization()
+    preprocess = bundle.preprocess.model_copy(update={"mean": graph_mean, "std": graph_std})
     Preprocess.model_validate(preprocess.model_dump())  # channel counts still agree
-    parity_images = calibration_images[:16] if parity_images is None else parity_images
-    n_classes = len(labels)
-    # Directories this export creates, removed again (when still empty) if it fails.
-    created = [d for d in (models_dir / name, *(models_dir / name).parents) if not d.exists()]
-    (models_dir / name).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=models_dir / name))
-    try:
+    with _staged(final) as tmp:
         onnx_path = tmp / "model.onnx"
-        x0 = parity_images[:2]
-        export_onnx(
-            graph,
-            onnx_path,
-            torch.from_numpy(graph_input(x0)),
-            output_names=graph.output_names,
-        )
-        worst = check_parity(graph, onnx_path, parity_images)
-        log.info("ONNX parity: max abs difference %.2e", worst)
-        outputs = OnnxPredictor(onnx_path).outputs(calibration_images)
-        logits, served = outputs["logits"], outputs[graph.served.name]
-        if logits.shape[1] != n_classes:
-            raise ValueError(
-                f"model gives {logits.shape[1]} logits but {n_classes} labels were given"
-            )
-        cal: Calibration = calibrate(
-            served,
-            score=score,
-            target_tpr=target_tpr,
-            split=calibration_split,
-            val_classes=logits.argmax(1) if per_class else None,
-            num_classes=n_classes if per_class else None,
-        )
-        if calibration_labels is not None:
-            # Temperature scaling on the same held-out split (training/temperature.py).
-            temperature = fit_temperature(logits, np.asarray(calibration_labels))
-            cal = cal.model_copy(update={"temperature": temperature})
-            log.info(
-                "temperature %.4f fitted on %d %s images",
-                temperature,
-                len(logits),
-                calibration_split,
-            )
+        served, cal = _export_and_calibrate(serving, onnx_path, calibration, len(bundle.labels))
         if evaluate is not None:
             m = evaluate(OnnxPredictor(onnx_path), cal)
         else:
@@ -344,34 +330,102 @@ def export_bundle(
                 else EvaluationMetrics.model_validate(metrics or {})
             )
         manifest = Manifest(
-            name=name,
-            version=version,
+            name=bundle.name,
+            version=final.name,
             created=datetime.now(UTC),
             source_commit=source_commit(),
-            description=description,
+            description=bundle.description,
             onnx=OnnxSpec(file="model.onnx", sha256=sha256_file(onnx_path), opset=OPSET),
             preprocess=preprocess,
-            labels=tuple(labels),
-            training=training or {},
+            labels=tuple(bundle.labels),
+            training=dict(bundle.training),
             metrics=m,
             calibration=cal,
         )
         manifest.write(tmp)
         Manifest.read(tmp)  # the service's own validation, before the bundle becomes visible
+    _log_kept(final, served, cal, calibration)
+    return final
+
+
+def _final_dir(bundle: BundleSpec) -> Path:
+    """The bundle's directory, which must not exist yet (a version is never overwritten)."""
+    models_dir = Path(bundle.models_dir)
+    final = models_dir / bundle.name / (bundle.version or next_version(models_dir, bundle.name))
+    if final.exists():
+        raise FileExistsError(
+            f"bundle {final} already exists; choose another version (nothing was written)"
+        )
+    return final
+
+
+@contextlib.contextmanager
+def _staged(final: Path) -> Iterator[Path]:
+    """A private directory beside `final`, renamed to it when the block succeeds.
+
+    If anything fails, the directory goes, and so do the parents this export created (when
+    still empty): an empty `models/<name>/` would be served as a model.
+    """
+    created = [d for d in (final.parent, *final.parent.parents) if not d.exists()]
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private; a non-root server must read it
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        for d in created:  # innermost first; an empty models/<name>/ would be served as a model
+        for d in created:  # innermost first
             with contextlib.suppress(OSError):  # not empty: another export wrote there
                 d.rmdir()
         raise
-    # What the thresholds really keep: on small splits the quantile overshoots the target.
+
+
+def _export_and_calibrate(
+    graph: ServingGraph, onnx_path: Path, calibration: CalibrationSet, n_classes: int
+) -> tuple[np.ndarray, Calibration]:
+    """Export, check parity, then calibrate on the exported graph's own outputs.
+
+    Returns the served score of every calibration image and the calibration.
+    """
+    images = calibration.images
+    parity = images[:16] if calibration.parity_images is None else calibration.parity_images
+    export_onnx(
+        graph, onnx_path, torch.from_numpy(graph_input(parity[:2])), output_names=graph.output_names
+    )
+    worst = check_parity(graph, onnx_path, parity)
+    log.info("ONNX parity: max abs difference %.2e", worst)
+    outputs = OnnxPredictor(onnx_path).outputs(images)
+    logits, served = outputs["logits"], outputs[graph.served.name]
+    if logits.shape[1] != n_classes:
+        raise ValueError(f"model gives {logits.shape[1]} logits but {n_classes} labels were given")
+    per_class = calibration.per_class
+    cal: Calibration = calibrate(
+        served,
+        score=graph.served.name,
+        target_tpr=calibration.target_tpr,
+        split=calibration.split,
+        val_classes=logits.argmax(1) if per_class else None,
+        num_classes=n_classes if per_class else None,
+    )
+    if calibration.labels is not None:
+        # Temperature scaling on the same held-out split (training/temperature.py).
+        temperature = fit_temperature(logits, np.asarray(calibration.labels))
+        cal = cal.model_copy(update={"temperature": temperature})
+        log.info(
+            "temperature %.4f fitted on %d %s images", temperature, len(logits), calibration.split
+        )
+    return served, cal
+
+
+def _log_kept(
+    final: Path, served: np.ndarray, cal: Calibration, calibration: CalibrationSet
+) -> None:
+    """What the thresholds really keep: on small splits the quantile overshoots the target."""
     higher = cal.in_distribution == "higher"
     kept = int(np.sum(served >= cal.threshold if higher else served <= cal.threshold))
     log.info(
         "wrote bundle %s: threshold %.4f keeps %d of %d %s images (%.1f%%, target %.0f%%)",
-        final, cal.threshold, kept, cal.size, calibration_split, 100 * kept / cal.size,
-        100 * target_tpr,
+        final, cal.threshold, kept, cal.size, calibration.split, 100 * kept / cal.size,
+        100 * calibration.target_tpr,
     )  # fmt: skip
-    return final

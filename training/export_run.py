@@ -13,14 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from isomax.contract.manifest import Calibration, CalibrationError, EvaluationMetrics
+from isomax.contract.manifest import Calibration, CalibrationError, EvaluationMetrics, Preprocess
 from isomax.contract.verdict import Thresholds
 from training.config import TrainConfig
 from training.data.datasets import Splits, load_dataset
 from training.data.ood import ood_sets_for
 from training.evaluate import evaluate
-from training.export import OnnxPredictor, export_bundle
-from training.mahalanobis import fit_on_training_split
+from training.export import BundleSpec, CalibrationSet, GraphSpec, OnnxPredictor, export_bundle
+from training.mahalanobis import MahalanobisFit, fit_on_training_split
 from training.models import Classifier
 from training.ood_metrics import ood_metrics
 from training.temperature import ECE_BINS, confidence_gap, expected_calibration_error
@@ -132,6 +132,42 @@ def export_run(
         )
     preprocess = serving_preprocess(meta, cfg)
     done = ExportedRun(bundle=Path())
+    score, fit = _served_score(model, splits, score, done)
+    scorer = _GraphScorer(done, cfg, splits, preprocess, score, ood, ood_folders, evaluate_sets)
+    training = {
+        **cfg.to_dict(),
+        "checkpoint": checkpoint,
+        "train_seconds": round((last_record(Path(run_dir)) or {}).get("seconds", 0.0), 1),
+    }
+    done.bundle = export_bundle(
+        model,
+        BundleSpec(
+            name=name or f"{cfg.dataset}-{cfg.head}",
+            labels=splits.labels,
+            preprocess=preprocess,
+            models_dir=models_dir,
+            version=version,
+            description=description
+            or f"{cfg.arch} trained with the {cfg.head} loss on {cfg.dataset}",
+            training=training,
+        ),
+        CalibrationSet(
+            splits.val_x,
+            labels=splits.val_y if temperature else None,
+            split=f"{cfg.dataset} validation (held out of train, split seed {cfg.split_seed})",
+            target_tpr=target_tpr,
+            per_class=per_class,
+        ),
+        GraphSpec(score=score, mahalanobis=fit),
+        evaluate=scorer,
+    )
+    return done
+
+
+def _served_score(
+    model: Classifier, splits: Splits, score: str, done: ExportedRun
+) -> tuple[str, MahalanobisFit | None]:
+    """(served score, its Mahalanobis fit or None); "auto" picks it and records the choice."""
     fit = None
     if score in ("auto", "mahalanobis"):
         fit = fit_on_training_split(model, splits)
@@ -141,23 +177,39 @@ def export_run(
         choice = pick_score(model, splits, fit)
         score = choice.score
         done.report["score_selection"] = choice.to_dict()
-    fit = fit if score == "mahalanobis" else None
+    return score, (fit if score == "mahalanobis" else None)
 
-    def evaluate_graph(predictor: OnnxPredictor, cal: Calibration) -> EvaluationMetrics:
+
+@dataclass
+class _GraphScorer:
+    """`export_bundle`'s `evaluate`: the exported graph on the test split and the OOD sets, at
+    the calibration just made; the report goes into `done`, the metrics into the manifest."""
+
+    done: ExportedRun
+    cfg: TrainConfig
+    splits: Splits
+    preprocess: Preprocess
+    score: str
+    ood: str | None
+    ood_folders: list[str] | None
+    evaluate_sets: bool
+
+    def __call__(self, predictor: OnnxPredictor, cal: Calibration) -> EvaluationMetrics:
+        splits, score, done = self.splits, self.score, self.done
         served = Thresholds.lookup(cal)
-        if splits.test_x is None or not evaluate_sets:
+        if splits.test_x is None or not self.evaluate_sets:
             val_logits = predictor(splits.val_x)[0]
             return EvaluationMetrics(
                 accuracy={"val": float((val_logits.argmax(1) == splits.val_y).mean())}
             )
         test_x, test_y = splits.test_x, splits.test_y
         assert test_y is not None  # a test split has labels
-        sets = ood_sets_for(splits, ood, ood_folders, preprocess)
+        sets = ood_sets_for(splits, self.ood, self.ood_folders, self.preprocess)
         keep = _ServedOutputs(predictor, score)
         thresholds = served.per_class
         r, outputs = evaluate(
             keep,
-            cfg.head,
+            self.cfg.head,
             test_x,
             test_y,
             sets,
@@ -174,13 +226,7 @@ def export_run(
             extra = _served_ood(scored["in"], {k: scored[k] for k in sets}, logits, served, score)
             for k, rows in extra.items():
                 r["ood"][k].update(rows)
-        # Share of each set the served verdict flags: ~1 - target_tpr on "test" by design.
-        flagged = {
-            ("test" if k == "in" else k): float(
-                np.mean(served.judge(outputs[k][0].argmax(1).tolist(), v.tolist())[1])
-            )
-            for k, v in scored.items()
-        }
+        flagged = _flagged_shares(served, scored, outputs)
         done.report["flagged_at_threshold"] = flagged
         ece = {}
         if cal.temperature is not None:  # calibration of `probability` on the test split
@@ -193,26 +239,14 @@ def export_run(
             accuracy=r["accuracy"], ood=r["ood"], flagged=flagged, calibration_error=ece
         )
 
-    done.bundle = export_bundle(
-        model,
-        name=name or f"{cfg.dataset}-{cfg.head}",
-        version=version,
-        labels=splits.labels,
-        preprocess=preprocess,
-        calibration_images=splits.val_x,
-        models_dir=models_dir,
-        target_tpr=target_tpr,
-        calibration_split=f"{cfg.dataset} validation (held out of train, split seed {cfg.split_seed})",
-        training={
-            **cfg.to_dict(),
-            "checkpoint": checkpoint,
-            "train_seconds": round((last_record(Path(run_dir)) or {}).get("seconds", 0.0), 1),
-        },
-        evaluate=evaluate_graph,
-        calibration_labels=splits.val_y if temperature else None,
-        per_class=per_class,
-        description=description or f"{cfg.arch} trained with the {cfg.head} loss on {cfg.dataset}",
-        score=score,
-        mahalanobis=fit,
-    )
-    return done
+
+def _flagged_shares(
+    served: Thresholds, scored: dict[str, np.ndarray], outputs: dict[str, Any]
+) -> dict[str, float]:
+    """Share of each set the served verdict flags: ~1 - target_tpr on "test" by design."""
+    return {
+        ("test" if k == "in" else k): float(
+            np.mean(served.judge(outputs[k][0].argmax(1).tolist(), v.tolist())[1])
+        )
+        for k, v in scored.items()
+    }

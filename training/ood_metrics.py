@@ -46,7 +46,7 @@ def _counts(s_in: np.ndarray, s_out: np.ndarray) -> tuple[np.ndarray, np.ndarray
     metric below is computed from these integers so that none can leave [0, 1] by rounding:
     scikit-learn's `average_precision_score` sums float recall steps and returns 1 + 2e-16 on
     688 of the 3,136 perfectly separated (ID, OOD) count pairs between 5 and 60, which the
-    manifest refuses. One sort also spares four input validations (~2 ms each here).
+    manifest refuses. One sort also spares scikit-learn's four input validations.
     """
     s = np.concatenate([s_in, s_out])
     is_in = np.concatenate([np.ones(len(s_in)), np.zeros(len(s_out))])

@@ -219,66 +219,44 @@ def _label(method: str) -> str:
     return f"{NAMES[head]}<sub>{_score_label(score)}</sub>"
 
 
+# The paper's claims and this project's changes: (claim, method a, method b), each holding
+# where a has the higher mean AUROC on every OOD set both were scored on.
+CLAIMS = (
+    ("IsoMax+ with MDS beats SoftMax with the entropic score (Table 3)", "isomaxplus_mds", "softmax_es"),
+    ("IsoMax+ with MDS beats IsoMax with the entropic score (Table 3)", "isomaxplus_mds", "isomax_es"),
+    ("On IsoMax+, MDS beats the entropic score (Table 6)", "isomaxplus_mds", "isomaxplus_es"),
+    ("MDS works on IsoMax+ but not on IsoMax (Table 6, Fig. 1)", "isomaxplus_mds", "isomax_mds"),
+    ("IsoMax+ with MDS beats SoftMax with the energy score (not in the paper)", "isomaxplus_mds", "softmax_energy"),
+    ("Class thresholds beat the global one for MDS on IsoMax+ (this project's change)", "isomaxplus_mds_class", "isomaxplus_mds"),
+    ("On IsoMax+ with class thresholds, MDS beats the entropic score (this project's change)", "isomaxplus_mds_class", "isomaxplus_es_class"),
+    ("IsoMax+ with MDS/class beats SoftMax with the energy score (not in the paper)", "isomaxplus_mds_class", "softmax_energy"),
+    ("Unit-norm prototypes beat the paper's N(0, 1) initialization for MDS (this project's change)", "isomaxplus_mds", "isomaxplus-paperinit_mds"),
+)  # fmt: skip
+
+
+def _claim(summary: dict[str, Any], text: str, a: str, b: str) -> str | None:
+    """One line of `claims`, or None when either method was not run."""
+    if a not in summary or b not in summary:
+        return None
+    pa, pb = summary[a]["per_set"], summary[b]["per_set"]
+    sets = [s for s in pa if s in pb]  # the sets both were scored on
+    w = [s for s in sets if pa[s]["auroc_mean"] > pb[s]["auroc_mean"]]
+    verdict = (
+        "holds"
+        if len(w) == len(sets)
+        else ("holds on most sets" if len(w) > len(sets) / 2 else "does not hold")
+    )
+    lost = sorted(set(sets) - set(w))
+    return (
+        f"- {text}: **{verdict}** (higher mean AUROC on {len(w)}/{len(sets)} sets"
+        + (f"; not on {', '.join(lost)}" if lost else "")
+        + ")."
+    )
+
+
 def claims(summary: dict[str, Any]) -> list[str]:
     """The paper's claims, each checked on this data: 'holds' or 'does not hold', with counts."""
-    out: list[str] = []
-
-    def claim(text: str, a: str, b: str) -> None:
-        if a in summary and b in summary:
-            pa, pb = summary[a]["per_set"], summary[b]["per_set"]
-            sets = [s for s in pa if s in pb]  # the sets both were scored on
-            w = [s for s in sets if pa[s]["auroc_mean"] > pb[s]["auroc_mean"]]
-            verdict = (
-                "holds"
-                if len(w) == len(sets)
-                else ("holds on most sets" if len(w) > len(sets) / 2 else "does not hold")
-            )
-            lost = sorted(set(sets) - set(w))
-            out.append(
-                f"- {text}: **{verdict}** (higher mean AUROC on {len(w)}/{len(sets)} sets"
-                + (f"; not on {', '.join(lost)}" if lost else "")
-                + ")."
-            )
-
-    claim(
-        "IsoMax+ with MDS beats SoftMax with the entropic score (Table 3)",
-        "isomaxplus_mds",
-        "softmax_es",
-    )
-    claim(
-        "IsoMax+ with MDS beats IsoMax with the entropic score (Table 3)",
-        "isomaxplus_mds",
-        "isomax_es",
-    )
-    claim("On IsoMax+, MDS beats the entropic score (Table 6)", "isomaxplus_mds", "isomaxplus_es")
-    claim(
-        "MDS works on IsoMax+ but not on IsoMax (Table 6, Fig. 1)", "isomaxplus_mds", "isomax_mds"
-    )
-    claim(
-        "IsoMax+ with MDS beats SoftMax with the energy score (not in the paper)",
-        "isomaxplus_mds",
-        "softmax_energy",
-    )
-    claim(
-        "Class thresholds beat the global one for MDS on IsoMax+ (this project's change)",
-        "isomaxplus_mds_class",
-        "isomaxplus_mds",
-    )
-    claim(
-        "On IsoMax+ with class thresholds, MDS beats the entropic score (this project's change)",
-        "isomaxplus_mds_class",
-        "isomaxplus_es_class",
-    )
-    claim(
-        "IsoMax+ with MDS/class beats SoftMax with the energy score (not in the paper)",
-        "isomaxplus_mds_class",
-        "softmax_energy",
-    )
-    claim(
-        "Unit-norm prototypes beat the paper's N(0, 1) initialization for MDS (this project's change)",
-        "isomaxplus_mds",
-        "isomaxplus-paperinit_mds",
-    )
+    out = [line for c in CLAIMS if (line := _claim(summary, *c)) is not None]
     if "softmax_es" in summary and "isomaxplus_mds" in summary:
         d = summary["isomaxplus_mds"]["accuracy_mean"] - summary["softmax_es"]["accuracy_mean"]
         out.append(
@@ -294,10 +272,25 @@ def _optimizer(cfg: dict[str, Any]) -> str:
 
 
 def write_report(result: dict[str, Any], out_dir: Path, figures: dict[str, str]) -> Path:
-    s = result["summary"]
-    sets = _all_sets(s)
-    cfg = result["recipe"]
+    """`out_dir/reproduction.md`: the recipe and cost, the claims, the paper's tables, figures."""
     lines = [
+        *_report_intro(result),
+        *_report_tables(result["summary"]),
+        "## Figures",
+        "",
+        *[f"![{k}]({v})" for k, v in figures.items()],
+        "",
+    ]
+    path = out_dir / "reproduction.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _report_intro(result: dict[str, Any]) -> list[str]:
+    """The report's title, recipe, cost and what holds."""
+    s = result["summary"]
+    cfg = result["recipe"]
+    return [
         "# Reproduction: IsoMax+ vs IsoMax vs SoftMax on Fashion-MNIST"
         if cfg["dataset"] == "fashion-mnist"
         else f"# Reproduction on {cfg['dataset']}",
@@ -312,6 +305,13 @@ def write_report(result: dict[str, Any], out_dir: Path, figures: dict[str, str])
         *claims(s),
         *(["", *result.get("notes", [])] if result.get("notes") else []),
         "",
+    ]
+
+
+def _report_tables(s: dict[str, Any]) -> list[str]:
+    """Tables 2, 3 and 6 of the paper, the SoftMax scores, and the means over OOD sets."""
+    sets = _all_sets(s)
+    return [
         "## Table 2: test accuracy",
         "",
         "| loss | accuracy |",
@@ -367,14 +367,7 @@ def write_report(result: dict[str, Any], out_dir: Path, figures: dict[str, str])
             for m, v in sorted(s.items(), key=lambda kv: -kv[1]["auroc_mean"])
         ],
         "",
-        "## Figures",
-        "",
-        *[f"![{k}]({v})" for k, v in figures.items()],
-        "",
     ]
-    path = out_dir / "reproduction.md"
-    path.write_text("\n".join(lines))
-    return path
 
 
 def make_figures(
@@ -429,6 +422,47 @@ def make_figures(
     return figs
 
 
+@dataclasses.dataclass
+class _Runs:
+    """What `reproduce` gathers run by run: the entries, and seed 0's outputs for the figures."""
+
+    runs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    open_runs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    first_outputs: dict[str, dict[str, Outputs]] = dataclasses.field(default_factory=dict)
+    first_reports: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    train_seconds: float = 0.0
+
+    def add(
+        self,
+        head: str,
+        seed: int,
+        run_dir: Path,
+        classes: list[int] | None,
+        report: dict[str, Any],
+        outputs: dict[str, Outputs],
+    ) -> None:
+        entry = {
+            "head": head,
+            "seed": seed,
+            "run": run_dir.name,
+            "accuracy": report["accuracy"],
+            "ood": report["ood"],
+        }
+        (self.open_runs if classes else self.runs).append(entry)
+        if head not in self.first_outputs and not classes:
+            self.first_outputs[head], self.first_reports[head] = outputs, report
+
+
+def _with_open_set(summary: dict[str, Any], open_runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """`summary` with the open-set runs' row added to each method's sets."""
+    if open_runs:
+        for k, v in summarize(open_runs).items():
+            if k in summary:
+                summary[k]["per_set"][OPEN_SET_SET] = v["per_set"][OPEN_SET_SET]
+                summary[k]["open_set_accuracy_mean"] = v["accuracy_mean"]
+    return summary
+
+
 def reproduce(
     base: TrainConfig,
     seeds: Sequence[int],
@@ -443,11 +477,7 @@ def reproduce(
 
     t0 = time.perf_counter()
     ood_sets = load_ood_sets() if base.dataset == "fashion-mnist" else {}
-    runs: list[dict[str, Any]] = []
-    open_runs: list[dict[str, Any]] = []
-    first_outputs: dict[str, dict[str, Outputs]] = {}
-    first_reports: dict[str, dict[str, Any]] = {}
-    train_seconds = 0.0
+    done = _Runs()
     for seed in seeds:
         for head in heads:
             for classes in [None, list(open_set)] if open_set else [None]:
@@ -456,26 +486,12 @@ def reproduce(
                 if only_finished and not _finished(run_dir, cfg):
                     log.warning("skipping %s: not finished (--only-finished)", run_dir.name)
                     continue
-                train_seconds += ensure_trained(cfg, run_dir, progress)
+                done.train_seconds += ensure_trained(cfg, run_dir, progress)
                 report, outputs = ensure_evaluated(cfg, run_dir, {} if classes else ood_sets)
-                entry = {
-                    "head": head,
-                    "seed": seed,
-                    "run": run_dir.name,
-                    "accuracy": report["accuracy"],
-                    "ood": report["ood"],
-                }
-                (open_runs if classes else runs).append(entry)
-                if head not in first_outputs and not classes:
-                    first_outputs[head], first_reports[head] = outputs, report
+                done.add(head, seed, run_dir, classes, report, outputs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize(runs)
-    if open_runs:
-        open_summary = summarize(open_runs)
-        for k, v in open_summary.items():
-            if k in summary:
-                summary[k]["per_set"][OPEN_SET_SET] = v["per_set"][OPEN_SET_SET]
-                summary[k]["open_set_accuracy_mean"] = v["accuracy_mean"]
+    runs, open_runs, train_seconds = done.runs, done.open_runs, done.train_seconds
+    summary = _with_open_set(summarize(runs), open_runs)
     result = {
         "recipe": base.to_dict() | {"head": None, "seed": None},
         "seeds": sorted({r["seed"] for r in runs}),
@@ -486,7 +502,7 @@ def reproduce(
         "summary": summary,
     }
     figures = make_figures(
-        first_outputs, out_dir, reports_by_head=first_reports, dataset=base.dataset
+        done.first_outputs, out_dir, reports_by_head=done.first_reports, dataset=base.dataset
     )
     result["wall_seconds"] = train_seconds + (time.perf_counter() - t0)
     prior = out_dir / "reproduction.json"

@@ -168,6 +168,36 @@ class RunResult:
     seconds: float
 
 
+@dataclass
+class _Run:
+    """Everything one training run holds while it runs; `train` moves it through the epochs."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    dist: Distributed
+    data: Splits
+    model: Classifier
+    step_model: torch.nn.Module  # what the steps call: `model`, DDP-wrapped and/or compiled
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    loader: BatchLoader | FileBatches
+    loss_fn: torch.nn.Module
+    amp: Precision
+    meta: dict[str, Any]
+    start_epoch: int = 0
+    best_acc: float = -1.0
+    best_epoch: int = -1
+    elapsed: float = 0.0
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "best.pt"
+
+
 def train(
     cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True
 ) -> RunResult:
@@ -179,12 +209,25 @@ def train(
     """
     check_config(cfg)
     run_dir = Path(run_dir)
-    dist = Distributed.from_env(cfg.device)
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    if last_path.exists() and not resume:
+    if (run_dir / "last.pt").exists() and not resume:
         raise FileExistsError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
         )
+    run = _start_run(cfg, run_dir, resuming=resume and (run_dir / "last.pt").exists())
+    for epoch in range(run.start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        loss_sum, n = _train_epoch(run, epoch, progress)
+        train_seconds = time.perf_counter() - t0
+        if run.dist.is_main:
+            _end_epoch(run, epoch, loss_sum, n, t0, train_seconds)
+    _finish(run)
+    return RunResult(run_dir, run.best_acc, run.best_epoch, run.elapsed)
+
+
+def _start_run(cfg: TrainConfig, run_dir: Path, resuming: bool) -> _Run:
+    """Data, model, optimizer, schedule and loader, in the order the seed expects; resumed
+    from `last.pt` when `resuming`."""
+    dist = Distributed.from_env(cfg.device)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -193,7 +236,6 @@ def train(
     seed_everything(cfg.seed)
     data = load_dataset(cfg)
     mean, std = input_normalization(cfg, data)
-    resuming = resume and last_path.exists()
     model = model_from_config(
         cfg, len(data.labels), data.shape, mean, std, weights=None if resuming else cfg.weights
     ).to(device)
@@ -203,41 +245,9 @@ def train(
     if not resuming:
         start_from_frozen_features(model, cfg, data, device, run_dir if dist.is_main else None)
     opt = make_optimizer(cfg, model)
-    local_batch = dist.local_batch(cfg.batch_size)
-    loader: BatchLoader | FileBatches
-    if data.train_files is not None:
-        assert data.preprocess is not None
-        files = ImageFiles(data.train_files, data.train_y, data.preprocess, augment=cfg.augment)
-        loader = FileBatches(
-            files,
-            cfg.batch_size,
-            cfg.seed,
-            device,
-            workers=cfg.workers,
-            channels_last=channels_last,
-            shard=(dist.rank, dist.world),
-        )
-    else:
-        loader = BatchLoader(
-            data.train_x,
-            data.train_y,
-            cfg.batch_size,
-            shuffle=True,
-            augment=cfg.augment,
-            seed=cfg.seed,
-            device=device,
-            channels_last=channels_last,
-            drop_last=True,
-            shard=(dist.rank, dist.world),
-        )
-    if len(loader) == 0:
-        raise ValueError(
-            f"{len(data.train_y)} training images make no batch of {cfg.batch_size}; "
-            "lower --batch-size"
-        )
+    local_batch = dist.local_batch(cfg.batch_size)  # refuses a batch that does not split
+    loader = _train_loader(cfg, data, dist, channels_last)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(loader)))
-    loss_fn = make_loss(cfg.head)
-    prepare = getattr(loss_fn, "prepare", None)
     # DDP first, then compile (the order torch documents); checkpoints save `model` itself.
     step_model = dist.wrap(model, find_unused=cfg.freeze_backbone_epochs > 0)
     if cfg.compile:
@@ -250,27 +260,55 @@ def train(
         amp.name,
         local_batch,
     )
-
-    start_epoch, best_acc, best_epoch, elapsed = 0, -1.0, -1, 0.0
+    run = _Run(
+        cfg, run_dir, dist, data, model, step_model, opt, sched, loader,
+        make_loss(cfg.head), amp, _checkpoint_meta(data, mean, std),
+    )  # fmt: skip
     if resuming:
-        ck = torch.load(last_path, map_location=device, weights_only=False)
-        if TrainConfig.from_dict(ck["config"]).to_dict() != cfg.to_dict():
-            raise ValueError(f"{last_path} was trained with a different config; refusing to resume")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        loader.gen.set_state(ck["loader_rng"])
-        torch.set_rng_state(ck["torch_rng"])
-        if "scaler" in ck:
-            amp.scaler.load_state_dict(ck["scaler"])
-        start_epoch, best_acc, best_epoch, elapsed = (
-            ck["epoch"] + 1,
-            ck["best_val_accuracy"],
-            ck["best_epoch"],
-            ck["seconds"],
-        )
-        log.info("resuming %s at epoch %d", run_dir, start_epoch)
+        _resume(run)
+    return run
 
+
+def _train_loader(
+    cfg: TrainConfig, data: Splits, dist: Distributed, channels_last: bool
+) -> BatchLoader | FileBatches:
+    """This process's shard of the shuffled training batches: from files or from the array."""
+    loader: BatchLoader | FileBatches
+    if data.train_files is not None:
+        assert data.preprocess is not None
+        files = ImageFiles(data.train_files, data.train_y, data.preprocess, augment=cfg.augment)
+        loader = FileBatches(
+            files,
+            cfg.batch_size,
+            cfg.seed,
+            dist.device,
+            workers=cfg.workers,
+            channels_last=channels_last,
+            shard=(dist.rank, dist.world),
+        )
+    else:
+        loader = BatchLoader(
+            data.train_x,
+            data.train_y,
+            cfg.batch_size,
+            shuffle=True,
+            augment=cfg.augment,
+            seed=cfg.seed,
+            device=dist.device,
+            channels_last=channels_last,
+            drop_last=True,
+            shard=(dist.rank, dist.world),
+        )
+    if len(loader) == 0:
+        raise ValueError(
+            f"{len(data.train_y)} training images make no batch of {cfg.batch_size}; "
+            "lower --batch-size"
+        )
+    return loader
+
+
+def _checkpoint_meta(data: Splits, mean: list[float], std: list[float]) -> dict[str, Any]:
+    """What export needs besides the weights: labels, normalization, input geometry."""
     meta: dict[str, Any] = {
         "labels": data.labels,
         "mean": mean,
@@ -280,101 +318,132 @@ def train(
     }
     if data.preprocess is not None:
         meta["preprocess"] = data.preprocess.model_dump(mode="json")
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        model.train()
-        backbone_frozen = epoch < cfg.freeze_backbone_epochs
-        model.backbone.requires_grad_(not backbone_frozen)
-        if backbone_frozen:
-            model.backbone.eval()  # BatchNorm statistics stay the pretrained ones too
-        elif cfg.freeze_batchnorm:
-            set_batchnorm_eval(model.backbone)
-        total, n = 0.0, 0
-        bar = tqdm(
-            loader,
-            desc=f"{run_dir.name} epoch {epoch + 1}/{cfg.epochs}",
-            disable=not (progress and dist.is_main),
-            leave=False,
-        )
-        for x, y in bar:
-            if prepare is not None:  # DisMax: the batch's second half as 4-image mosaics
-                x, y = prepare(x, y, len(data.labels))
-            with amp.autocast():
-                loss = loss_fn(step_model(x), y)
-            opt.zero_grad(set_to_none=True)
-            amp.scaler.scale(loss).backward()
-            amp.scaler.step(opt)
-            amp.scaler.update()
-            sched.step()
-            total += loss.item() * len(y)
-            n += len(y)
-            bar.set_postfix(loss=f"{total / n:.4f}")
-        model.backbone.requires_grad_(True)
-        dist.sync_buffers(model)
-        train_seconds = time.perf_counter() - t0
-        if not dist.is_main:
-            continue
-        val_acc = accuracy_of(model, data.val_x, data.val_y, device)
-        elapsed += time.perf_counter() - t0
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": total / max(n, 1),
-            "val_accuracy": val_acc,
-            "lr": sched.get_last_lr()[-1],
-            "seconds": elapsed,
-            "images_per_second": n * dist.world / max(train_seconds, 1e-9),
-        }
-        if hasattr(model.head, "distance_scale"):
-            record["distance_scale"] = float(model.head.distance_scale.detach().abs())  # type: ignore[operator]
-        log.info(
-            "%s epoch %d: loss %.4f val acc %.4f (%.0fs)",
-            run_dir.name,
-            epoch + 1,
-            record["train_loss"],
-            val_acc,
-            elapsed,
-        )
-        state = {
-            "config": cfg.to_dict(),
-            "meta": meta,
-            "model": model.state_dict(),
-            "epoch": epoch,
-            "seconds": elapsed,
-        }
-        if val_acc > best_acc:
-            best_acc, best_epoch = val_acc, epoch + 1
-            _save_atomic({**state, "val_accuracy": val_acc}, best_path)
-        _save_atomic(
-            {
-                **state,
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "scaler": amp.scaler.state_dict(),
-                "loader_rng": loader.gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "best_val_accuracy": best_acc,
-                "best_epoch": best_epoch,
-            },
-            last_path,
-        )
-        # History last: a line in it always has its checkpoint on disk, so a run killed at
-        # any point resumes from the epoch its history ends with.
-        with open(run_dir / "history.jsonl", "a") as history:
-            history.write(json.dumps(record) + "\n")
+    return meta
+
+
+def _resume(run: _Run) -> None:
+    """Weights, optimizer, schedule, random states and progress from `last.pt`."""
+    ck = torch.load(run.last_path, map_location=run.dist.device, weights_only=False)
+    if TrainConfig.from_dict(ck["config"]).to_dict() != run.cfg.to_dict():
+        raise ValueError(f"{run.last_path} was trained with a different config; refusing to resume")
+    run.model.load_state_dict(ck["model"])
+    run.opt.load_state_dict(ck["optimizer"])
+    run.sched.load_state_dict(ck["scheduler"])
+    run.loader.gen.set_state(ck["loader_rng"])
+    torch.set_rng_state(ck["torch_rng"])
+    if "scaler" in ck:
+        run.amp.scaler.load_state_dict(ck["scaler"])
+    run.start_epoch = ck["epoch"] + 1
+    run.best_acc, run.best_epoch, run.elapsed = (
+        ck["best_val_accuracy"],
+        ck["best_epoch"],
+        ck["seconds"],
+    )
+    log.info("resuming %s at epoch %d", run.run_dir, run.start_epoch)
+
+
+def _train_epoch(run: _Run, epoch: int, progress: bool) -> tuple[float, int]:
+    """One pass over this process's batches: (sum of the per-image losses, images seen)."""
+    cfg, model = run.cfg, run.model
+    model.train()
+    backbone_frozen = epoch < cfg.freeze_backbone_epochs
+    model.backbone.requires_grad_(not backbone_frozen)
+    if backbone_frozen:
+        model.backbone.eval()  # BatchNorm statistics stay the pretrained ones too
+    elif cfg.freeze_batchnorm:
+        set_batchnorm_eval(model.backbone)
+    prepare = getattr(run.loss_fn, "prepare", None)
+    total, n = 0.0, 0
+    bar = tqdm(
+        run.loader,
+        desc=f"{run.run_dir.name} epoch {epoch + 1}/{cfg.epochs}",
+        disable=not (progress and run.dist.is_main),
+        leave=False,
+    )
+    for x, y in bar:
+        if prepare is not None:  # DisMax: the batch's second half as 4-image mosaics
+            x, y = prepare(x, y, len(run.data.labels))
+        with run.amp.autocast():
+            loss = run.loss_fn(run.step_model(x), y)
+        run.opt.zero_grad(set_to_none=True)
+        run.amp.scaler.scale(loss).backward()
+        run.amp.scaler.step(run.opt)
+        run.amp.scaler.update()
+        run.sched.step()
+        total += loss.item() * len(y)
+        n += len(y)
+        bar.set_postfix(loss=f"{total / n:.4f}")
+    model.backbone.requires_grad_(True)
+    run.dist.sync_buffers(model)
+    return total, n
+
+
+def _end_epoch(
+    run: _Run, epoch: int, loss_sum: float, n: int, t0: float, train_seconds: float
+) -> None:
+    """Rank 0 after an epoch: validate, then `best.pt`, `last.pt` and the history line."""
+    model, dist = run.model, run.dist
+    val_acc = accuracy_of(model, run.data.val_x, run.data.val_y, dist.device)
+    run.elapsed += time.perf_counter() - t0
+    record = {
+        "epoch": epoch + 1,
+        "train_loss": loss_sum / max(n, 1),
+        "val_accuracy": val_acc,
+        "lr": run.sched.get_last_lr()[-1],
+        "seconds": run.elapsed,
+        "images_per_second": n * dist.world / max(train_seconds, 1e-9),
+    }
+    if hasattr(model.head, "distance_scale"):
+        record["distance_scale"] = float(model.head.distance_scale.detach().abs())  # type: ignore[operator]
+    log.info(
+        "%s epoch %d: loss %.4f val acc %.4f (%.0fs)",
+        run.run_dir.name, epoch + 1, record["train_loss"], val_acc, run.elapsed,
+    )  # fmt: skip
+    state = {
+        "config": run.cfg.to_dict(),
+        "meta": run.meta,
+        "model": model.state_dict(),
+        "epoch": epoch,
+        "seconds": run.elapsed,
+    }
+    if val_acc > run.best_acc:
+        run.best_acc, run.best_epoch = val_acc, epoch + 1
+        _save_atomic({**state, "val_accuracy": val_acc}, run.best_path)
+    _save_atomic(
+        {
+            **state,
+            "optimizer": run.opt.state_dict(),
+            "scheduler": run.sched.state_dict(),
+            "scaler": run.amp.scaler.state_dict(),
+            "loader_rng": run.loader.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "best_val_accuracy": run.best_acc,
+            "best_epoch": run.best_epoch,
+        },
+        run.last_path,
+    )
+    # History last: a line in it always has its checkpoint on disk, so a run killed at
+    # any point resumes from the epoch its history ends with.
+    with open(run.run_dir / "history.jsonl", "a") as history:
+        history.write(json.dumps(record) + "\n")
+
+
+def _finish(run: _Run) -> None:
+    """After the last epoch: the cross-rank weight check, the frozen baseline, the group's end."""
+    dist, model = run.dist, run.model
     if dist.world > 1:
         # DDP keeps replicas equal by construction; check it, since a silent divergence would
         # make the saved rank-0 weights a sample of one.
         spread = dist.weight_spread(model)
         if dist.is_main:
-            (run_dir / "distributed.json").write_text(
+            (run.run_dir / "distributed.json").write_text(
                 json.dumps({"world": dist.world, "max_weight_difference_across_ranks": spread})
             )
         log.info("%d processes: weights differ across ranks by at most %.3g", dist.world, spread)
-    if cfg.frozen_baseline and dist.is_main:
-        model.load_state_dict(torch.load(best_path, map_location=device)["model"])
-        summarize(model, best_epoch, data, device, cfg.workers, run_dir)
+    if run.cfg.frozen_baseline and dist.is_main:
+        model.load_state_dict(torch.load(run.best_path, map_location=dist.device)["model"])
+        summarize(model, run.best_epoch, run.data, dist.device, run.cfg.workers, run.run_dir)
     dist.close()
-    return RunResult(run_dir, best_acc, best_epoch, elapsed)
 
 
 def last_record(run_dir: Path) -> dict[str, Any] | None:

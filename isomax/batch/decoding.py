@@ -83,7 +83,7 @@ def read_file(path: str, limits: Limits) -> bytes | str:
         with open(path, "rb", buffering=0) as f:
             # Its size and one byte (one that grew past the limit since the stat is refused
             # by decode_bytes); not read(max_image_bytes + 1), which allocates the whole
-            # limit first: 10 MiB, 75 us of CPU for a 28x28 PNG.
+            # limit first, costing more than the small file itself (bench/results/serving-log.md, "Measurements behind code choices").
             return f.read(size + 1)
     except OSError as e:
         return _unreadable(e)

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,6 @@ from isomax.batch.scoring import COLUMNS
 log = logging.getLogger(__name__)
 
 RUN_FILE = "_run.json"
-FORMATS = ("parquet", "jsonl", "csv")
-_PART = re.compile(r"^part-(\d{6})\.(parquet|jsonl|csv)$")
 
 SCHEMA = pa.schema(
     [
@@ -53,13 +51,49 @@ SCHEMA = pa.schema(
 assert tuple(SCHEMA.names) == COLUMNS
 
 
+def _write_jsonl(table: pa.Table, path: Path) -> None:
+    with open(path, "wb") as f:
+        for row in table.to_pylist():
+            f.write(json.dumps(row).encode() + b"\n")
+
+
+def _read_parquet(path: Path, columns: list[str] | None) -> pa.Table:
+    return pq.read_table(path, columns=columns, schema=SCHEMA)
+
+
+def _read_csv(path: Path, columns: list[str] | None) -> pa.Table:
+    opts = pa_csv.ConvertOptions(
+        column_types=SCHEMA, include_columns=columns, strings_can_be_null=True
+    )
+    return pa_csv.read_csv(path, convert_options=opts)
+
+
+def _read_jsonl(path: Path, columns: list[str] | None) -> pa.Table:
+    return pa_json.read_json(path, parse_options=pa_json.ParseOptions(explicit_schema=SCHEMA))
+
+
+# Each part format, once: how a part is written, and read back with the output's types.
+_WRITERS: dict[str, Callable[[pa.Table, Path], None]] = {
+    "parquet": pq.write_table,
+    "jsonl": _write_jsonl,
+    "csv": pa_csv.write_csv,
+}
+_READERS: dict[str, Callable[[Path, list[str] | None], pa.Table]] = {
+    "parquet": _read_parquet,
+    "jsonl": _read_jsonl,
+    "csv": _read_csv,
+}
+FORMATS = tuple(_WRITERS)
+_PART = re.compile(rf"^part-(\d{{6}})\.({'|'.join(FORMATS)})$")
+
+
 class OutputMismatchError(RuntimeError):
     """OUT holds rows scored with another model, operating point or format."""
 
 
 def to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Rows as a table of the output's schema, column by column (`Table.from_pylist` took
-    ~40x longer, as much as decoding a 28x28 PNG)."""
+    """Rows as a table of the output's schema, column by column: `Table.from_pylist` took many
+    times longer, as much as decoding a small PNG (bench/results/serving-log.md, "Measurements behind code choices")."""
     columns = [pa.array([r[f.name] for r in rows], f.type) for f in SCHEMA]
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 
@@ -93,33 +127,27 @@ class PartWriter:
                     "differ): use another --out, or delete it to start again"
                 )
             return
-        _atomic_write(path, (json.dumps(run, indent=2) + "\n").encode())
+        text = json.dumps(run, indent=2) + "\n"
+        _atomic_write(path, lambda tmp: tmp.write_text(text))
 
     def write(self, table: pa.Table) -> Path | None:
         """`table` as the next part (atomically); None for an empty table."""
         if table.num_rows == 0:
             return None
         path = self.out / f"part-{self.next:06d}.{self.fmt}"
-        tmp = self.out / f".{path.name}.tmp"
-        if self.fmt == "parquet":
-            pq.write_table(table, tmp)
-        elif self.fmt == "csv":
-            pa_csv.write_csv(table, tmp)
-        else:
-            with open(tmp, "wb") as f:
-                for row in table.to_pylist():
-                    f.write(json.dumps(row).encode() + b"\n")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write = _WRITERS[self.fmt]
+        _atomic_write(path, lambda tmp: write(table, tmp))
         self.next += 1
         self.done.update(table.column("path").to_pylist())
         return path
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` to `.NAME.tmp` beside `path`, flushed to disk, then renamed to `path`."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -129,15 +157,7 @@ def part_files(out: Path) -> list[Path]:
 
 def read_part(path: Path, columns: list[str] | None = None) -> pa.Table:
     """One part with the output's types, whatever its format."""
-    if path.suffix == ".parquet":
-        return pq.read_table(path, columns=columns, schema=SCHEMA)
-    if path.suffix == ".csv":
-        opts = pa_csv.ConvertOptions(
-            column_types=SCHEMA, include_columns=columns, strings_can_be_null=True
-        )
-        table = pa_csv.read_csv(path, convert_options=opts)
-    else:
-        table = pa_json.read_json(path, parse_options=pa_json.ParseOptions(explicit_schema=SCHEMA))
+    table = _READERS[path.suffix.lstrip(".")](path, columns)
     return table.select(columns) if columns else table
 
 

@@ -17,6 +17,22 @@ from isomax.contract.manifest import Preprocess
 from isomax.contract.plain_png import plain_png_uint8
 from isomax.contract.structure import CorruptError, StructureError, check_structure
 
+__all__ = [
+    "FORMATS",
+    "ImageDecodeError",
+    "ImageTooLargeError",
+    "decode",
+    "decode_uint8",
+    "decoded_bytes",
+    "graph_input",
+    "image_to_uint8",
+    "load_file_uint8",
+    "load_pixels",
+    "open_header",
+    "to_float",
+    "to_uint8",
+]
+
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
     "box": Image.Resampling.BOX,

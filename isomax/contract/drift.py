@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 from isomax.contract.manifest import Calibration
 
+__all__ = ["DRIFT_LEVELS", "DriftTable", "level_bucket"]
+
 # The levels used as bucket bounds, where the manifest's grid has them (plus the served
 # target_tpr when it is on the grid): few buckets with expected shares of at least 1%, so a
 # chi-square test over them is sound from a few hundred images (every bucket expects >= 5),

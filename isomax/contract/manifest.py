@@ -16,6 +16,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+__all__ = [
+    "MANIFEST_FILE",
+    "NAME_PATTERN",
+    "VERSION_PATTERN",
+    "Calibration",
+    "CalibrationError",
+    "ClassCalibration",
+    "Direction",
+    "EvaluationMetrics",
+    "Manifest",
+    "OODMetrics",
+    "OnnxSpec",
+    "Preprocess",
+    "QuantilePoint",
+    "sha256_file",
+]
+
 FORMAT_VERSION: Literal[1] = 1
 MANIFEST_FILE = "manifest.json"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"

@@ -1,9 +1,9 @@
 """The shortcut for plain PNGs: libspng (pyspng) instead of Pillow, for the same array.
 
-Why: for a 28x28 PNG, Pillow's own work (plugin sniffing, chunk parsing in Python, the image
-object, the EXIF lookup, the array interface) costs ~5-8x the pixel decoding itself, and it is
-the largest part of a single-image request's CPU on the event loop (docs/serving.md). libspng
-decodes the same file in one C call.
+Why: for a small PNG, Pillow's own work (plugin sniffing, chunk parsing in Python, the image
+object, the EXIF lookup, the array interface) costs several times the pixel decoding itself,
+and it was the largest part of a single-image request's CPU on the event loop (bench/results/serving-log.md,
+"Measurements behind code choices" and "What each change bought"). libspng decodes the same file in one C call.
 
 Exactness: PNG is lossless, so for the files taken here there is one right answer, the stored
 8-bit samples, and Pillow returns exactly those (it applies neither gamma nor ICC profiles). The
@@ -28,6 +28,8 @@ import numpy as np
 
 from isomax.contract.manifest import Preprocess
 from isomax.contract.structure import MAX_PNG_CHUNKS
+
+__all__ = ["decoded_bytes", "plain_png_uint8"]
 
 try:  # a base dependency; without it (a platform with no wheel) every PNG takes Pillow's path
     import pyspng

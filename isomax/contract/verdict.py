@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from isomax.contract.manifest import Calibration, Direction
 
+__all__ = ["SERVED_SCORES", "Thresholds", "UnknownScoreError"]
+
 # The scores a bundle may serve -> which way is in-distribution. Each is an output of the graph,
 # computed in the same forward pass as the logits (docs/bundle-format.md, "model.onnx").
 SERVED_SCORES: dict[str, Direction] = {
@@ -92,9 +94,9 @@ class Thresholds:
         `predicted` are class indices (the argmax of the logits), `scores` the graph's output of
         the served score (`min_distance` for bundles without `calibration.score`). Plain Python
         over lists, not numpy: the service judges a handful of images per
-        request on its event loop, where numpy's per-call overhead on tiny arrays cost 10-15% of
-        one worker's requests/s (measured A/B, docs/serving.md); evaluation passes `.tolist()`
-        of whole splits, which takes milliseconds.
+        request on its event loop, where numpy's per-call overhead on tiny arrays cost a
+        measurable share of one worker's requests/s (bench/results/serving-log.md, "What each change bought");
+        evaluation passes `.tolist()` of whole splits, which is cheap.
         """
         if self.per_class is None:
             thresholds = [self.overall] * len(predicted)

@@ -52,6 +52,8 @@ def model_info(st: ModelStatus) -> ModelInfo:
         else [label for label, c in zip(m.labels, cal.per_class, strict=True) if c.pooled]
     )
     info.calibration = CalibrationSummary(
+        score=cal.score,
+        in_distribution=cal.in_distribution,
         split=cal.split,
         size=cal.size,
         target_tpr=cal.target_tpr,

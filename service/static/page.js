@@ -209,21 +209,41 @@ function positioned(cls, x, text) {
   return e;
 }
 
-// min_distance against the threshold, on a bar split into the in (left) and out (right) zones,
-// with ticks where the threshold would be at other operating points (the manifest's table).
+// A step of 1, 2, 2.5 or 5 times a power of ten that puts about four labels on an axis of
+// `span`: 0.5 for min_distance (0-2), 100 or 200 for a Mahalanobis score in the hundreds.
+function axisStep(span) {
+  const raw = span / 4;
+  const p = 10 ** Math.floor(Math.log10(raw));
+  for (const m of [1, 2, 2.5, 5]) if (m * p >= raw) return m * p;
+  return 10 * p;
+}
+
+// The served score (`score`, or `min_distance` for bundles that serve it) against the threshold
+// of its class, on a bar split into the in (left) and out (right) zones, with ticks where the
+// threshold would be at other operating points (the manifest's table). A score whose
+// in-distribution side is "higher" is drawn negated, so out is always to the right; its labels
+// keep the API's values.
 function distanceFigure(result, info) {
-  const d = result.min_distance;
-  const thr = result.threshold;
   const cal = info && info.calibration;
+  const served = typeof result.score === "number";
+  const sign = cal && cal.in_distribution === "higher" ? -1 : 1;
+  const d = sign * (served ? result.score : result.min_distance);
+  const thr = sign * result.threshold;
   const classTable =
     info && info.class_thresholds && cal && cal.class_quantiles
       ? cal.class_quantiles[result.label]
       : null;
-  const table = classTable || (cal && cal.quantiles && cal.quantiles.length ? cal.quantiles : null);
+  const raw = classTable || (cal && cal.quantiles && cal.quantiles.length ? cal.quantiles : null);
+  const table = raw ? raw.map((p) => ({ q: p.q, value: sign * p.value })) : null;
+  const overall = cal && cal.quantiles ? cal.quantiles.map((p) => ({ q: p.q, value: sign * p.value })) : [];
   const ticks = table ? TICK_LEVELS.map((q) => ({ q, value: valueAt(table, q) })) : [];
-  const top = Math.max(d, thr, ...ticks.map((t) => t.value));
-  const max = Math.max(Math.ceil(top * 1.1 * 10) / 10, 0.1);
-  const x = (v) => Math.max(0, Math.min(100, (v / max) * 100));
+  const values = [d, thr, ...ticks.map((t) => t.value)];
+  const step = axisStep(Math.max(Math.max(...values) * 1.1 - Math.min(0, ...values), 0.1));
+  const lo = Math.min(0, Math.floor(Math.min(...values) / step) * step);
+  const hi = Math.max(Math.ceil((Math.max(...values) * 1.1) / step) * step, lo + step);
+  const x = (v) => Math.max(0, Math.min(100, ((v - lo) / (hi - lo)) * 100));
+  const shown = (v) => num(sign * v);
+  const digits = step >= 1 ? 0 : step >= 0.5 ? 1 : 2;
 
   const scale = el("div", { class: "scale", "aria-hidden": "true" });
   const zoneIn = el("span", { class: "zone zone-in" });
@@ -236,19 +256,20 @@ function distanceFigure(result, info) {
   scale.append(positioned(`marker ${result.is_ood ? "out" : "in"}`, x(d), ""));
 
   const above = el("div", { class: "scale-above", "aria-hidden": "true" });
-  above.append(positioned("mark-label", x(d), `this image ${num(d)}`));
+  above.append(positioned("mark-label", x(d), `this image ${shown(d)}`));
 
   const below = el("div", { class: "scale-below", "aria-hidden": "true" });
-  below.append(positioned("thr-label", x(thr), `threshold ${num(thr)}`));
-  for (let v = 0; v <= max + 1e-9; v += 0.5) {
-    below.append(positioned(v === 0 ? "axis start" : "axis", x(v), v.toFixed(1)));
+  below.append(positioned("thr-label", x(thr), `threshold ${shown(thr)}`));
+  for (let v = lo; v <= hi + 1e-9 * step; v += step) {
+    below.append(positioned(v === lo ? "axis start" : "axis", x(v), (sign * v).toFixed(digits)));
   }
 
   const sentences = [];
   const gap = Math.abs(d - thr);
   const whose = classTable ? `the ${result.label} threshold` : "the threshold";
+  const noun = served ? "Score" : "Distance";
   sentences.push(
-    `Distance ${num(d)} is ${num(gap)} ${d > thr ? "over" : "under"} ${whose} ${num(thr)}.`,
+    `${noun} ${shown(d)} is ${num(gap)} ${sign * d > sign * thr ? "over" : "under"} ${whose} ${shown(thr)}.`,
   );
   if (table) {
     const lv = levelOf(table, d);
@@ -266,21 +287,27 @@ function distanceFigure(result, info) {
       );
     }
   }
-  if (cal && cal.quantiles && cal.quantiles.length) {
-    const g = levelOf(cal.quantiles, d);
+  if (overall.length) {
+    const g = levelOf(overall, d);
+    const what = served ? "Its score is farther out" : "It is farther from its prototype";
     sentences.push(
       g.below
-        ? "It is closer to its prototype than the median validation image."
+        ? served
+          ? "Its score is more typical than the median validation image's."
+          : "It is closer to its prototype than the median validation image."
         : g.above
-          ? `It is farther from its prototype than ${percent(cal.quantiles[cal.quantiles.length - 1].q)} of validation images.`
-          : `It is farther from its prototype than ${percent(g.q)} of validation images.`,
+          ? `${what} than ${percent(overall[overall.length - 1].q)} of validation images.`
+          : `${what} than ${percent(g.q)} of validation images.`,
     );
   }
+  const caption = served
+    ? `Out-of-distribution score (${(cal && cal.score) || "score"}) against its threshold`
+    : "Distance to the nearest prototype (min_distance)";
 
   return el(
     "figure",
     { class: "distance" },
-    el("figcaption", { text: "Distance to the nearest prototype (min_distance)" }),
+    el("figcaption", { text: caption }),
     above,
     scale,
     below,
@@ -332,7 +359,9 @@ function showResult(card, result, body, info) {
   const figure = distanceFigure(result, info);
   card.main.replaceChildren(topKList(result), figure);
   fitAxis(figure);
-  return `${card.name}: ${result.label}, ${result.is_ood ? "out of distribution" : "in distribution"} (distance ${num(result.min_distance)}, threshold ${num(result.threshold)}).`;
+  return `${card.name}: ${result.label}, ${result.is_ood ? "out of distribution" : "in distribution"} (${typeof result.score === "number" ? "score" : "distance"} ${num(
+    typeof result.score === "number" ? result.score : result.min_distance,
+  )}, threshold ${num(result.threshold)}).`;
 }
 
 const STATUS_TEXT = {

@@ -16,8 +16,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from isomax import harness
 from isomax.batch.output import part_files, read_rows
+from tests import harness
 from tests.batch.conftest import LIMITS, MODELS, REPO, isomax_score, run_score
 
 pytestmark = pytest.mark.e2e

@@ -13,7 +13,6 @@ the file and fails when it is out of date.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import drift_rules  # noqa: E402
+from generated import write_or_check  # noqa: E402
 
 TESTS = ROOT / "deploy" / "prometheus" / "tests"
 OUT = TESTS / "isomax-drift.rules.test.yml"  # minutes to hours, evaluated every minute
@@ -358,15 +358,7 @@ def render() -> dict[Path, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--check", action="store_true")
-    args = p.parse_args(argv)
-    files = render()
-    if args.check:
-        return 0 if all(f.exists() and f.read_text() == t for f, t in files.items()) else 1
-    for f, t in files.items():
-        f.write_text(t)
-    return 0
+    return write_or_check(render, "python -m tests.deploy.drift_rule_tests", __doc__, argv)
 
 
 if __name__ == "__main__":

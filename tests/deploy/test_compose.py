@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -17,16 +18,28 @@ BASE = ROOT / "docker-compose.yml"
 CPU = ROOT / "docker-compose.cpu.yml"
 
 
-def compose_config(*files: Path) -> dict[str, Any]:
-    """The fully resolved project, from the real `docker compose config` (no engine needed)."""
+# What an operator must set (docs/deployment.md); the tests set it to this.
+REQUIRED_ENV = {"GRAFANA_ADMIN_PASSWORD": "not-admin-for-the-test"}
+
+
+def run_compose_config(*files: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The real `docker compose config` (no engine needed) with only `env` set."""
     exe = require_tool("docker-compose")
     args = [exe, "--project-directory", str(ROOT)]
     for f in files:
         args += ["-f", str(f)]
-    r = subprocess.run(
-        [*args, "config", "--format", "json"], capture_output=True, text=True, timeout=60,
-        env={"PATH": "/usr/bin:/bin", "HOME": tempfile.gettempdir()},  # no COMPOSE_*, no overrides
+    # No COMPOSE_* and no overrides from this environment; an empty directory as the env file,
+    # so that a developer's own .env in the checkout does not enter.
+    base = {"PATH": "/usr/bin:/bin", "HOME": tempfile.gettempdir()}
+    return subprocess.run(
+        [*args, "--env-file", os.devnull, "config", "--format", "json"],
+        capture_output=True, text=True, timeout=60, env={**base, **env},
     )  # fmt: skip
+
+
+def compose_config(*files: Path) -> dict[str, Any]:
+    """The fully resolved project, with the required variables set."""
+    r = run_compose_config(*files, env=REQUIRED_ENV)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -146,6 +159,17 @@ def test_cpu_override_keeps_the_limits(cpu: dict[str, Any], gpu: dict[str, Any])
     keys = ("read_only", "tmpfs", "cap_drop", "security_opt", "mem_limit", "cpus", "pids_limit")
     for key in keys:
         assert cpu["services"]["isomax"][key] == gpu["services"]["isomax"][key], key
+
+
+@pytest.mark.parametrize("files", [(BASE,), (BASE, CPU)], ids=["gpu", "cpu"])
+def test_grafana_admin_password_is_required(files: tuple[Path, ...]) -> None:
+    """No admin/admin fallback: without GRAFANA_ADMIN_PASSWORD, Compose refuses the project
+    and says which variable to set; with it, Grafana gets exactly that password."""
+    r = run_compose_config(*files, env={})
+    assert r.returncode != 0
+    assert "GRAFANA_ADMIN_PASSWORD" in r.stderr and "docs/deployment.md" in r.stderr
+    env = compose_config(*files)["services"]["grafana"]["environment"]
+    assert env["GF_SECURITY_ADMIN_PASSWORD"] == REQUIRED_ENV["GRAFANA_ADMIN_PASSWORD"]
 
 
 def test_grafana_has_no_anonymous_access_by_default(gpu: dict[str, Any]) -> None:

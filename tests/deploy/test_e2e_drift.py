@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import yaml
 
-from isomax import harness
+from tests import harness
 from tests.deploy.test_e2e_prometheus import DEFAULT_MODEL, PromAPI, wait_for
 from tests.deploy.tools import PROMETHEUS_CONFIG, ROOT, RULES, require_tool
 

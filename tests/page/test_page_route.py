@@ -20,6 +20,7 @@ from tests.service.conftest import REPO, wait_ready
 
 NAME = "fmnist-isomaxplus"
 MODELS = REPO / "models"
+VERSION = str(max(int(v.name) for v in (MODELS / NAME).iterdir() if v.name.isdigit()))
 
 
 def _client(**settings: object) -> Iterator[TestClient]:
@@ -87,11 +88,13 @@ def test_page_setting_from_env_and_cli(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_models_lists_the_manifest_quantile_tables(client: TestClient) -> None:
-    manifest = Manifest.read(MODELS / NAME / "2")
+    manifest = Manifest.read(MODELS / NAME / VERSION)
     cal = manifest.calibration
     assert cal.per_class is not None
     (info,) = client.get("/models").json()["models"]
     got = info["calibration"]
+    # Which score the tables are of, and its direction: what the page needs to draw it.
+    assert (got["score"], got["in_distribution"]) == (cal.score, cal.in_distribution)
     assert got["quantiles"] == [{"q": p.q, "value": p.value} for p in cal.quantiles]
     assert list(got["class_quantiles"]) == list(manifest.labels)
     for label, c in zip(manifest.labels, cal.per_class, strict=True):

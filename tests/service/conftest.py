@@ -13,9 +13,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from isomax import harness
 from service.app import create_app
 from service.settings import Settings
+from tests import harness
 from tests.service.bundles import write_bundle
 from tests.service.cases import TEST_LIMITS, bomb_png
 

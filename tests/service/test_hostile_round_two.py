@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from isomax import harness
+from tests import harness
 from tests.service.cases import PNG
 from tests.service.conftest import Server, run_server
 from tests.service.hostile_files import jpeg_segments, png_chunks, png_rgba, tiff_strips

@@ -168,8 +168,8 @@ def test_sigterm_finishes_in_flight_requests(models_dir: Path, tmp_path: Path) -
         t0 = time.monotonic()
         answers = asyncio.run(main())
         assert [r.status_code for r in answers] == [200] * 5
-        # uvicorn re-raises the signal once it has shut down cleanly: exit by SIGTERM.
-        assert srv.proc.wait(30) in (0, -signal.SIGTERM)
+        # A graceful stop exits 0 (service/server.py), not by the signal uvicorn raises again.
+        assert srv.proc.wait(30) == 0
         assert time.monotonic() - t0 < 20
         log = srv.log_text()
         assert "Shutting down" in log and "stopped" in log

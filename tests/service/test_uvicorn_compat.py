@@ -125,3 +125,21 @@ def test_every_cycle_field_the_subclass_touches_still_exists() -> None:
 def test_status_lines_are_still_bytes_per_status_code() -> None:
     assert httptools_impl.STATUS_LINE[503].startswith(b"HTTP/1.1 503")
     assert ours.error_response(503, "x").startswith(b"HTTP/1.1 503")
+
+
+def test_the_graceful_server_uses_only_what_uvicorn_server_still_has() -> None:
+    """service/server.py: uvicorn.Server's attributes and the protocol's constructor, as
+    uvicorn's own startup builds it (a backlog connection gets the same protocol)."""
+    import uvicorn
+
+    import service.server as graceful
+
+    tree = ast.parse(Path(graceful.__file__).read_text())
+    cls = next(
+        n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "GracefulServer"
+    )
+    missing = sorted(_self_attributes(cls) - _assigned_on_self(uvicorn.Server))
+    assert not missing, f"uvicorn.Server no longer has {missing}, used by service/server.py"
+    params = inspect.signature(HttpToolsProtocol.__init__).parameters
+    assert {"config", "server_state", "app_state"} <= set(params)
+    assert inspect.iscoroutinefunction(uvicorn.Server.shutdown)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from isomax.contract.manifest import Manifest
+from isomax.contract.verdict import SERVED_SCORES
 from training.cli import main
 from training.data import fmnist
 
@@ -64,13 +65,23 @@ def test_export_produces_a_bundle_the_manifest_schema_accepts(run_dir, tmp_path,
     assert set(m.metrics.accuracy) == {"val", "test"}
     assert set(m.metrics.flagged) == {"test", "mnist", "uniform-noise"}
     assert 0.0 <= m.metrics.flagged["test"] <= 1.0
-    assert set(m.metrics.ood) == {"mnist", "uniform-noise"} and set(m.metrics.ood["mnist"]) == {
-        "mds",
-        "mds_class",
-        "es",
-        "es_class",
-        "mps",
-    }
+    # The served score is chosen by the rule (`--score auto`, the default) from validation and
+    # pseudo-OOD only; its rows sit beside the model's own scores.
+    served = m.calibration.score
+    assert served in SERVED_SCORES
+    extra = set() if served == "min_distance" else {served, f"{served}_class"}
+    assert (
+        set(m.metrics.ood) == {"mnist", "uniform-noise"}
+        and set(m.metrics.ood["mnist"])
+        == {
+            "mds",
+            "mds_class",
+            "es",
+            "es_class",
+            "mps",
+        }
+        | extra
+    )
     assert m.calibration.size == 200 and m.calibration.threshold > 0
     # One threshold per predicted class; 200 images over 10 classes is under the 50-image
     # minimum for most of them, which then fall back to the global threshold.
@@ -86,6 +97,7 @@ def test_export_produces_a_bundle_the_manifest_schema_accepts(run_dir, tmp_path,
     assert ece.bins == 15 and 0 <= ece.after <= 1 and 0 <= ece.before <= 1
     out = capsys.readouterr().out
     assert "calibration error (ECE, 15 bins) on test" in out
+    assert f'served score picked on validation + pseudo-OOD: {{"score": "{served}"' in out
     assert (run_dir / "export" / "tiny-1-reliability.png").stat().st_size > 10_000
     # A second export of the same version is refused and overwrites nothing.
     before = (models / "tiny" / "1" / "manifest.json").read_text()

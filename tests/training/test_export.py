@@ -10,6 +10,9 @@ from torch import nn
 
 from isomax.contract.manifest import Manifest, Preprocess, sha256_file
 from training.export import (
+    BundleSpec,
+    CalibrationSet,
+    GraphSpec,
     OnnxPredictor,
     ParityError,
     ServingGraph,
@@ -61,14 +64,9 @@ def bundle(tmp_path_factory, trained, images):
     models = tmp_path_factory.mktemp("models")
     path = export_bundle(
         trained,
-        name="user-net",
-        labels=["a", "b", "c"],
-        preprocess=SPEC,
-        calibration_images=images,
-        models_dir=models,
-        mean=[0.5],
-        std=[0.25],
-        training={"note": "test"},
+        BundleSpec("user-net", ["a", "b", "c"], SPEC, models_dir=models, training={"note": "test"}),
+        CalibrationSet(images),
+        GraphSpec(mean=[0.5], std=[0.25]),
     )
     return path
 
@@ -120,12 +118,8 @@ def test_existing_bundle_is_never_overwritten(bundle, trained, images):
     with pytest.raises(FileExistsError, match="already exists"):
         export_bundle(
             trained,
-            name="user-net",
-            version="1",
-            labels=["a", "b", "c"],
-            preprocess=SPEC,
-            calibration_images=images,
-            models_dir=bundle.parent.parent,
+            BundleSpec("user-net", ["a", "b", "c"], SPEC, bundle.parent.parent, version="1"),
+            CalibrationSet(images),
         )
     assert (bundle / "model.onnx").read_bytes() == before
     assert sorted(p.name for p in bundle.parent.iterdir()) == ["1"]  # no temp dir left
@@ -147,11 +141,8 @@ def test_models_without_a_distance_head_are_refused(tmp_path, images):
     with pytest.raises(ValueError, match="IsoMaxPlusHead"):
         export_bundle(
             nn.Sequential(nn.Flatten(), nn.Linear(64, 3)),
-            name="lin",
-            labels=["a", "b", "c"],
-            preprocess=SPEC,
-            calibration_images=images,
-            models_dir=tmp_path,
+            BundleSpec("lin", ["a", "b", "c"], SPEC, models_dir=tmp_path),
+            CalibrationSet(images),
         )
     assert not (tmp_path / "lin" / "1").exists()
 
@@ -160,11 +151,8 @@ def test_label_count_mismatch_is_refused(tmp_path, trained, images):
     with pytest.raises(ValueError, match="3 logits but 2 labels"):
         export_bundle(
             trained,
-            name="bad",
-            labels=["a", "b"],
-            preprocess=SPEC,
-            calibration_images=images,
-            models_dir=tmp_path,
+            BundleSpec("bad", ["a", "b"], SPEC, models_dir=tmp_path),
+            CalibrationSet(images),
         )
     assert not (tmp_path / "bad").exists()  # no temp dir, and no empty models/<name>/ either
 
@@ -183,11 +171,8 @@ def test_manifest_records_the_normalization_inside_the_graph(bundle, tmp_path, i
     model = build_model("smallcnn", "isomaxplus", 3, 1, [0.3], [0.2], image_size=8)
     path = export_bundle(
         model.eval(),
-        name="self-normalizing",
-        labels=["a", "b", "c"],
-        preprocess=SPEC,
-        calibration_images=images,
-        models_dir=tmp_path,
+        BundleSpec("self-normalizing", ["a", "b", "c"], SPEC, models_dir=tmp_path),
+        CalibrationSet(images),
     )
     pre = Manifest.read(path).preprocess
     assert pre.mean == pytest.approx((0.3,)) and pre.std == pytest.approx((0.2,))

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from isomax.contract.manifest import EvaluationMetrics, Preprocess
-from training.export import OnnxPredictor, export_bundle
+from training.export import BundleSpec, CalibrationSet, OnnxPredictor, export_bundle
 from training.head import IsoMaxPlusHead
 
 SPEC = Preprocess(height=8, width=8, channels=1, color_mode="L")
@@ -41,11 +41,8 @@ def _refused_metrics(predictor: OnnxPredictor, cal: object) -> EvaluationMetrics
 def _export(models: Path, images: np.ndarray, **kw) -> Path:
     return export_bundle(
         _net(),
-        name="photos",
-        labels=["a", "b", "c"],
-        preprocess=SPEC,
-        calibration_images=images,
-        models_dir=models,
+        BundleSpec("photos", ["a", "b", "c"], SPEC, models_dir=models),
+        CalibrationSet(images),
         **kw,
     )
 

@@ -99,3 +99,18 @@ def test_summary_names_only_the_classes_that_fall_back(tmp_path: Path, pooled) -
         assert "a (" not in summary
     else:
         assert "every class has its own" in summary
+
+
+def test_ood_table_shows_the_served_score_beside_the_models_own() -> None:
+    """A bundle serving Mahalanobis is scored under `mahalanobis` and `mahalanobis_class` too;
+    the printed table must carry them, not only the model's own scores."""
+    cell = {"auroc": 0.9, "tnr_at_tpr95": 0.5}
+    served = {"auroc": 0.99, "tnr_at_tpr95": 0.97}
+    report = {
+        "scores": ["mds"],
+        "accuracy": {"test": 0.9},
+        "ood": {"mnist": {"mds": cell, "mahalanobis": served, "mahalanobis_class": served}},
+    }
+    head, _, row = markdown_table(report).splitlines()[2:5]
+    assert "MAHALANOBIS auroc" in head and "MAHALANOBIS_CLASS tnr_at_tpr95" in head
+    assert row == "| mnist | 90.0 | 50.0 | 99.0 | 97.0 | 99.0 | 97.0 |"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from isomax import harness
 from isomax.contract.manifest import Manifest
+from tests import harness
 from training.cli import main
 from training.data.sample_photos import ID_PHOTOS, make_photo_folder
 from training.models.pretrained import LITE_MEAN, LITE_STD

@@ -21,7 +21,14 @@ from service.app import create_app
 from service.settings import Settings
 from tests.service.bundles import png_bytes
 from tests.service.conftest import wait_ready
-from training.export import OnnxPredictor, ServingGraph, export_bundle
+from training.export import (
+    BundleSpec,
+    CalibrationSet,
+    GraphSpec,
+    OnnxPredictor,
+    ServingGraph,
+    export_bundle,
+)
 from training.loss import DisMaxLoss
 from training.mahalanobis import extract_features, fit_mahalanobis
 from training.models import build_model
@@ -72,15 +79,9 @@ def bundles(tmp_path_factory, model, fit) -> Path:
     for score in SERVED_SCORES:
         export_bundle(
             model,
-            name=f"s-{score.replace('_', '-')}",
-            version="1",
-            labels=LABELS,
-            preprocess=SPEC,
-            calibration_images=val_x,
-            calibration_labels=val_y,
-            models_dir=root,
-            score=score,
-            mahalanobis=fit if score == "mahalanobis" else None,
+            BundleSpec(f"s-{score.replace('_', '-')}", LABELS, SPEC, models_dir=root, version="1"),
+            CalibrationSet(val_x, labels=val_y),
+            GraphSpec(score=score, mahalanobis=fit if score == "mahalanobis" else None),
         )
     return root
 

@@ -123,13 +123,53 @@ def folder_val_size(n: int, val_size: int) -> int:
     return max(1, min(val_size, n // 5))
 
 
+def _folder_split(
+    folder: Path, spec: Preprocess, cfg: TrainConfig, names: list[str]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The images of `ROOT/val/` or `ROOT/test/` decoded, or None without that folder; its
+    classes must be the training classes."""
+    from training.data.folders import load_image_folder
+
+    if not folder.is_dir():
+        return None
+    x, y, split_names = load_image_folder(folder, spec, cfg.bad_images)
+    if split_names != names:
+        raise ValueError(f"{folder.name} classes {split_names} differ from train classes {names}")
+    return x, y
+
+
+def _hold_out_validation(
+    cfg: TrainConfig,
+    spec: Preprocess,
+    train_root: Path,
+    paths: list[Path],
+    labels: np.ndarray,
+    names: list[str],
+) -> tuple[list[Path], np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """A folder without `val/`: (training paths, their labels, decoded validation images and
+    labels) split by `cfg.val_split` and `cfg.split_seed`."""
+    from training.data.folders import class_balance, decode_files
+
+    split_fn = stratified_split if cfg.val_split == "stratified" else _random_split
+    tr, va = split_fn(labels, folder_val_size(len(paths), cfg.val_size), cfg.split_seed)
+    val_paths, val_labels = [paths[i] for i in va], labels[va]
+    vx, kept = decode_files(val_paths, spec, cfg.bad_images)
+    val = (vx, val_labels[kept])
+    log.info(
+        "validation: %d images split from %s (%s, seed %d): %s",
+        len(kept), train_root, cfg.val_split, cfg.split_seed,
+        class_balance(val[1], names),
+    )  # fmt: skip
+    return [paths[i] for i in tr], labels[tr], val
+
+
 def _load_folder(cfg: TrainConfig) -> Splits:
     """`ROOT/train/<class>/...` (or `ROOT/<class>/...`), optional `ROOT/val/...`, `ROOT/test/...`.
 
     Validation and test images are decoded into arrays (evaluation, calibration and export
     score them); training images stay files, read by DataLoader workers every epoch.
     """
-    from training.data.folders import class_balance, find_images, load_image_folder
+    from training.data.folders import class_balance, find_images
     from training.data.image_files import check_files
 
     if not cfg.data_dir:
@@ -147,33 +187,13 @@ def _load_folder(cfg: TrainConfig) -> Splits:
             raise ValueError(
                 f"{root} has a {split}/ folder but no train/: use ROOT/train/<class>/... beside it"
             )
-
-    def other_split(split: str) -> tuple[np.ndarray, np.ndarray] | None:
-        if not (root / split).is_dir() or train_root == root:
-            return None
-        x, y, split_names = load_image_folder(root / split, spec, cfg.bad_images)
-        if split_names != names:
-            raise ValueError(f"{split} classes {split_names} differ from train classes {names}")
-        return x, y
-
     if cfg.val_split not in ("stratified", "random"):
         raise ValueError(f"val_split must be stratified or random, got {cfg.val_split!r}")
-    val = other_split("val")
+    has_splits = train_root != root
+    val = _folder_split(root / "val", spec, cfg, names) if has_splits else None
     if val is None:
-        split_fn = stratified_split if cfg.val_split == "stratified" else _random_split
-        tr, va = split_fn(labels, folder_val_size(len(paths), cfg.val_size), cfg.split_seed)
-        val_paths, val_labels = [paths[i] for i in va], labels[va]
-        paths, labels = [paths[i] for i in tr], labels[tr]
-        from training.data.folders import decode_files
-
-        vx, kept = decode_files(val_paths, spec, cfg.bad_images)
-        val = (vx, val_labels[kept])
-        log.info(
-            "validation: %d images split from %s (%s, seed %d): %s",
-            len(kept), train_root, cfg.val_split, cfg.split_seed,
-            class_balance(val[1], names),
-        )  # fmt: skip
-    test = other_split("test")
+        paths, labels, val = _hold_out_validation(cfg, spec, train_root, paths, labels, names)
+    test = _folder_split(root / "test", spec, cfg, names) if has_splits else None
     if cfg.limit_train:
         paths, labels = paths[: cfg.limit_train], labels[: cfg.limit_train]
     kept, mean, std = check_files(paths, spec, cfg.bad_images, cfg.workers)

