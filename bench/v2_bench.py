@@ -185,7 +185,7 @@ def asgi_cost(png: bytes, models: Path, n: int = 500, rounds: int = 3) -> dict[s
         app = create_app(Settings(models_dir=models, models=(MODEL,), device="cpu", max_wait_ms=0))
         best = {name: float("inf") for name in cases}
         async with app.router.lifespan_context(app):
-            while not app.state.registry.ready:
+            while not app.service.registry.ready:
                 await asyncio.sleep(0.05)
             for _ in range(rounds):
                 for name, (path, data, headers) in cases.items():

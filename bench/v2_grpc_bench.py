@@ -64,24 +64,32 @@ def serve_grpc(port: int) -> None:
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
     from service.app import create_app
+    from service.pipeline import Body, Taken, serve
     from service.settings import Settings
-    from service.v2.infer import model_input, run
+    from service.state import current
+    from service.v2.infer import model_input
+    from service.v2.infer import outputs as v2_outputs
     from service.v2.tensors import NUMPY, InferRequest, InputTensor, RequestedOutput
 
     app = create_app(Settings(models_dir=REPO / "models", models=(MODEL,), device="cpu"))
 
     class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
         async def ModelInfer(self, request: Any, context: Any) -> Any:
-            model = app.state.registry.resolve(request.model_name, request.model_version or None)
+            state = current(app)
+            model = state.registry.resolve(request.model_name, request.model_version or None)
             inputs = [
                 InputTensor(t.name, t.datatype, list(t.shape), None, raw, {})
                 for t, raw in zip(request.inputs, request.raw_input_contents, strict=True)
             ]
             outputs = [RequestedOutput(o.name, True) for o in request.outputs] or None
             req = InferRequest(request.id or None, inputs, outputs, True)
-            with model.lease():
-                x, wanted, _ = await model_input(req, model, app.state.settings)
-                head, tensors = await run(req, model, x, wanted, app.state.metrics)
+
+            async def take(body: Any, model: Any) -> Any:  # the tensors came with the call
+                x, wanted, files = await model_input(req, model, state.settings)
+                return Taken(x, files, wanted)
+
+            served = await serve(state, model, Body(_no_body, state.bodies), take)
+            head, tensors = v2_outputs(req, model, served.taken.request, served)
             response = service_pb2.ModelInferResponse(
                 model_name=head["model_name"], model_version=head["model_version"]
             )
@@ -93,9 +101,12 @@ def serve_grpc(port: int) -> None:
                 response.raw_output_contents.append(data)
             return response
 
+    async def _no_body() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
     async def main() -> None:
         async with app.router.lifespan_context(app):
-            while not app.state.registry.ready:
+            while not app.service.registry.ready:
                 await asyncio.sleep(0.05)
             server = grpc.aio.server()
             service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(), server)

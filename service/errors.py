@@ -1,12 +1,16 @@
-"""Domain errors and the one table that maps them to HTTP status codes.
+"""Domain errors, the one table that maps them to HTTP status codes, and the one renderer.
 
 Routes and the batcher raise these (or the preprocessing errors); `error_status` is the only
-place that knows their status codes, and `error_body` the only place that formats them.
+place that knows their status codes, and `render_error` the only place that turns an error into
+an answer: for POST /classify, for v2 (its own body shape, `V2_ERRORS`) and for the FastAPI
+routes' exception handlers alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -100,6 +104,49 @@ def error_detail(exc: Exception) -> str:
 
 def error_body(detail: str) -> bytes:
     return orjson.dumps({"detail": detail})
+
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ErrorShape:
+    """How one API writes its errors: the JSON key of the message and the statuses it folds.
+
+    `name` goes into the log line of an unexpected exception (whose answer is a generic 500).
+    """
+
+    name: str
+    key: str = "detail"
+    folded: Mapping[int, int] = field(default_factory=dict)
+
+
+# POST /classify and the FastAPI routes: `{"detail": ...}` with the table's status.
+DETAIL_ERRORS = ErrorShape("POST /classify")
+# Open Inference Protocol v2: `{"error": ...}`, and every malformed request is a 400.
+V2_ERRORS = ErrorShape("v2 request", key="error", folded={415: 400, 422: 400})
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorAnswer:
+    """An error as an answer: status, JSON body, and whether it carries Retry-After."""
+
+    status: int
+    body: bytes
+    retry_after: bool
+
+
+def render_error(exc: Exception, shape: ErrorShape = DETAIL_ERRORS) -> ErrorAnswer:
+    """The answer to `exc` in `shape`; an exception that is no domain error is logged with its
+    traceback and answered as a 500 naming only its type (its message may hold internals)."""
+    status = error_status(exc)
+    status = shape.folded.get(status, status)
+    if status == 500 and not isinstance(exc, ServiceError):
+        log.error("%s failed", shape.name, exc_info=exc)
+        detail = f"internal error ({type(exc).__name__})"
+    else:
+        detail = error_detail(exc)
+    return ErrorAnswer(status, orjson.dumps({shape.key: detail}), isinstance(exc, RETRY_AFTER))
 
 
 def validation_detail(errors: Sequence[Any]) -> str:

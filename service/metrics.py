@@ -306,7 +306,8 @@ class RequestMetricsMiddleware:
     """Pure ASGI middleware counting every HTTP response by route template and status.
 
     Pure ASGI rather than `BaseHTTPMiddleware`: it adds no task per request and cannot break
-    streaming, and it also sees the responses of the /classify fast path.
+    streaming. It does not see the direct POST /classify (`ServiceApp` calls that endpoint before
+    the middleware stack), which counts its own requests in the same series.
     """
 
     def __init__(self, app: ASGIApp, metrics: PrometheusMetrics) -> None:

@@ -24,11 +24,7 @@ PACKAGES = ("isomax", "service", "training")  # what the wheel ships (pyproject.
 # one AppState, one admitted-request pipeline): these service functions are over the limit
 # today. Allowed until that work lands; an entry that is no longer over the limit must go.
 SERVICE_OPEN_WORK = {
-    "service/app.py::create_app",
-    "service/models.py::load_model",
     "service/metrics.py::PrometheusMetrics.__init__",
-    "service/classify.py::openapi_operation",
-    "service/classify.py::read_uploads",
     "service/v2/tensors.py::parse_request",
 }
 

@@ -4,33 +4,29 @@ Two ways in, one path after them:
 - the graph's own input (the manifest's `onnx.input_name`, `image`): FP32 `[N, C, H, W]` in
   [0, 1], as JSON data or binary data, passed to the model as sent;
 - `image_bytes`: BYTES `[N]` (or `[N, 1]`) of encoded image files, decoded exactly as POST
-  /classify decodes them (`service.classify.decode_uploads`, the manifest-driven decode of
+  /classify decodes them (`service.uploads.decode_uploads`, the manifest-driven decode of
   isomax.contract.decode, with the same size and pixel limits).
 
-`model_input` checks and builds the input (routes.py reads the body under the same admission
-as /classify: queue room and the in-flight body budget, taken before the body is read); `run`
-hands it to the batcher (shared with /classify, so images from both share onnxruntime runs and the
-queue limit), the verdict of isomax.contract.verdict (`Thresholds.judge`, the one rule), the
-metrics (`isomax_images_total` by verdict, `isomax_min_distance`) and the capture of flagged
-inputs (service/capture.py, when enabled), as for /classify. Only `image_bytes` is captured: the
-capture keeps the bytes a client sent, and FP32 pixels are not an image file (a PNG made from
-them would be the client's preprocessing, quantized, not its input), so they are not offered.
+`model_input` checks and builds the input; routes.py runs it as the decode step of the
+admitted-request pipeline that /classify runs too (service/pipeline.py: admission, the body
+budget, the shared batcher, so images from both share onnxruntime runs and the queue limit, the
+verdict, the metrics and the capture of flagged inputs). `outputs` turns the pipeline's result
+into v2 output tensors. Only `image_bytes` is captured: the capture keeps the bytes a client
+sent, and FP32 pixels are not an image file (a PNG made from them would be the client's
+preprocessing, quantized, not its input), so they are not offered.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from service.batching import verdict_columns
-from service.capture import CaptureWriter
-from service.classify import Upload, decode_uploads
 from service.errors import PayloadTooLargeError
-from service.metrics import PrometheusMetrics
+from service.pipeline import Served
 from service.serving import LoadedModel
 from service.settings import Settings
+from service.uploads import Upload, decode_uploads
 from service.v2.tensors import (
     BYTES,
     NUMPY,
@@ -188,63 +184,26 @@ async def model_input(
     )
 
 
-def capture_rows(
-    model: LoadedModel,
-    predicted: np.ndarray,
-    distances: list[float],
-    thresholds: np.ndarray,
-    is_ood: np.ndarray,
-) -> list[dict[str, Any]]:
-    """The fields of /classify's results that a capture record keeps, image by image."""
-    labels = model.labels
-    columns = (predicted.tolist(), distances, thresholds.tolist(), is_ood.tolist())
-    return [
-        {"class_index": c, "label": labels[c], "min_distance": d, "threshold": t, "is_ood": o}
-        for c, d, t, o in zip(*columns, strict=True)
-    ]
-
-
-async def run(
-    request: InferRequest,
-    model: LoadedModel,
-    x: np.ndarray,
-    wanted: Wanted,
-    metrics: PrometheusMetrics,
-    capture: CaptureWriter | None = None,
-    files: Sequence[bytes] | None = None,
+def outputs(
+    request: InferRequest, model: LoadedModel, wanted: Wanted, served: Served[Any]
 ) -> tuple[dict[str, Any], list[tuple[OutputTensor, bool]]]:
-    """The shared batcher, the verdict, the metrics, the capture of `files` (the encoded image
-    files, when the request sent them); (response head, wanted output tensors).
+    """The output tensors of a request after the pipeline (service/pipeline.py: batcher,
+    verdict, metrics, capture); (response head, wanted output tensors).
 
     `response_body` (tensors.py) writes them as a REST answer.
     """
-    logits, verdict = await model.batcher.submit(x)
-    distance, score = verdict_columns(verdict)
-    predicted = np.argmax(logits, axis=1)
-    distances = distance.tolist()
-    judged = model.thresholds.judge(predicted.tolist(), score.tolist())
-    thresholds, is_ood = np.asarray(judged[0], np.float64), np.asarray(judged[1], np.bool_)
-    n_ood = int(is_ood.sum())
-    metrics.observe_images(model.name, distances, n_ood, len(x))
-    if capture is not None and files is not None:
-        capture.offer(
-            model.name,
-            model.version,
-            files,
-            capture_rows(model, predicted, distances, thresholds, is_ood),
-        )
-
+    judged = served.judged
     names = model.manifest.onnx
     tensors = {
-        names.logits_name: OutputTensor(names.logits_name, "FP32", logits),
-        names.distance_name: OutputTensor(names.distance_name, "FP32", distance),
-        CLASS_INDEX: OutputTensor(CLASS_INDEX, "INT64", predicted.astype(np.int64)),
-        THRESHOLD: OutputTensor(THRESHOLD, "FP64", thresholds),
-        IS_OOD: OutputTensor(IS_OOD, "BOOL", is_ood),
+        names.logits_name: OutputTensor(names.logits_name, "FP32", served.logits),
+        names.distance_name: OutputTensor(names.distance_name, "FP32", served.distance),
+        CLASS_INDEX: OutputTensor(CLASS_INDEX, "INT64", np.asarray(judged.predicted, np.int64)),
+        THRESHOLD: OutputTensor(THRESHOLD, "FP64", np.asarray(judged.thresholds, np.float64)),
+        IS_OOD: OutputTensor(IS_OOD, "BOOL", np.asarray(judged.flags, np.bool_)),
     }
-    served = model.manifest.calibration.score
-    if served != names.distance_name:  # the served score, as the graph output of its name
-        tensors[served] = OutputTensor(served, "FP32", score)
+    served_score = model.manifest.calibration.score
+    if served_score != names.distance_name:  # the served score, as the graph output of its name
+        tensors[served_score] = OutputTensor(served_score, "FP32", served.score)
     head: dict[str, Any] = {"model_name": model.name, "model_version": model.version}
     if request.id is not None:
         head["id"] = request.id

@@ -8,7 +8,6 @@ true, 400 for false (as the protocol says), 404 for a model or version that is n
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import orjson
@@ -16,61 +15,38 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, request_response
 
-from service.admission import BodyBudget, Reservation
-from service.errors import (
-    RETRY_AFTER,
-    NotReadyError,
-    PayloadTooLargeError,
-    ServiceError,
-    UnknownModelError,
-    error_detail,
-    error_status,
-)
+from service.errors import V2_ERRORS, ServiceError, UnknownModelError, render_error
+from service.pipeline import Body, Taken, content_headers, serve
 from service.registry import ModelRegistry
 from service.serving import LoadedModel
 from service.settings import Settings
 from service.shutdown import SHUTTING_DOWN, AnswerWhenCut
-from service.v2.infer import model_input, model_metadata, run
-from service.v2.tensors import HEADER_LENGTH, TensorError, parse_request, response_body
-
-log = logging.getLogger(__name__)
+from service.state import AppState, current
+from service.v2.infer import Wanted, model_input, model_metadata, outputs
+from service.v2.tensors import (
+    HEADER_LENGTH,
+    InferRequest,
+    TensorError,
+    parse_request,
+    response_body,
+)
 
 SERVER_NAME = "isomax-serve"
 EXTENSIONS = ["binary_tensor_data"]
 _JSON = "application/json"
 
 
-def _error(exc: Exception, settings: Settings) -> Response:
-    status = error_status(exc)
-    if status in (415, 422):
-        status = 400  # v2: every malformed request is a 400
-    if status == 500 and not isinstance(exc, ServiceError):
-        log.exception("v2 request failed")
-        detail = f"internal error ({type(exc).__name__})"
-    else:
-        detail = error_detail(exc)
-    headers = {"Retry-After": str(settings.retry_after_s)} if isinstance(exc, RETRY_AFTER) else None
-    return Response(orjson.dumps({"error": detail}), status, headers, media_type=_JSON)
-
-
 def _json(body: dict[str, Any]) -> Response:
     return Response(orjson.dumps(body), media_type=_JSON)
 
 
-def _registry(request: Request) -> ModelRegistry:
-    registry: ModelRegistry | None = getattr(request.app.state, "registry", None)
-    if registry is None:
-        raise NotReadyError("the service is starting")
-    return registry
-
-
-def _resolve(request: Request) -> LoadedModel:
+def _resolve(request: Request, state: AppState) -> LoadedModel:
     """The model of `/v2/models/{model_name}[/versions/{model_version}]`."""
     name: str = request.path_params["model_name"]
     version: str | None = request.path_params.get("model_version")
     if version is not None and not version.isdigit():
         raise UnknownModelError(f"unknown version {version[:40]!r} of model {name[:64]!r}")
-    return _registry(request).resolve(name, version)
+    return state.registry.resolve(name, version)
 
 
 def _versions(registry: ModelRegistry, name: str) -> list[str]:
@@ -79,95 +55,77 @@ def _versions(registry: ModelRegistry, name: str) -> list[str]:
     return sorted(ready, key=int, reverse=True)
 
 
-async def server_metadata(request: Request) -> Response:
-    return _json({"name": SERVER_NAME, "version": request.app.version, "extensions": EXTENSIONS})
+class V2Routes:
+    """The v2 endpoints (Starlette request handlers: bound methods); `settings` say how long a
+    refused client should wait (Retry-After)."""
 
+    def __init__(self, settings: Settings) -> None:
+        self.retry_after = str(settings.retry_after_s)
 
-async def server_live(request: Request) -> Response:
-    return Response(status_code=200)
+    def error(self, exc: Exception) -> Response:
+        """v2's error answer, by the one renderer (service/errors.py) in v2's shape."""
+        error = render_error(exc, V2_ERRORS)
+        headers = {"Retry-After": self.retry_after} if error.retry_after else None
+        return Response(error.body, error.status, headers, media_type=_JSON)
 
+    async def server_metadata(self, request: Request) -> Response:
+        return _json(
+            {"name": SERVER_NAME, "version": request.app.version, "extensions": EXTENSIONS}
+        )
 
-async def server_ready(request: Request) -> Response:
-    registry = getattr(request.app.state, "registry", None)
-    return Response(status_code=200 if registry is not None and registry.ready else 400)
+    async def server_live(self, request: Request) -> Response:
+        return Response(status_code=200)
 
+    async def server_ready(self, request: Request) -> Response:
+        state = request.app.service
+        return Response(status_code=200 if state is not None and state.registry.ready else 400)
 
-async def model_ready(request: Request) -> Response:
-    try:
-        _resolve(request)
-    except UnknownModelError as e:
-        return _error(e, request.app.state.settings)
-    except ServiceError:  # loading, failed, or the service is starting: not ready
-        return Response(status_code=400)
-    return Response(status_code=200)
+    async def model_ready(self, request: Request) -> Response:
+        try:
+            _resolve(request, current(request.app))
+        except UnknownModelError as e:
+            return self.error(e)
+        except ServiceError:  # loading, failed, or the service is starting: not ready
+            return Response(status_code=400)
+        return Response(status_code=200)
 
+    async def model_meta(self, request: Request) -> Response:
+        try:
+            state = current(request.app)
+            model = _resolve(request, state)
+            return _json(model_metadata(model, _versions(state.registry, model.name)))
+        except Exception as e:
+            return self.error(e)
 
-async def model_meta(request: Request) -> Response:
-    settings: Settings = request.app.state.settings
-    try:
-        model = _resolve(request)
-        return _json(model_metadata(model, _versions(_registry(request), model.name)))
-    except Exception as e:
-        return _error(e, settings)
-
-
-async def _read_body(request: Request, limit: int, reservation: Reservation) -> bytes:
-    """The body, within `limit`; its bytes taken from the process's in-flight budget as they
-    arrive, a Content-Length that does not fit refused first, as /classify does."""
-    header = request.headers.get("content-length")
-    length = int(header) if header is not None and header.isdigit() else None
-    if length is not None:
-        if length > limit:
-            raise PayloadTooLargeError(f"the request body is {length} bytes; the limit is {limit}")
-        reservation.check(length)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"the request body exceeds {limit} bytes")
-        reservation.take(len(chunk))
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _body_budget(request: Request, settings: Settings) -> BodyBudget:
-    """The in-flight body budget shared with /classify (one per process)."""
-    budget: BodyBudget | None = getattr(request.app.state, "body_budget", None)
-    if budget is None:  # an app without /classify's endpoint: a budget of its own
-        budget = request.app.state.body_budget = BodyBudget(settings.max_inflight_body_bytes)
-    return budget
-
-
-async def model_infer(request: Request) -> Response:
-    settings: Settings = request.app.state.settings
-    try:
-        model = _resolve(request)
-        with model.lease():  # a hot swap retires this version only after the answer
+    async def model_infer(self, request: Request) -> Response:
+        try:
+            state = current(request.app)
+            model = _resolve(request, state)
             encoding = request.headers.get("content-encoding", "identity").lower()
             if encoding != "identity":
                 raise TensorError(f"Content-Encoding {encoding!r} is not supported")
-            # As /classify: a full queue or body budget refuses before the body is read.
-            model.batcher.admit()
-            reservation = Reservation(_body_budget(request, settings))
-            try:
-                body = await _read_body(request, settings.max_body_bytes, reservation)
-                parsed = parse_request(body, request.headers.get(HEADER_LENGTH))
+            settings = state.settings
+
+            async def take(body: Body, model: LoadedModel) -> Taken[tuple[InferRequest, Wanted]]:
+                limit = settings.max_body_bytes
+                body.expect(content_headers(request.scope)[1], limit)
+                chunks = await body.read(limit, f"the request body exceeds {limit} bytes")
+                parsed = parse_request(b"".join(chunks), request.headers.get(HEADER_LENGTH))
                 x, wanted, files = await model_input(parsed, model, settings)
-            finally:
-                model.batcher.release()
-                reservation.release()
-            state = request.app.state
-            answer = await run(parsed, model, x, wanted, state.metrics, state.capture, files)
-            content, json_length = response_body(*answer)
-    except Exception as e:
-        return _error(e, settings)
-    if json_length is None:
-        return Response(content, media_type=_JSON)
-    return Response(
-        content,
-        media_type="application/octet-stream",
-        headers={"Inference-Header-Content-Length": str(json_length)},
-    )
+                return Taken(x, files, (parsed, wanted))
+
+            served = await serve(state, model, Body(request.receive, state.bodies), take)
+            (parsed, wanted) = served.taken.request
+            content, json_length = response_body(*outputs(parsed, model, wanted, served))
+        except Exception as e:
+            return self.error(e)
+        if json_length is None:
+            return Response(content, media_type=_JSON)
+        return Response(
+            content,
+            media_type="application/octet-stream",
+            headers={"Inference-Header-Content-Length": str(json_length)},
+        )
 
 
 def routes(settings: Settings) -> list[BaseRoute]:
@@ -175,17 +133,18 @@ def routes(settings: Settings) -> list[BaseRoute]:
 
     Infer, cut by the graceful-shutdown timeout, answers a v2 error 503 (service/shutdown.py).
     """
+    v2 = V2Routes(settings)
     cut = orjson.dumps({"error": SHUTTING_DOWN})
-    infer = AnswerWhenCut(request_response(model_infer), cut, settings.retry_after_s)
+    infer = AnswerWhenCut(request_response(v2.model_infer), cut, settings.retry_after_s)
     out: list[BaseRoute] = [
-        Route("/v2", server_metadata, methods=["GET"]),
-        Route("/v2/health/live", server_live, methods=["GET"]),
-        Route("/v2/health/ready", server_ready, methods=["GET"]),
+        Route("/v2", v2.server_metadata, methods=["GET"]),
+        Route("/v2/health/live", v2.server_live, methods=["GET"]),
+        Route("/v2/health/ready", v2.server_ready, methods=["GET"]),
     ]
     for prefix in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{model_version}"):
         out += [
-            Route(prefix, model_meta, methods=["GET"]),
-            Route(prefix + "/ready", model_ready, methods=["GET"]),
+            Route(prefix, v2.model_meta, methods=["GET"]),
+            Route(prefix + "/ready", v2.model_ready, methods=["GET"]),
             Route(prefix + "/infer", infer, methods=["POST"]),
         ]
     return out

@@ -115,13 +115,13 @@ def test_target_tpr_override_reads_the_quantile_table(models_dir: Path) -> None:
         (info,) = c.get("/models").json()["models"]
         assert (info["threshold"], info["target_tpr"]) == (want, 0.99)
         assert info["calibration"]["threshold"] == manifest.calibration.threshold
-        assert c.app.state.metrics.registry.get_sample_value(  # type: ignore[attr-defined]
+        assert c.app.service.metrics.registry.get_sample_value(  # type: ignore[attr-defined]
             "isomax_ood_threshold", {"model": "tiny"}
         ) == pytest.approx(want)
 
 
 def sample(client: TestClient, name: str, labels: dict[str, str] | None = None) -> float:
-    value = client.app.state.metrics.registry.get_sample_value(name, labels or {})  # type: ignore[attr-defined]
+    value = client.app.service.metrics.registry.get_sample_value(name, labels or {})  # type: ignore[attr-defined]
     return 0.0 if value is None else float(value)
 
 
@@ -224,7 +224,7 @@ def test_overload_answers_503_with_retry_after(models_dir: Path) -> None:
     limits = {**TEST_LIMITS, "max_images_per_request": 8}
     with app_client(models_dir=models_dir, max_queue_images=8, max_batch_size=8, **limits) as c:
         wait_ready(c)
-        model = c.app.state.registry.resolve("tiny")  # type: ignore[attr-defined]
+        model = c.app.service.registry.resolve("tiny")  # type: ignore[attr-defined]
         gate = threading.Event()
         real_run = model.batcher._run_fn
 
@@ -263,7 +263,7 @@ def test_requests_larger_than_a_batch_are_split_and_reassembled(
         r = c.post("/classify", files=files(images))
         assert r.status_code == 200
         assert_results_equal(r.json()["results"], expected_results(models_dir / "tiny/2", images))
-        registry = c.app.state.metrics.registry  # type: ignore[attr-defined]
+        registry = c.app.service.metrics.registry  # type: ignore[attr-defined]
         assert registry.get_sample_value("isomax_batch_size_sum", {"model": "tiny"}) == 8
         assert registry.get_sample_value("isomax_batch_size_count", {"model": "tiny"}) == 3
 
@@ -295,7 +295,7 @@ def test_classify_under_a_root_path_takes_the_direct_route(models_dir: Path) -> 
         wait_ready(c)
         r = c.post("/api/classify", content=IMAGES[0][1], headers={"content-type": "image/png"})
         assert r.status_code == 200 and len(r.json()["results"]) == 1
-        counted = app.state.metrics.registry.get_sample_value(
+        counted = app.service.metrics.registry.get_sample_value(
             "isomax_requests_total", {"endpoint": "/classify", "status": "200"}
         )
         assert counted == 1.0

@@ -167,7 +167,7 @@ def test_capture_is_off_by_default(models_dir: Path, tmp_path: Path) -> None:
     assert Settings().capture_dir is None
     with app_client(models_dir=models_dir) as c:
         wait_ready(c)
-        assert c.app.state.capture is None  # type: ignore[attr-defined]
+        assert c.app.service.capture is None  # type: ignore[attr-defined]
         assert c.post("/classify", content=sample_images(0, 1)[0][1], headers=PNG_HEADERS).json()
 
 

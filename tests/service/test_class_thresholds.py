@@ -51,7 +51,7 @@ def test_models_and_metrics_show_the_class_thresholds(per_class_dir: Path) -> No
         (info,) = c.get("/models").json()["models"]
         assert info["class_thresholds"] == dict(zip(manifest.labels, want, strict=True))
         assert info["calibration"]["per_class"] is True
-        registry = c.app.state.metrics.registry  # type: ignore[attr-defined]
+        registry = c.app.service.metrics.registry  # type: ignore[attr-defined]
         for label, t in zip(manifest.labels, want, strict=True):
             sample = registry.get_sample_value(
                 "isomax_ood_class_threshold", {"model": "tiny", "label": label}

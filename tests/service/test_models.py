@@ -128,7 +128,7 @@ def test_a_target_tpr_outside_the_table_is_refused(tmp_path: Path) -> None:
 def test_device_cuda_without_cuda_is_not_ready_with_a_clear_reason(tmp_path: Path) -> None:
     write_bundle(tmp_path)
     with app_client(models_dir=tmp_path, device="cuda") as c:
-        c.app.state.registry.wait_loaded(30)  # type: ignore[attr-defined]
+        c.app.service.registry.wait_loaded(30)  # type: ignore[attr-defined]
         r = c.get("/readyz")
         # Failed for good (no version loads): 503 without Retry-After, waiting will not help.
         assert r.status_code == 503 and "retry-after" not in r.headers
@@ -154,7 +154,7 @@ def test_one_broken_bundle_is_never_half_served(tmp_path: Path) -> None:
     write_bundle(tmp_path, "good", "1")
     _corrupt_sha(write_bundle(tmp_path, "bad", "1"))
     with app_client(models_dir=tmp_path) as c:
-        c.app.state.registry.wait_loaded(30)  # type: ignore[attr-defined]
+        c.app.service.registry.wait_loaded(30)  # type: ignore[attr-defined]
         ready = c.get("/readyz")
         assert ready.status_code == 503 and "bad:1: " in ready.json()["detail"]
         assert ready.json()["models"]["good"] == {"status": "ready", "version": "1", "detail": None}
@@ -163,7 +163,7 @@ def test_one_broken_bundle_is_never_half_served(tmp_path: Path) -> None:
         assert c.post("/classify", params={"model": "good"}, **png).status_code == 200
         r = c.post("/classify", params={"model": "bad"}, **png)
         assert r.status_code == 503 and "sha256" in r.json()["detail"]
-        registry = c.app.state.metrics.registry  # type: ignore[attr-defined]
+        registry = c.app.service.metrics.registry  # type: ignore[attr-defined]
         assert registry.get_sample_value("isomax_model_ready", {"model": "bad"}) == 0
         assert registry.get_sample_value("isomax_model_ready", {"model": "good"}) == 1
 

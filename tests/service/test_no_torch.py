@@ -32,7 +32,7 @@ def test_serving_works_without_torch(models_dir: Path) -> None:
 
         app = create_app(Settings(models_dir={str(models_dir)!r}))
         with TestClient(app) as c:
-            app.state.registry.wait_loaded(30)
+            app.service.registry.wait_loaded(30)
             r = c.post("/classify", content=PNG, headers={{"content-type": "image/png"}})
             assert r.status_code == 200, r.text
         assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)

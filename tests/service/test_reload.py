@@ -41,7 +41,7 @@ def served_version(c: TestClient, **params: str) -> str:
 
 
 def sample(c: TestClient, name: str, labels: dict[str, str] | None = None) -> float | None:
-    return c.app.state.metrics.registry.get_sample_value(name, labels or {})  # type: ignore[attr-defined]
+    return c.app.service.metrics.registry.get_sample_value(name, labels or {})  # type: ignore[attr-defined]
 
 
 @pytest.fixture()
@@ -139,7 +139,7 @@ def test_removing_version_directories_falls_back_and_then_fails_permanently(
     write_bundle(repo, "tiny", "2", seed=1)
     with app_client(models_dir=repo, keep_versions=2, reload_interval_s=0) as c:
         wait_ready(c)
-        registry = c.app.state.registry  # type: ignore[attr-defined]
+        registry = c.app.service.registry  # type: ignore[attr-defined]
         assert served_version(c) == "2"
         shutil.rmtree(repo / "tiny" / "2")
         registry.wait_reload(registry.request_reload(), 30)

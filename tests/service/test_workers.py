@@ -52,7 +52,7 @@ def test_readiness_waits_for_every_worker_and_forgets_dead_ones(tmp_path: Path) 
     models, state = tmp_path / "models", tmp_path / "state"
     write_bundle(models, "tiny", "1")
     with app_client(models_dir=models, workers=2, state_dir=state) as c:
-        c.app.state.registry.wait_loaded(30)  # type: ignore[attr-defined]
+        c.app.service.registry.wait_loaded(30)  # type: ignore[attr-defined]
         r = c.get("/readyz")  # this worker is ready, the other never published
         assert r.status_code == 503 and r.headers["retry-after"]
         assert "1 of 2 workers have not started" in r.json()["detail"]

@@ -199,7 +199,7 @@ def test_unknown_score_is_refused_at_readiness(tmp_path, bundles):
     good["name"] = "good"
     (tmp_path / "good" / "1" / "manifest.json").write_text(json.dumps(good))
     with TestClient(create_app(Settings(models_dir=tmp_path))) as c:
-        c.app.state.registry.wait_loaded(30)  # type: ignore[attr-defined]
+        c.app.service.registry.wait_loaded(30)  # type: ignore[attr-defined]
         ready = c.get("/readyz")
         assert ready.status_code == 503
         assert ready.json()["models"]["good"]["status"] == "ready"
