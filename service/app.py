@@ -19,7 +19,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service import classify, http_protocol, memory
+from service import classify, http_limits, memory
 from service.auth import TokenGuard
 from service.errors import InvalidParameterError, ServiceError, render_error, validation_detail
 from service.lifespan import lifespan
@@ -165,5 +165,5 @@ def app_from_env() -> ServiceApp:
     """
     settings = Settings()
     configure_process(settings.log_level)
-    http_protocol.configure_from(settings)  # this worker's connections
+    http_limits.configure_from(settings)  # this worker's connections
     return create_app(settings)

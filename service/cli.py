@@ -129,9 +129,9 @@ def main(argv: list[str]) -> int:
 
     import uvicorn
 
-    from service import http_protocol, server
+    from service import http_limits, http_protocol, server
 
-    http_protocol.configure_from(settings)
+    http_limits.configure_from(settings)
     common: dict[str, Any] = dict(
         host=settings.host,
         port=settings.port,

@@ -29,16 +29,14 @@ a request, gets a JSON 503 and the close. A client that reopens what the server 
 takes idle places from itself, never descriptors from the service.
 A request that fits in one read (the usual case) arms no timer at all.
 
-The limits are module state set by `configure(settings)` before uvicorn starts (`isomax serve`,
-and each worker process through `service.app.app_from_env`), because uvicorn builds protocols
-from its own Config only.
+The limits are module state (`service/http_limits.py`), set before uvicorn starts, because
+uvicorn builds protocols from its own Config only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import httptools
@@ -50,50 +48,10 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
-from service.descriptors import connection_cap
-from service.settings import Settings
+from service.http_limits import current
 from service.shutdown import SHUTTING_DOWN, answer_cut, cut_headers
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_head_bytes: int = 32 * 1024
-    max_headers: int = 100
-    head_timeout_s: float = 10.0
-    body_timeout_s: float = 15.0
-    drain_s: float = 1.0
-    max_connections: int = 0  # 0: no cap
-    retry_after_s: int = 1  # of the 503 to a request cut by the graceful-shutdown timeout
-
-
-_limits = Limits()
-
-
-def configure(limits: Limits) -> None:
-    """Set the limits of every connection accepted from now on."""
-    global _limits
-    _limits = limits
-
-
-def current() -> Limits:
-    return _limits
-
-
-def configure_from(settings: Settings) -> None:
-    """`configure` with the ISOMAX_* settings of this process."""
-    configure(
-        Limits(
-            max_head_bytes=settings.max_header_bytes,
-            max_headers=settings.max_headers,
-            head_timeout_s=settings.header_timeout_s,
-            body_timeout_s=settings.body_timeout_s,
-            drain_s=min(settings.shutdown_drain_s, settings.graceful_timeout_s),
-            max_connections=connection_cap(settings.max_connections),
-            retry_after_s=settings.retry_after_s,
-        )
-    )
 
 
 class _Throttled:
@@ -187,7 +145,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.limits = _limits
+        self.limits = current()
         self._reading_head = True  # the next bytes belong to a request head
         self._head_bytes = 0  # bytes received since that head began (an upper bound)
         self._head_timer: asyncio.TimerHandle | None = None
