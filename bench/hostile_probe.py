@@ -407,16 +407,22 @@ def main() -> int:
                 out[name] = result
                 print(name, result, flush=True)
         out["server_log_tracebacks"] = log.read_text(errors="replace").count("Traceback")
+    write_result(out, "hostile", args.label, args.repo)
+    return 0
+
+
+def write_result(out: dict[str, Any], kind: str, label: str, repo: Path) -> None:
+    """`out`, stamped with the date and the probed checkout's commit, to
+    bench/results/KIND[-LABEL].json (the hostile and shutdown probes' one format)."""
     out["date"] = datetime.now(UTC).isoformat(timespec="seconds")
     out["commit"] = subprocess.run(
-        ["git", "-C", str(args.repo), "rev-parse", "--short", "HEAD"],
+        ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
         capture_output=True,
         text=True,
     ).stdout.strip()
-    suffix = f"-{args.label}" if args.label else ""
+    suffix = f"-{label}" if label else ""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"hostile{suffix}.json").write_text(json.dumps(out, indent=2) + "\n")
-    return 0
+    (RESULTS / f"{kind}{suffix}.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
 def _write_small_png() -> None:

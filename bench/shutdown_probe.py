@@ -19,22 +19,19 @@ from __future__ import annotations
 import argparse
 import collections
 import errno
-import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.hostile_probe import _write_small_png, small_png  # noqa: E402
+from bench.hostile_probe import _write_small_png, small_png, write_result  # noqa: E402
 from tests import harness  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -156,15 +153,7 @@ def main() -> int:
     out: dict[str, Any] = {"runs": [run(args) for _ in range(args.runs)]}
     for r in out["runs"]:
         print(r, flush=True)
-    out["date"] = datetime.now(UTC).isoformat(timespec="seconds")
-    out["commit"] = subprocess.run(
-        ["git", "-C", str(args.repo), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    suffix = f"-{args.label}" if args.label else ""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"shutdown{suffix}.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_result(out, "shutdown", args.label, args.repo)
     return 0
 
 
