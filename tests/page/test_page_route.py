@@ -16,11 +16,10 @@ from service.app import create_app
 from service.cli import build_parser, settings_from_args
 from service.page import STATIC_DIR
 from service.settings import Settings
+from tests.page.conftest import NAME, VERSION
 from tests.service.conftest import REPO, wait_ready
 
-NAME = "fmnist-isomaxplus"
 MODELS = REPO / "models"
-VERSION = str(max(int(v.name) for v in (MODELS / NAME).iterdir() if v.name.isdigit()))
 
 
 def _client(**settings: object) -> Iterator[TestClient]:
