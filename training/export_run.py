@@ -20,6 +20,7 @@ from training.data.datasets import Splits, load_dataset
 from training.data.ood import ood_sets_for
 from training.evaluate import evaluate
 from training.export import BundleSpec, CalibrationSet, GraphSpec, OnnxPredictor, export_bundle
+from training.head import LINEAR_HEADS
 from training.mahalanobis import MahalanobisFit, fit_on_training_split
 from training.models import Classifier
 from training.ood_metrics import ood_metrics
@@ -126,9 +127,10 @@ def export_run(
     `training.selection.pick_score` picks on the validation split and pseudo-OOD made from it.
     """
     model, cfg, meta, splits = load_run(run_dir, checkpoint)
-    if cfg.head == "softmax":
+    if cfg.head in LINEAR_HEADS:
         raise ValueError(
-            "a SoftMax model has no distance to serve; export an IsoMax+ (or IsoMax) run"
+            f"a {cfg.head} model (one linear layer) has no distance to serve; "
+            "export an IsoMax+ (or IsoMax, DisMax) run"
         )
     preprocess = serving_preprocess(meta, cfg)
     done = ExportedRun(bundle=Path())

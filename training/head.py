@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEADS = ("softmax", "isomax", "isomaxplus", "dismax")
+HEADS = ("softmax", "isomax", "isomaxplus", "dismax", "logitnorm")
+# Heads that are one `nn.Linear` (no prototypes, no distance): the baselines.
+LINEAR_HEADS = ("softmax", "logitnorm")
 PROTOTYPE_INITS = ("unit", "paper")
 
 
@@ -127,7 +129,7 @@ class IsoMaxHead(nn.Module):
 def make_head(
     kind: str, in_features: int, num_classes: int, prototype_init: str = "unit"
 ) -> nn.Module:
-    if kind == "softmax":
+    if kind in LINEAR_HEADS:  # LogitNorm differs from SoftMax only in its loss
         return nn.Linear(in_features, num_classes)
     if kind == "isomax":
         return IsoMaxHead(in_features, num_classes)

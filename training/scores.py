@@ -147,6 +147,7 @@ SCORES: dict[str, ScoreFn] = {
 
 _HEAD_SCORES = {
     "softmax": ("es", "mps", "energy", "max_logit"),
+    "logitnorm": ("mps", "energy", "max_logit", "es"),  # the paper scores max probability
     "isomax": ("es", "mps", "mds"),  # mds from min_distance_from_logits: the paper's Table 6
     "isomaxplus": ("mds", "mds_class", "es", "es_class", "mps"),  # the method's own score first
     "dismax": ("mmles", "mds", "es", "mps", "max_logit"),

@@ -129,3 +129,20 @@ def test_unknown_head_and_bad_shapes_are_refused():
         make_head("arcface", 8, 2)
     with pytest.raises(ValueError, match="wrong size"):
         IsoMaxPlusLoss()(torch.zeros(4, 3), torch.zeros(5, dtype=torch.long))
+
+
+def test_logitnorm_loss_against_a_hand_computed_example():
+    """logits (3, 4) have norm 5; divided by 5 * 0.04 they are (15, 20), so the loss is
+    log(1 + e^-5) for class 1 and log(1 + e^5) for class 0, whatever the logits' scale."""
+    from training.loss import LogitNormLoss, make_loss
+
+    loss = make_loss("logitnorm")
+    assert isinstance(loss, LogitNormLoss)
+    z = torch.tensor([[3.0, 4.0]])
+    assert loss(z, torch.tensor([1])).item() == pytest.approx(math.log1p(math.exp(-5)), rel=1e-5)
+    assert loss(z, torch.tensor([0])).item() == pytest.approx(math.log1p(math.exp(5)), rel=1e-5)
+    # scaling the logits changes nothing: the norm is divided out
+    assert loss(100 * z, torch.tensor([1])).item() == pytest.approx(
+        loss(z, torch.tensor([1])).item()
+    )
+    assert isinstance(make_head("logitnorm", 8, 3), torch.nn.Linear)
