@@ -1,7 +1,8 @@
 """The admin token check, with a bound on wrong guesses.
 
-Why: POST /admin/reload compared the token in constant time but took 2,000 wrong tokens in
-0.9 s without a log line (issue 24): a guesser was neither slowed nor seen. Now wrong tokens are
+Why: POST /admin/reload compared the token in constant time but took wrong tokens as fast as a
+client could send them, without a log line (issue 24; the figures: bench/results/serving-log.md,
+"Measurements behind code choices"): a guesser was neither slowed nor seen. Now wrong tokens are
 counted per process; past `MAX_FAILURES` in `WINDOW_S`, every admin request (the right token
 too, so that a guesser learns nothing from the answers) gets 429 + Retry-After until the window
 ends, and each wrong token is logged with the client's address (one line per few seconds at most,

@@ -3,8 +3,9 @@
 Why: each connection is a descriptor, and so is every file the service opens for itself (model
 files at a rescan, the worker board, metrics files, captures). With `nofile` at 1024 and a
 client that reopens every connection the server closes, accept() failed with EMFILE, asyncio
-logged a traceback per failure and paused accepting, `/classify` answered 1 probe in 55, and
-the model rescan failed with EMFILE tracebacks (issue 24). The HTTP protocol
+logged a traceback per failure and paused accepting, `/classify` answered almost none of the
+probes sent beside it, and the model rescan failed with EMFILE tracebacks (issue 24;
+bench/results/serving-log.md, "Descriptors"). The HTTP protocol
 (service/http_protocol.py) therefore caps the connections it holds below the limit, keeping
 `FD_RESERVE` for the service's own files, and when the cap is reached it closes the longest-idle
 connection instead of refusing the newcomer. Should descriptors run out all the same (another
@@ -24,8 +25,8 @@ log = logging.getLogger(__name__)
 
 # Descriptors kept for the service's own files when the connection cap is derived from nofile.
 FD_RESERVE = 128
-# The derived cap at most: idle connections cost memory (~10 KB each) even when descriptors
-# are plentiful (Kubernetes containers often get a nofile of 1,048,576).
+# The derived cap at most: idle connections cost memory each (serving log, "Descriptors") even
+# when descriptors are plentiful (Kubernetes containers often get a nofile of 1,048,576).
 AUTO_MAX_CONNECTIONS = 16_384
 LOG_EVERY_S = 60.0
 _OUT = (errno.EMFILE, errno.ENFILE)

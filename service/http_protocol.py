@@ -3,11 +3,12 @@ head and body read timeouts, and a shutdown that answers keep-alive requests.
 
 Why here and not in the app: these attacks never reach an ASGI app. uvicorn's httptools protocol
 has no limit on the request head, and httptools joins header pieces by repeated `bytes +=`, so a
-100 MB header costs seconds of event-loop time before the app sees anything (the loop serves no
+huge header costs seconds of event-loop time before the app sees anything (the loop serves no
 one meanwhile). It has no timeout on a request head (a client trickling one byte every few
 seconds holds a connection and a file descriptor forever) nor on a body that stops arriving.
-uvicorn's h11 protocol bounds the head (`h11_max_incomplete_event_size`) but serves ~25% fewer
-requests per second here, and has neither timeout (docs/serving.md, "Limits and hardening").
+uvicorn's h11 protocol bounds the head (`h11_max_incomplete_event_size`) but costs more CPU per
+request and serves fewer requests per second, and has neither timeout (the figures:
+bench/results/serving-log.md, "Hardening findings", and bench/results/http_layer.md).
 
 This subclass keeps the httptools parser and adds, per connection:
   - head bytes: counted as they arrive, before the parser accumulates them; beyond
