@@ -15,6 +15,8 @@ import hmac
 import logging
 import time
 
+from service.throttled_log import ThrottledLog
+
 log = logging.getLogger(__name__)
 
 MAX_FAILURES = 10
@@ -29,8 +31,7 @@ class TokenGuard:
         self._token = token
         self._window_start = float("-inf")
         self._failures = 0
-        self._last_log = float("-inf")
-        self._unlogged = 0
+        self._wrong_tokens = ThrottledLog(log, LOG_EVERY_S)
 
     def locked_for(self, now: float | None = None) -> float:
         """Seconds until admin requests are taken again (0: they are)."""
@@ -53,16 +54,8 @@ class TokenGuard:
         if hmac.compare_digest(given.strip().encode(), self._token):
             return None
         self._failures += 1
-        self._log(now, peer)
-        return 403, "admin endpoint: wrong token"
-
-    def _log(self, now: float, peer: str) -> None:
-        if now - self._last_log < LOG_EVERY_S:
-            self._unlogged += 1
-            return
-        more = f" ({self._unlogged} more since the last such line)" if self._unlogged else ""
-        self._last_log, self._unlogged = now, 0
-        log.warning(
-            "admin endpoint: wrong token from %s%s; %d of %d allowed per %g s",
-            peer, more, self._failures, MAX_FAILURES, WINDOW_S,
+        self._wrong_tokens.warning(
+            "wrong token", "admin endpoint: wrong token from %s; %d of %d allowed per %g s",
+            peer, self._failures, MAX_FAILURES, WINDOW_S, now=now,
         )  # fmt: skip
+        return 403, "admin endpoint: wrong token"

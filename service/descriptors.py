@@ -18,8 +18,9 @@ import asyncio
 import errno
 import logging
 import resource
-import time
 from typing import Any
+
+from service.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
 
@@ -50,27 +51,21 @@ def is_out_of_descriptors(exc: BaseException | None) -> bool:
     return isinstance(exc, OSError) and exc.errno in _OUT
 
 
-class _Once:
-    """One warning per LOG_EVERY_S, with the count of the failures it stands for."""
+class _OutOfDescriptors:
+    """One warning per LOG_EVERY_S, wherever descriptors ran out, with the count of the
+    failures it stands for."""
 
     def __init__(self) -> None:
-        self._last = float("-inf")
-        self._skipped = 0
+        self._log = ThrottledLog(log, LOG_EVERY_S)
 
     def warn(self, where: str) -> None:
-        now = time.monotonic()
-        if now - self._last < LOG_EVERY_S:
-            self._skipped += 1
-            return
-        more = f" ({self._skipped} more since the last such line)" if self._skipped else ""
-        self._last, self._skipped = now, 0
-        log.warning(
-            "out of file descriptors (nofile %d) in %s%s: lower ISOMAX_MAX_CONNECTIONS or raise "
-            "the limit", nofile_limit(), where, more,
+        self._log.warning(
+            "nofile", "out of file descriptors (nofile %d) in %s: lower ISOMAX_MAX_CONNECTIONS or "
+            "raise the limit", nofile_limit(), where,
         )  # fmt: skip
 
 
-out_of_descriptors = _Once()
+out_of_descriptors = _OutOfDescriptors()
 
 
 def install_loop_handler(loop: asyncio.AbstractEventLoop) -> None:
