@@ -1,16 +1,18 @@
 """What a request may hold while it is served: request-body bytes across all connections, and the
 decoded bytes of its images. Both are checked before the work they bound is done.
 
-Body bytes: every upload is buffered in memory until its images are decoded; without a total,
-64 connections sending 30 MiB each and stalling took the process from 112 MB to 2 GB. One budget
-for the process, `max_inflight_body_bytes`, counts the body bytes that requests hold: each chunk
+Body bytes: every upload is buffered in memory until its images are decoded; without a total, a
+few dozen connections sending large bodies and stalling multiplied the process's memory (the
+figures: bench/results/serving-log.md, "Measurements behind code choices"). One budget for the
+process, `max_inflight_body_bytes`, counts the body bytes that requests hold: each chunk
 is taken from it as it arrives and everything is given back when the request is answered.
 A request whose Content-Length does not fit in what is free now gets 503 + Retry-After before
 its body is read (`check`), but its declared length is not reserved: what is reserved is what
-is held. Reserving the declared length up front let 8 sockets that declared 32 MiB each and sent
-one byte every 10 s hold the whole 256 MiB budget with ~100 bytes (issue 24): every other upload
-got 503 for as long as they trickled. Bytes that never arrive now reserve nothing; to fill the
-budget a client has to send it (docs/serving.md, "Limits and hardening", says what remains).
+is held. Reserving the declared length up front let a few sockets that declared the largest
+body and then trickled bytes hold the whole budget while sending almost nothing (issue 24): every
+other upload got 503 for as long as they trickled (serving log, "Body budget: held bytes, not
+declared ones"). Bytes that never arrive now reserve nothing; to fill the budget a client has to
+send it (docs/serving.md, "Limits and hardening", says what remains).
 """
 
 from __future__ import annotations
@@ -73,11 +75,12 @@ class DecodeBudget:
     """Decoded bytes of the images being decoded in the pool at once (one per process).
 
     Why: the decoded-bytes limits bound one image and one request, not how many large images
-    are decoded together; 16 concurrent 3237x3237 RGBA PNGs (40 MiB decoded each, ~3.5x that
-    while converted) took a worker to ~1.3 GB. A decode waits here, first come first served,
-    until its decoded bytes fit in `limit`; an image larger than the whole budget waits for all
-    of it. Decoding is CPU-bound, so on a few cores a couple of large decodes at a time lose no
-    throughput. Event loop only (no lock).
+    are decoded together; a burst of concurrent RGBA PNGs just under the per-image limit (each
+    several times its decoded size while converted) took a worker's memory to many times what
+    one image needs (bench/results/serving-log.md, "Memory of large images"). A decode waits
+    here, first come first served, until its decoded bytes fit in `limit`; an image larger than
+    the whole budget waits for all of it. Decoding is CPU-bound, so on a few cores a couple of
+    large decodes at a time lose no throughput. Event loop only (no lock).
     """
 
     def __init__(self, limit: int) -> None:

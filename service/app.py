@@ -139,8 +139,9 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
 # How long a thread waiting for the GIL lets the holder run before asking it to drop the GIL
 # (CPython's default is 5 ms). After each onnxruntime run the batching thread needs the GIL back
 # for a moment (outputs, handing results to the event loop) while the event loop holds it; with
-# 5 ms it could idle the model that long per batch. 0.5 ms served 8-10% more requests per second
-# on the 2-core machine (docs/serving.md); 0.1 ms was no better.
+# 5 ms it could idle the model that long per batch. 0.5 ms served more requests per second than
+# the default, and a shorter interval no more (bench/results/serving-log.md, "Design notes": the
+# GIL switch interval).
 GIL_SWITCH_INTERVAL_S = 0.0005
 
 

@@ -1,7 +1,8 @@
 """The admin token check, with a bound on wrong guesses.
 
-Why: POST /admin/reload compared the token in constant time but took 2,000 wrong tokens in
-0.9 s without a log line (issue 24): a guesser was neither slowed nor seen. Now wrong tokens are
+Why: POST /admin/reload compared the token in constant time but took wrong tokens as fast as a
+client could send them, without a log line (issue 24; the figures: bench/results/serving-log.md,
+"Measurements behind code choices"): a guesser was neither slowed nor seen. Now wrong tokens are
 counted per process; past `MAX_FAILURES` in `WINDOW_S`, every admin request (the right token
 too, so that a guesser learns nothing from the answers) gets 429 + Retry-After until the window
 ends, and each wrong token is logged with the client's address (one line per few seconds at most,
@@ -13,6 +14,8 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+
+from service.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +31,7 @@ class TokenGuard:
         self._token = token
         self._window_start = float("-inf")
         self._failures = 0
-        self._last_log = float("-inf")
-        self._unlogged = 0
+        self._wrong_tokens = ThrottledLog(log, LOG_EVERY_S)
 
     def locked_for(self, now: float | None = None) -> float:
         """Seconds until admin requests are taken again (0: they are)."""
@@ -52,16 +54,8 @@ class TokenGuard:
         if hmac.compare_digest(given.strip().encode(), self._token):
             return None
         self._failures += 1
-        self._log(now, peer)
-        return 403, "admin endpoint: wrong token"
-
-    def _log(self, now: float, peer: str) -> None:
-        if now - self._last_log < LOG_EVERY_S:
-            self._unlogged += 1
-            return
-        more = f" ({self._unlogged} more since the last such line)" if self._unlogged else ""
-        self._last_log, self._unlogged = now, 0
-        log.warning(
-            "admin endpoint: wrong token from %s%s; %d of %d allowed per %g s",
-            peer, more, self._failures, MAX_FAILURES, WINDOW_S,
+        self._wrong_tokens.warning(
+            "wrong token", "admin endpoint: wrong token from %s; %d of %d allowed per %g s",
+            peer, self._failures, MAX_FAILURES, WINDOW_S, now=now,
         )  # fmt: skip
+        return 403, "admin endpoint: wrong token"

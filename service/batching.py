@@ -14,9 +14,9 @@ batch) and takes the next batch at once, in the same hold of the GIL. It sleeps 
 when no batch is due, and the event loop wakes it only then (when a request arrives, or a
 batch fills). Two earlier designs cost more than the model: forming batches on the event loop
 made every batch wait for the busy loop to notice the previous run had ended and for the
-thread to win the GIL back on its wake-up (measured: a 3.7 ms gap between runs of 4.5 ms, the
-model idle 45% of the time at 32 connections; docs/serving.md, "Design notes"); a
-blocking queue read per request in the thread paid that wake-up once per request.
+thread to win the GIL back on its wake-up, so the model sat idle for a large share of the time
+between runs (bench/results/serving-log.md, "Design notes": the batching thread); a blocking
+queue read per request in the thread paid that wake-up once per request.
 
 Requests may hand over their images as decoded uint8 pixels: the thread converts the whole
 batch to the graph's float input at once (`to_float`, the same values as per image), which
@@ -28,9 +28,9 @@ of images accepted and not yet answered is bounded; beyond it `submit` raises `O
 bound before a request's body is read (requests admitted and not yet submitted count as one
 image each), so that overload is refused before it costs reading and decoding.
 
-The queue is also bounded in time, as Triton's queue policy bounds it
-(`max_queue_delay_microseconds`, then reject): a count alone let successful requests wait 4-13 s
-at p99 under 4x overload (issue 24). With `max_queue_wait_s`:
+The queue is also bounded in time (`max_queue_wait_s`), as Triton's queue policy bounds it
+(`max_queue_delay_microseconds`, then reject): a count alone let successful requests wait
+seconds at p99 under overload (issue 24; serving log, "Measurements behind code choices"):
   - `admit` refuses a request whose expected wait, the images ahead of it over the rate at which
     images are answered while a queue stands (`_Rate`), exceeds the bound, at once;
   - a request still waiting for its first batch when its bound, counted from its submission

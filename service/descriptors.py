@@ -3,8 +3,9 @@
 Why: each connection is a descriptor, and so is every file the service opens for itself (model
 files at a rescan, the worker board, metrics files, captures). With `nofile` at 1024 and a
 client that reopens every connection the server closes, accept() failed with EMFILE, asyncio
-logged a traceback per failure and paused accepting, `/classify` answered 1 probe in 55, and
-the model rescan failed with EMFILE tracebacks (issue 24). The HTTP protocol
+logged a traceback per failure and paused accepting, `/classify` answered almost none of the
+probes sent beside it, and the model rescan failed with EMFILE tracebacks (issue 24;
+bench/results/serving-log.md, "Descriptors"). The HTTP protocol
 (service/http_protocol.py) therefore caps the connections it holds below the limit, keeping
 `FD_RESERVE` for the service's own files, and when the cap is reached it closes the longest-idle
 connection instead of refusing the newcomer. Should descriptors run out all the same (another
@@ -17,15 +18,16 @@ import asyncio
 import errno
 import logging
 import resource
-import time
 from typing import Any
+
+from service.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
 
 # Descriptors kept for the service's own files when the connection cap is derived from nofile.
 FD_RESERVE = 128
-# The derived cap at most: idle connections cost memory (~10 KB each) even when descriptors
-# are plentiful (Kubernetes containers often get a nofile of 1,048,576).
+# The derived cap at most: idle connections cost memory each (serving log, "Descriptors") even
+# when descriptors are plentiful (Kubernetes containers often get a nofile of 1,048,576).
 AUTO_MAX_CONNECTIONS = 16_384
 LOG_EVERY_S = 60.0
 _OUT = (errno.EMFILE, errno.ENFILE)
@@ -49,27 +51,21 @@ def is_out_of_descriptors(exc: BaseException | None) -> bool:
     return isinstance(exc, OSError) and exc.errno in _OUT
 
 
-class _Once:
-    """One warning per LOG_EVERY_S, with the count of the failures it stands for."""
+class _OutOfDescriptors:
+    """One warning per LOG_EVERY_S, wherever descriptors ran out, with the count of the
+    failures it stands for."""
 
     def __init__(self) -> None:
-        self._last = float("-inf")
-        self._skipped = 0
+        self._log = ThrottledLog(log, LOG_EVERY_S)
 
     def warn(self, where: str) -> None:
-        now = time.monotonic()
-        if now - self._last < LOG_EVERY_S:
-            self._skipped += 1
-            return
-        more = f" ({self._skipped} more since the last such line)" if self._skipped else ""
-        self._last, self._skipped = now, 0
-        log.warning(
-            "out of file descriptors (nofile %d) in %s%s: lower ISOMAX_MAX_CONNECTIONS or raise "
-            "the limit", nofile_limit(), where, more,
+        self._log.warning(
+            "nofile", "out of file descriptors (nofile %d) in %s: lower ISOMAX_MAX_CONNECTIONS or "
+            "raise the limit", nofile_limit(), where,
         )  # fmt: skip
 
 
-out_of_descriptors = _Once()
+out_of_descriptors = _OutOfDescriptors()
 
 
 def install_loop_handler(loop: asyncio.AbstractEventLoop) -> None:

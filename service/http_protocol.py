@@ -3,11 +3,12 @@ head and body read timeouts, and a shutdown that answers keep-alive requests.
 
 Why here and not in the app: these attacks never reach an ASGI app. uvicorn's httptools protocol
 has no limit on the request head, and httptools joins header pieces by repeated `bytes +=`, so a
-100 MB header costs seconds of event-loop time before the app sees anything (the loop serves no
+huge header costs seconds of event-loop time before the app sees anything (the loop serves no
 one meanwhile). It has no timeout on a request head (a client trickling one byte every few
 seconds holds a connection and a file descriptor forever) nor on a body that stops arriving.
-uvicorn's h11 protocol bounds the head (`h11_max_incomplete_event_size`) but serves ~25% fewer
-requests per second here, and has neither timeout (docs/serving.md, "Limits and hardening").
+uvicorn's h11 protocol bounds the head (`h11_max_incomplete_event_size`) but costs more CPU per
+request and serves fewer requests per second, and has neither timeout (the figures:
+bench/results/serving-log.md, "Hardening findings", and bench/results/http_layer.md).
 
 This subclass keeps the httptools parser and adds, per connection:
   - head bytes: counted as they arrive, before the parser accumulates them; beyond
@@ -50,30 +51,14 @@ from uvicorn.protocols.http.httptools_impl import (
 
 from service.http_limits import current
 from service.shutdown import SHUTTING_DOWN, answer_cut, cut_headers
+from service.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
 
 
-class _Throttled:
-    """One log line per `every_s` for a kind of refusal, with the count of the ones it stands
-    for: a flood of slow or oversized requests is visible in the log without flooding it."""
-
-    def __init__(self, every_s: float = 10.0) -> None:
-        self.every_s = every_s
-        self._last: dict[str, float] = {}
-        self._skipped: dict[str, int] = {}
-
-    def log(self, now: float, kind: str, msg: str, *args: object) -> None:
-        if now - self._last.get(kind, float("-inf")) < self.every_s:
-            self._skipped[kind] = self._skipped.get(kind, 0) + 1
-            return
-        skipped = self._skipped.pop(kind, 0)
-        self._last[kind] = now
-        more = f" (and {skipped} more since the last such line)" if skipped else ""
-        log.warning(msg + more, *args)
-
-
-_throttled = _Throttled()
+# One line per 10 s for each kind of refusal: a flood of slow or oversized requests is visible in
+# the log without flooding it.
+_throttled = ThrottledLog(log, every_s=10.0)
 
 
 class _Connections:
@@ -92,11 +77,13 @@ class _Connections:
         if len(self) < cap:
             return True
         if not self.idle:
-            _throttled.log(now, "cap", "refused a connection: all %d are serving requests", cap)
+            _throttled.warning(
+                "cap", "refused a connection: all %d are serving requests", cap, now=now
+            )
             return False
         victim = next(iter(self.idle))
         del self.idle[victim]
-        _throttled.log(now, "cap", "%d connections: closed the longest-idle one", cap)
+        _throttled.warning("cap", "%d connections: closed the longest-idle one", cap, now=now)
         victim.transport.close()
         return True
 
@@ -195,7 +182,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             if refused is not None:
                 self._refuse(refused.status, refused.detail)
             else:
-                _throttled.log(self.loop.time(), "400", "refused an invalid HTTP request")
+                _throttled.warning("400", "refused an invalid HTTP request", now=self.loop.time())
                 self._refuse(400, "invalid HTTP request")
             return
         except httptools.HttpParserUpgrade:
@@ -224,7 +211,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         """Answer `status` with a JSON detail (unless a response started) and close."""
         self._cancel_timers()
         if status == 431:
-            _throttled.log(self.loop.time(), "431", "refused %s: %s", self._peer(), detail)
+            _throttled.warning("431", "refused %s: %s", self._peer(), detail, now=self.loop.time())
         if self.transport.is_closing():
             return
         cycle = self.cycle
@@ -289,9 +276,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()  # nothing was sent: no answer owed
             return
         timeout = self.limits.head_timeout_s
-        _throttled.log(
-            self.loop.time(), "head", "closed %s: request head incomplete after %g s",
-            self._peer(), timeout,
+        _throttled.warning(
+            "head", "closed %s: request head incomplete after %g s", self._peer(), timeout,
+            now=self.loop.time(),
         )  # fmt: skip
         self._refuse(408, f"the request head did not arrive within {timeout:g} s")
 
@@ -310,9 +297,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             wait = timeout if self.flow.read_paused else timeout - idle
             self._body_timer = self.loop.call_later(wait, self._body_check)
             return
-        _throttled.log(
-            self.loop.time(), "body", "closed %s: request body stalled for %g s",
-            self._peer(), timeout,
+        _throttled.warning(
+            "body", "closed %s: request body stalled for %g s", self._peer(), timeout,
+            now=self.loop.time(),
         )  # fmt: skip
         self._refuse(408, f"the request body stalled for more than {timeout:g} s")
 

@@ -1,12 +1,13 @@
 """Returning the memory of large decodes to the operating system (glibc's allocator).
 
-Why: 16 concurrent 3237x3237 RGBA PNGs (just under the 40 MiB decoded limit) took a worker from
-~110 MB to a peak of ~1.3 GB, and ~450 MB was still held after they were answered (issue 24;
-bench/hostile_probe.py --probes rgba). glibc serves a large allocation with its own mmap,
-returned at free, only above the mmap threshold, and that threshold rises to the size of each
-mmapped block freed (up to 32 MiB on 64-bit): after the first large image, the next ones' pixel
-buffers (Pillow allocates in blocks of up to 16 MiB, numpy in one piece) came from the heap
-arenas, whose freed pages stay with the process. Fixing the threshold (`mallopt`, which also
+Why: a burst of concurrent large RGBA PNGs (just under the decoded-bytes limit) took a worker to
+many times its idle memory, and most of it was still held after they were answered (issue 24;
+bench/hostile_probe.py --probes rgba; the figures: bench/results/serving-log.md, "Memory of
+large images"). glibc serves a large allocation with its own mmap, returned at free, only
+above the mmap threshold, and that threshold rises to the size of each mmapped block freed (up
+to 32 MiB on 64-bit): after the first large image, the next ones' pixel buffers (Pillow
+allocates in blocks of up to 16 MiB, numpy in one piece) came from the heap arenas, whose freed
+pages stay with the process. Fixing the threshold (`mallopt`, which also
 stops it from rising) keeps every large buffer an mmap of its own, unmapped when freed;
 `malloc_trim` gives back what the arenas hold free after a large decode. Elsewhere (musl,
 macOS) there is no glibc: nothing is done, and the decoded-bytes budget (service/admission.py)

@@ -59,7 +59,19 @@ class PrometheusMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.multiprocess = multiprocess_dir() is not None
+        # One helper per group of series, called in this order: /metrics lists the series in
+        # the order they were registered, so the order keeps its text as it was.
         r = self.registry
+        self._add_verdict_series(r)
+        self._add_request_series(r)
+        self._add_batch_series(r)
+        self._add_lifecycle_series(r)
+        self._add_capture_series(r)
+        self._add_drift_series(r)
+        self._resolve_children()
+
+    def _add_verdict_series(self, r: CollectorRegistry) -> None:
+        """What the model said: verdicts, distances and the thresholds they were judged by."""
         self.images = Counter(
             "isomax_images_total", "Images classified, by OOD verdict.", ["model", "verdict"],
             registry=r,
@@ -77,6 +89,9 @@ class PrometheusMetrics:
             "min_distance above which an image predicted as this class is OOD (class thresholds).",
             ["model", "label"], registry=r, multiprocess_mode="max",
         )  # fmt: skip
+
+    def _add_request_series(self, r: CollectorRegistry) -> None:
+        """HTTP requests by route template and status, and how long they took."""
         self.requests = Counter(
             "isomax_requests_total", "HTTP requests answered.", ["endpoint", "status"], registry=r
         )
@@ -84,6 +99,9 @@ class PrometheusMetrics:
             "isomax_request_duration_seconds", "Time from request start to response end.",
             ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+
+    def _add_batch_series(self, r: CollectorRegistry) -> None:
+        """The batcher's view: images per onnxruntime run, its duration, images still queued."""
         self.batch_size = Histogram(
             "isomax_batch_size", "Images per onnxruntime run.", ["model"], buckets=BATCH_BUCKETS,
             registry=r,
@@ -96,6 +114,9 @@ class PrometheusMetrics:
             "isomax_queue_images", "Images accepted and not yet answered (updated per batch).",
             ["model"], registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
+
+    def _add_lifecycle_series(self, r: CollectorRegistry) -> None:
+        """Which model versions are loaded, ready and default, and how their loads went."""
         self.model_info = Gauge(
             "isomax_model_info",
             "1 for each loaded model version (0 once retired); labels say what runs it.",
@@ -119,6 +140,9 @@ class PrometheusMetrics:
             "Model versions that failed to load (the reason is on /models and in the log).",
             ["model"], registry=r,
         )  # fmt: skip
+
+    def _add_capture_series(self, r: CollectorRegistry) -> None:
+        """The input capture: what was written, dropped and evicted, and the directory's size."""
         self.capture_written = Counter(
             "isomax_capture_written_total", "Captured inputs written to the capture directory.",
             ["verdict"], registry=r,
@@ -137,8 +161,13 @@ class PrometheusMetrics:
             "isomax_capture_bytes", "Bytes in the capture directory (as the writer last saw it).",
             registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
-        self._add_drift_series(r)
-        # Label children resolved once: .labels() takes a lock and builds a key on every call.
+
+    def _resolve_children(self) -> None:
+        """Label children looked up once, and the fixed request series created at zero.
+
+        .labels() takes a lock and builds a key on every call, so the hot path keeps the
+        children it needs; creating the series up front lets rate() see them from the start.
+        """
         self._requests: dict[tuple[str, int], Counter] = {}
         self._durations = {e: self.request_duration.labels(e) for e in (*ENDPOINTS, OTHER_ENDPOINT)}
         self._queued: dict[str, dict[str, int]] = {}  # name -> version -> images queued

@@ -2,14 +2,14 @@
 
 Threads (`ISOMAX_INTRA_OP_THREADS=0`, the default) follow the model's cost, measured at load:
   - a light model (one image costs under `HEAVY_MODEL_S` of CPU at one thread, like the
-    28x28 Fashion-MNIST bundle's ~0.25 ms) gets the cores left after one per worker's event
-    loop: the loop's HTTP, decode and JSON work per request is as large as the model's, and two
-    onnxruntime threads fighting the loop for its core served ~10% fewer requests per second
-    at more CPU per request (docs/serving.md);
-  - a heavy model (a 224-px ResNet-18 costs ~45 ms per image) gets every core of its worker:
-    the event loop needs a few percent of one core for the same requests, and leaving a core
-    to it left the model at 0.44 of raw onnxruntime's throughput (0.70 with both cores,
-    bench/results/serve224.json).
+    28x28 Fashion-MNIST bundle) gets the cores left after one per worker's event loop: the
+    loop's HTTP, decode and JSON work per request is as large as the model's, and two
+    onnxruntime threads fighting the loop for its core served fewer requests per second at
+    more CPU per request;
+  - a heavy model (like a 224-px ResNet-18) gets every core of its worker: the event loop
+    needs a small share of one core for the same requests, and leaving a core to it held the
+    model well below raw onnxruntime's throughput (bench/serve224_bench.py).
+  The figures: bench/results/serving-log.md, "Design notes" (onnxruntime's threads).
 A set value is used as is for every model. "Cores" are those the process may use: its CPU
 affinity, capped by its cgroup's CPU limit (`cores`), so that a container limited to 2 CPUs
 on a 64-core node does not start 63 threads.

@@ -203,9 +203,10 @@ async def _read_multipart(
 
 # Uploads larger than this have their header parsed in the decode pool, not on the event loop:
 # Pillow parses a file's structure in Python, one step per chunk, segment or strip, so even
-# within isomax/contract/structure.py's bounds a large file can cost the loop a few hundred ms,
-# and a thread hand-off (~50-100 us) is nothing next to decoding such a file. A 28x28 PNG is
-# ~400 bytes, a 224x224 JPEG ~20 KB: the usual request stays on the loop.
+# within isomax/contract/structure.py's bounds a large file can hold the loop far longer than a
+# thread hand-off costs, and the hand-off is nothing next to decoding such a file (the figures:
+# bench/results/serving-log.md, "Measurements behind code choices"). A 28x28 PNG is a few
+# hundred bytes, a 224x224 JPEG some tens of KB: the usual request stays on the loop.
 INLINE_OPEN_MAX_BYTES = 64 * 1024
 
 
@@ -226,9 +227,10 @@ async def decode_uploads(
     """Images -> uint8 [n, C, H, W], exactly `decode_uint8` of each (the batcher turns them
     into the float input, as `decode` does).
 
-    Small images are decoded on the event loop (a 28x28 PNG takes ~0.1 ms, less than a thread
-    hand-off); larger ones in the default thread pool so that they never stall other requests,
-    and so are the headers of large files (INLINE_OPEN_MAX_BYTES).
+    Small images are decoded on the event loop (a 28x28 PNG takes less than a thread hand-off:
+    bench/results/serving-log.md, "Design notes"); larger ones in the default thread pool so
+    that they never stall other requests, and so are the headers of large files
+    (INLINE_OPEN_MAX_BYTES).
     """
     spec = model.manifest.preprocess
     arrays: list[np.ndarray] = []
@@ -240,7 +242,8 @@ async def decode_uploads(
         return cls(what + str(e))
 
     # Plain PNGs at the model's size decode at once (libspng, isomax/contract/plain_png.py:
-    # the same array as Pillow's, ~8x cheaper). For the others, every header first (no pixel
+    # the same array as Pillow's at a fraction of its cost; bench/results/serving-log.md,
+    # "Measurements behind code choices"). For the others, every header first (no pixel
     # decoded yet): the request's decoded size is known before any of them costs memory or CPU.
     items: list[Item] = []
     total = 0

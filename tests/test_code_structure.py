@@ -20,14 +20,6 @@ MAX_LINES = 60
 CHECKED = ("isomax", "service", "training", "scripts")
 PACKAGES = ("isomax", "service", "training")  # what the wheel ships (pyproject.toml)
 
-# Open work of issue 21 (the service refactor: models.py split by job, routes in modules with
-# one AppState, one admitted-request pipeline): these service functions are over the limit
-# today. Allowed until that work lands; an entry that is no longer over the limit must go.
-SERVICE_OPEN_WORK = {
-    "service/metrics.py::PrometheusMetrics.__init__",
-    "service/v2/tensors.py::parse_request",
-}
-
 
 def _sources(*tops: str) -> Iterator[tuple[str, ast.Module]]:
     for top in tops:
@@ -62,15 +54,7 @@ def long_functions() -> dict[str, int]:
 
 def test_no_function_over_the_limit() -> None:
     found = long_functions()
-    new = {k: v for k, v in found.items() if k not in SERVICE_OPEN_WORK}
-    assert not new, f"functions over {MAX_LINES} lines (split them): {new}"
-
-
-def test_the_allowed_service_functions_are_still_over_the_limit() -> None:
-    """The allowance shrinks with the work: a function brought under the limit leaves the list."""
-    found = long_functions()
-    stale = sorted(SERVICE_OPEN_WORK - set(found))
-    assert not stale, f"no longer over {MAX_LINES} lines, remove from SERVICE_OPEN_WORK: {stale}"
+    assert not found, f"functions over {MAX_LINES} lines (split them): {found}"
 
 
 def test_the_length_rule_sees_a_long_function() -> None:

@@ -133,10 +133,10 @@ def _pseudo_sources(val_x: np.ndarray) -> np.ndarray:
 def _pseudo_features(
     model: nn.Module, data: Splits, device: torch.device
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    from training.pseudo_ood import pseudo_ood_sets
+    from training.pseudo_ood import baseline_sets
 
     val = array_features(model, data.val_x, device)
-    sets = pseudo_ood_sets(_pseudo_sources(data.val_x))
+    sets = baseline_sets(_pseudo_sources(data.val_x))
     pseudo = {k: array_features(model, v, device) for k, v in sets.items()}
     return val, pseudo
 
@@ -167,7 +167,7 @@ def summarize(
     checkpoint training selected), on the same validation images and pseudo-OOD; logged."""
     from training.baseline import log_comparison, trained_figures
     from training.models.classifier import logits_and_min_distance
-    from training.pseudo_ood import pseudo_ood_sets
+    from training.pseudo_ood import baseline_sets
 
     def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         logits, dists = [], []
@@ -179,7 +179,7 @@ def summarize(
                 dists.append(None if d is None else d.float().cpu().numpy())
         return np.concatenate(logits), None if dists[0] is None else np.concatenate(dists)  # type: ignore[arg-type]
 
-    pseudo_images = pseudo_ood_sets(_pseudo_sources(data.val_x))
+    pseudo_images = baseline_sets(_pseudo_sources(data.val_x))
     train = features_of(model, training_images(data, workers), device)
     val, pseudo = _pseudo_features(model, data, device)
     trained = trained_figures(

@@ -39,8 +39,8 @@ def mosaic(images: torch.Tensor) -> torch.Tensor:
     """4-image mosaics: image `i` keeps its top-left quadrant and takes the other three from
     images `i−1`, `i−2`, `i−3` (cyclically): bottom-left, top-right, bottom-right. `(N, C, H, W)`.
 
-    DisMax's fractional probability regularization trains on these; the pseudo-OOD sets of
-    `training.selection` are made the same way from validation images.
+    DisMax's fractional probability regularization trains on these; the choosing rule's
+    pseudo-OOD mosaics (`training.pseudo_ood.neighbour_mosaic`) are these, of validation images.
     """
     if images.ndim != 4:
         raise ValueError(f"mosaic needs images (N, C, H, W), got shape {tuple(images.shape)}")

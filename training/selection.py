@@ -6,7 +6,8 @@ recipe and the checkpoint are chosen here from in-distribution data only: the va
 and open-set classes are scored only afterwards, as held-out estimates (README, "Choosing without
 OOD data").
 
-Pseudo-OOD sets, each made from the validation images (seeded):
+Pseudo-OOD sets, each made from the validation images (seeded; `training.pseudo_ood`, whose
+`selection_sets` holds the makers and their draws):
 - `mosaic`: 4-image mosaics (`training.loss.mosaic`): object parts in the wrong places;
 - `patch_shuffle`: the image cut into a 4 x 4 grid of patches, the patches permuted;
 - `pixel_shuffle`: every pixel moved to a random place (the image's histogram, no shape).
@@ -34,48 +35,14 @@ from isomax.contract.decode import graph_input
 from isomax.contract.verdict import SERVED_SCORES
 from training.data.datasets import Splits
 from training.graph_scores import ServedScore
-from training.loss import mosaic
 from training.mahalanobis import MahalanobisFit
 from training.models.classifier import head_outputs
 from training.ood_metrics import ood_metrics
+from training.pseudo_ood import selection_sets
 
 CANDIDATE_SCORES = ("min_distance", "entropic", "mmles", "mahalanobis")
 TIE = 0.001  # AUROC differences below this are noise at validation sizes of a few thousand
 ACCURACY_SLACK = 0.005  # the issue's "within 0.5 points"
-PATCH_GRID = 4
-
-
-def _shuffle_patches(x: np.ndarray, rng: np.random.Generator, grid: int) -> np.ndarray:
-    n, _, h, w = x.shape
-    ph, pw = h // grid, w // grid
-    out = x.copy()
-    for i in range(n):
-        order = rng.permutation(grid * grid)
-        patches = [
-            x[i, :, r * ph : (r + 1) * ph, q * pw : (q + 1) * pw]
-            for r in range(grid)
-            for q in range(grid)
-        ]
-        for k, src in enumerate(order):
-            r, q = divmod(k, grid)
-            out[i, :, r * ph : (r + 1) * ph, q * pw : (q + 1) * pw] = patches[src]
-    return out
-
-
-def pseudo_ood_sets(val_x: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
-    """The pseudo-OOD sets (uint8, like `val_x`), one image per validation image."""
-    rng = np.random.default_rng(seed)
-    x = np.asarray(val_x)
-    order = rng.permutation(len(x))  # mosaic neighbours: random validation images
-    mosaics = mosaic(torch.from_numpy(x[order])).numpy()
-    n, c, h, w = x.shape
-    flat = x.reshape(n, c, h * w)
-    pixels = np.stack([img[:, rng.permutation(h * w)] for img in flat]).reshape(x.shape)
-    return {
-        "mosaic": mosaics,
-        "patch_shuffle": _shuffle_patches(x, rng, PATCH_GRID),
-        "pixel_shuffle": pixels,
-    }
 
 
 @torch.no_grad()
@@ -133,7 +100,7 @@ def pick_score(
     names = [s for s in scores if s != "mahalanobis" or fit is not None]
     val = candidate_scores(model, splits.val_x, fit, names)
     auroc: dict[str, dict[str, float]] = {s: {} for s in names}
-    for set_name, images in pseudo_ood_sets(splits.val_x, seed).items():
+    for set_name, images in selection_sets(splits.val_x, seed).items():
         ood = candidate_scores(model, images, fit, names)
         for s in names:
             auroc[s][set_name] = ood_metrics(val[s], ood[s])["auroc"]

@@ -84,24 +84,13 @@ def _flag(params: dict[str, Any], key: str, default: bool, what: str) -> bool:
 
 
 def parse_request(body: bytes, header_length: str | None) -> InferRequest:
-    """Split and parse a request body; binary input data is attached to its input."""
-    if header_length is None:
-        head, rest = body, b""
-    else:
-        try:
-            n = int(header_length)
-        except ValueError:
-            raise TensorError(
-                f"{HEADER_LENGTH} must be an integer, got {header_length!r}"
-            ) from None
-        if not 0 < n <= len(body):
-            raise TensorError(f"{HEADER_LENGTH} is {n}; the body has {len(body)} bytes")
-        head, rest = body[:n], body[n:]
-    try:
-        doc = orjson.loads(head)
-    except orjson.JSONDecodeError as e:
-        raise TensorError(f"the request is not valid JSON: {e}") from None
-    doc = _object(doc, "the request")
+    """Split and parse a request body; binary input data is attached to its input.
+
+    The checks run in the order the body is read (header length, JSON, request fields, inputs,
+    binary data, outputs), so a body with several faults is always rejected for the first one.
+    """
+    head, rest = _split_body(body, header_length)
+    doc = _document(head)
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise TensorError("id must be a string")
@@ -109,11 +98,43 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
     if "classification" in params:
         raise TensorError("the classification extension is not supported: request outputs")
     binary_output = _flag(params, "binary_data_output", False, "the request")
-
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise TensorError("inputs must be a non-empty list")
     inputs = [_input(x, i) for i, x in enumerate(raw_inputs)]
+    _attach_binary(inputs, rest)
+    return InferRequest(request_id, inputs, _requested_outputs(doc, binary_output), binary_output)
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """(JSON part, binary part): the header gives the JSON's length; without it, all is JSON."""
+    if header_length is None:
+        return body, b""
+    try:
+        n = int(header_length)
+    except ValueError:
+        raise TensorError(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+    if not 0 < n <= len(body):
+        raise TensorError(f"{HEADER_LENGTH} is {n}; the body has {len(body)} bytes")
+    return body[:n], body[n:]
+
+
+def _document(head: bytes) -> dict[str, Any]:
+    """The JSON part as an object: a client's malformed JSON is a 400, never a server error."""
+    try:
+        doc = orjson.loads(head)
+    except orjson.JSONDecodeError as e:
+        raise TensorError(f"the request is not valid JSON: {e}") from None
+    return _object(doc, "the request")
+
+
+def _attach_binary(inputs: list[InputTensor], rest: bytes) -> None:
+    """Hand each binary input its `binary_data_size` bytes of `rest`, in input order.
+
+    Every byte must belong to exactly one input: a size that runs past the end, or bytes left
+    over, means the client and this service disagree on the layout, so the request is refused
+    rather than guessed at.
+    """
     offset = 0
     for tensor in inputs:
         size = tensor.parameters.get("binary_data_size")
@@ -137,13 +158,15 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
             f"{len(rest) - offset} bytes of binary data after the JSON belong to no input"
         )
 
-    outputs = None
-    if doc.get("outputs") is not None:
-        raw_outputs = doc["outputs"]
-        if not isinstance(raw_outputs, list):
-            raise TensorError("outputs must be a list")
-        outputs = [_output(x, binary_output) for x in raw_outputs]
-    return InferRequest(request_id, inputs, outputs, binary_output)
+
+def _requested_outputs(doc: dict[str, Any], binary_output: bool) -> list[RequestedOutput] | None:
+    """The outputs the request names, or None (absent or null): the client wants every output."""
+    if doc.get("outputs") is None:
+        return None
+    raw_outputs = doc["outputs"]
+    if not isinstance(raw_outputs, list):
+        raise TensorError("outputs must be a list")
+    return [_output(x, binary_output) for x in raw_outputs]
 
 
 def _input(value: Any, index: int) -> InputTensor:

@@ -8,7 +8,7 @@ import torch
 from sklearn.covariance import LedoitWolf
 
 from training.baseline import Mahalanobis, aurocs, frozen_figures
-from training.pseudo_ood import PSEUDO_OOD, mosaic, pixel_shuffle, pseudo_ood_sets
+from training.pseudo_ood import BASELINE_SETS, baseline_sets, mosaic, pixel_shuffle
 
 
 def _images(n: int = 12, seed: int = 0) -> np.ndarray:
@@ -17,8 +17,8 @@ def _images(n: int = 12, seed: int = 0) -> np.ndarray:
 
 def test_every_pseudo_ood_set_has_the_validation_shape() -> None:
     x = _images()
-    sets = pseudo_ood_sets(x)
-    assert list(sets) == list(PSEUDO_OOD)
+    sets = baseline_sets(x)
+    assert list(sets) == list(BASELINE_SETS)
     for name, s in sets.items():
         assert s.shape == x.shape and s.dtype == np.uint8, name
         assert not np.array_equal(s, x), name

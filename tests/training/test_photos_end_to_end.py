@@ -20,7 +20,7 @@ from tests import harness
 from training.cli import main
 from training.data.sample_photos import ID_PHOTOS, make_photo_folder
 from training.models.pretrained import LITE_MEAN, LITE_STD
-from training.pseudo_ood import PSEUDO_OOD
+from training.pseudo_ood import BASELINE_SETS
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -74,8 +74,8 @@ def _check_run_record(run: Path) -> None:
     """summary.json: the frozen backbone's linear probe and Mahalanobis AUROC on validation vs
     every pseudo-OOD set, beside the trained model's figures on the same sets."""
     summary = json.loads((run / "summary.json").read_text())
-    sets = set(PSEUDO_OOD)
-    assert summary["pseudo_ood"]["sets"] == list(PSEUDO_OOD)
+    sets = set(BASELINE_SETS)
+    assert summary["pseudo_ood"]["sets"] == list(BASELINE_SETS)
     frozen, trained = summary["frozen_backbone"], summary["trained"]
     assert 0.5 <= frozen["linear_probe_val_accuracy"] <= 1.0
     assert set(frozen["mahalanobis_auroc"]) == sets | {"mean", "min"}

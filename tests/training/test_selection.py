@@ -2,34 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
 
 from training.data.datasets import Splits
 from training.models import build_model
-from training.selection import (
-    CANDIDATE_SCORES,
-    Candidate,
-    pick_model,
-    pick_score,
-    pseudo_ood_sets,
-)
+from training.pseudo_ood import SELECTION_SETS, selection_sets
+from training.selection import CANDIDATE_SCORES, Candidate, pick_model, pick_score
 
 
 def test_pseudo_ood_sets_keep_shape_and_pixels():
     x = np.random.default_rng(0).integers(0, 256, (6, 1, 28, 28), dtype=np.uint8)
-    sets = pseudo_ood_sets(x, seed=0)
-    assert set(sets) == {"mosaic", "patch_shuffle", "pixel_shuffle"}
+    sets = selection_sets(x, seed=0)
+    assert set(sets) == {"mosaic", "patch_shuffle", "pixel_shuffle"} == set(SELECTION_SETS)
     for name, s in sets.items():
         assert s.shape == x.shape and s.dtype == np.uint8, name
     for name in ("patch_shuffle", "pixel_shuffle"):  # the same pixels, moved
         np.testing.assert_array_equal(np.sort(sets[name].reshape(6, -1)), np.sort(x.reshape(6, -1)))
         assert not np.array_equal(sets[name], x)
     assert not np.array_equal(sets["mosaic"], x)
-    np.testing.assert_array_equal(
-        pseudo_ood_sets(x, seed=0)["pixel_shuffle"], sets["pixel_shuffle"]
-    )
+    np.testing.assert_array_equal(selection_sets(x, seed=0)["pixel_shuffle"], sets["pixel_shuffle"])
 
 
 def test_pick_model_keeps_accuracy_then_pseudo_ood():
@@ -55,3 +50,30 @@ def test_pick_score_sees_only_validation_and_pseudo_ood():
     best = max(choice.mean_auroc.values())
     assert choice.mean_auroc[choice.score] >= best - 0.001
     assert 0.0 <= choice.val_accuracy <= 1.0
+
+
+# sha256 (first 16 hex digits) of each selection set of the images below, as training/selection.py
+# made them before its makers moved to training/pseudo_ood.py: these sets choose the served score
+# and the run, so a change to a maker or to the order of its draws must show here, not silently
+# move a choice.
+PINNED = {
+    0: {
+        "mosaic": "4e8697a449ff0a94",
+        "patch_shuffle": "0d678e3cace720c9",
+        "pixel_shuffle": "5dcd942063efb355",
+    },
+    1: {
+        "mosaic": "0fc197becc1b6160",
+        "patch_shuffle": "20df8f36329d42f2",
+        "pixel_shuffle": "936527ab031146f9",
+    },
+}
+
+
+@pytest.mark.parametrize("seed", sorted(PINNED))
+def test_the_selection_sets_are_the_ones_that_made_the_choices(seed: int) -> None:
+    x = np.random.default_rng(7).integers(0, 256, (8, 3, 20, 20), dtype=np.uint8)
+    got = {
+        k: hashlib.sha256(v.tobytes()).hexdigest()[:16] for k, v in selection_sets(x, seed).items()
+    }
+    assert got == PINNED[seed]
