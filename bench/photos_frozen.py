@@ -9,7 +9,9 @@ images as the bank:
 - a logistic regression on those features (the linear probe), scored on the test images;
 - the Mahalanobis score on its normalized features (class means, one shared covariance,
   Ledoit-Wolf: the served score's own fit, `training/mahalanobis.py`), AUROC of the test images
-  against each OOD folder.
+  against each OOD folder;
+- KNN (Sun et al. 2022): minus the cosine distance to the 50th nearest training feature
+  (L2-normalized features, scikit-learn's exact `NearestNeighbors`); it keeps the whole bank.
 The fine-tuned bundle's served-verdict AUROC on the same sets is read from its manifest.
 
     python bench/photos_frozen.py [--run bench/out/runs/default]   # -> bench/results/photos-frozen.{json,md}
@@ -20,9 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
+from sklearn.neighbors import NearestNeighbors
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -54,6 +59,20 @@ def frozen_model(cfg: object, meta: dict) -> torch.nn.Module:
     return model.eval()
 
 
+KNN_K = 50  # the KNN paper's and pytorch-ood's default for CIFAR-10-sized banks; not tuned here
+
+
+def _unit(x: torch.Tensor) -> np.ndarray:
+    f = x.double().numpy()
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+
+def knn_scorer(bank: torch.Tensor, k: int = KNN_K) -> Callable[[torch.Tensor], np.ndarray]:
+    """Higher = more in-distribution: minus the distance to the k-th nearest bank feature."""
+    nn_index = NearestNeighbors(n_neighbors=k).fit(_unit(bank))
+    return lambda x: -nn_index.kneighbors(_unit(x))[0][:, -1]
+
+
 def measure(run: Path) -> dict:
     _, cfg, meta = load_checkpoint(run / "best.pt")
     splits = load_dataset(cfg)
@@ -65,13 +84,18 @@ def measure(run: Path) -> dict:
     test = array_features(model, splits.test_x, cpu)
     maha = Mahalanobis(train, labels)
     test_score = maha.score(test)
+    knn = knn_scorer(train)
+    ood_features = {k: array_features(model, v, cpu) for k, v in ood.items()}
+    knn_test = knn(test)
     frozen = {
         "linear_probe_test_accuracy": round(
             linear_probe_accuracy(train, labels, test, splits.test_y), 4
         ),
         "mahalanobis_auroc": {
-            k: round(auroc(test_score, maha.score(array_features(model, v, cpu))), 4)
-            for k, v in ood.items()
+            k: round(auroc(test_score, maha.score(f)), 4) for k, f in ood_features.items()
+        },
+        f"knn{KNN_K}_auroc": {
+            k: round(auroc(knn_test, knn(f)), 4) for k, f in ood_features.items()
         },
     }
     manifest = json.loads((run / "models" / "bench" / "1" / "manifest.json").read_text())
@@ -97,6 +121,8 @@ def markdown(r: dict) -> str:
     sets = list(r["frozen"]["mahalanobis_auroc"])
     head = " | ".join(f"AUROC vs {s}" for s in sets)
     frozen = " | ".join(f"{r['frozen']['mahalanobis_auroc'][s]:.3f}" for s in sets)
+    knn = r["frozen"].get(f"knn{KNN_K}_auroc", {})
+    knn_cells = " | ".join(f"{knn.get(s, float('nan')):.3f}" for s in sets)
     tuned = " | ".join(
         f"{r['fine_tuned']['served_verdict_auroc'].get(s, float('nan')):.3f}" for s in sets
     )
@@ -111,6 +137,8 @@ def markdown(r: dict) -> str:
             "| --- | --- |" + " --- |" * len(sets),
             f"| frozen ImageNet backbone: linear probe, Mahalanobis | "
             f"{100 * r['frozen']['linear_probe_test_accuracy']:.1f}% | {frozen} |",
+            f"| frozen ImageNet backbone: linear probe, KNN (k = {KNN_K}, cosine) | "
+            f"{100 * r['frozen']['linear_probe_test_accuracy']:.1f}% | {knn_cells} |",
             f"| fine-tuned bundle: served verdict ({r['fine_tuned']['served_score']}) | "
             f"{100 * r['fine_tuned']['test_accuracy']:.1f}% | {tuned} |",
             "",
