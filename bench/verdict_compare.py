@@ -782,7 +782,7 @@ def findings(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary(results: Mapping[str, Any]) -> str:
+def summary(results: Mapping[str, Any], full: str = "verdict-compare.md") -> str:
     """The short section the README links: the served verdict against its nearest rivals."""
     agg = results["aggregate"]
     sets = list(results["sizes"])[1:]
@@ -795,7 +795,8 @@ def summary(results: Mapping[str, Any]) -> str:
         "",
         "AUROC in % (the runs' Fashion-MNIST test images vs each set), mean ± std over the seeds of each model, "
         "smallcnn, the same recipe for every model; no OOD set chose anything. Full tables, FPR95, "
-        "calibration and the per-image cost of each score: [verdict-compare.md](verdict-compare.md).",
+        "calibration and the per-image cost of each score: "
+        f"[{full}]({full}).",
         "",
         *unfinished_note(agg),
         "| OOD set | IsoMax+ served verdict | SoftMax + energy | best post-hoc detector on the SoftMax model, per set (an oracle pick: it looks at the set) | DisMax served verdict | LogitNorm + MSP (normalized logits) |",
@@ -958,7 +959,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(results))
-    args.summary.write_text(summary(results))
+    args.summary.write_text(summary(results, args.out.with_suffix(".md").name))
     log.info("wrote %s.{json,md} and %s", args.out, args.summary)
 
 
