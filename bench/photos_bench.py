@@ -18,9 +18,13 @@ Each configuration (`CONFIGS`) is one `isomax train` into `bench/out/runs/<name>
 `isomax export` with the OOD folders; the report takes the run's history (validation accuracy
 per epoch, throughput), its `summary.json` (the frozen-backbone baseline) and the exported
 manifest (test accuracy, served-verdict AUROC per OOD folder, share flagged, ECE).
-`--val-only` trains and reads only the validation figures (what choices are made on).
+`--val-only` trains and reads only the validation figures (what choices are made on);
+`select` applies the project's choice rule (`isomax select`, training/select_runs.py) to the
+trained runs, from validation and pseudo-OOD only, before any of them is exported.
 
     python bench/photos_bench.py make                        # the folder only
+    python bench/photos_bench.py run --val-only --configs default,augment   # train only
+    python bench/photos_bench.py select --configs default,augment  # -> bench/results/photos-recipe.*
     python bench/photos_bench.py run --configs default,readme  # -> bench/results/photos.json/.md
 """
 
@@ -64,6 +68,14 @@ CONFIGS: dict[str, list[str]] = {
     # The training defaults as they were for every backbone (step schedule, lr 0.1 everywhere).
     "paper-defaults": [*LITE0, "--recipe", "paper"],
     "smallcnn-scratch": ["--arch", "smallcnn"],
+    # The recipe search (issue 25): the default plus one change each, chosen by `isomax select`
+    # on validation and pseudo-OOD only (bench/results/photos-recipe.md).
+    # More diversity in a folder of 500 images per class: RandomResizedCrop + flip.
+    "augment": [*LITE0, "--augment"],
+    # A gentler backbone step than the head's (less feature distortion, Kumar et al. 2022).
+    "backbone-lr-0.3": [*LITE0, "--backbone-lr-scale", "0.3"],
+    # A longer warm-up: the dip was in epoch 2, the first full epoch at the peak learning rate.
+    "warmup-1": [*LITE0, "--warmup-epochs", "1"],
 }
 
 
@@ -269,9 +281,69 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def select_record(configs: dict[str, list[str]]) -> dict:
+    """The choice rule over the trained runs of `configs` (validation and pseudo-OOD only):
+    `isomax select`'s record, each run's arguments and validation accuracy per epoch beside it."""
+    from training.select_runs import select_runs
+
+    runs = {name: OUT / "runs" / name for name in configs}
+    missing = [n for n, r in runs.items() if not (r / "best.pt").is_file()]
+    if missing:
+        raise FileNotFoundError(f"train first (run --val-only --configs ...): {missing}")
+    record = select_runs(list(runs.values()))
+    by_dir = {str(r): n for n, r in runs.items()}
+    return {
+        "rule": record["rule"],
+        "chosen": by_dir[str(record["chosen"])],
+        "chosen_score": record["chosen_score"],
+        "runs": {
+            by_dir[r["run"]]: {
+                "args": configs[by_dir[r["run"]]],
+                **run_record(runs[by_dir[r["run"]]], export=False),
+                "rule_saw": r["score"],
+            }
+            for r in record["runs"]  # type: ignore[attr-defined]
+        },
+    }
+
+
+def select_markdown(result: dict) -> str:
+    """The recipe search's table: what the rule saw per run, and the run it chose."""
+    lines = [
+        "# Recipe search on the own-photos benchmark (bench/photos_bench.py select)",
+        "",
+        f"Chosen on the validation split and pseudo-OOD made from it only; the rule: "
+        f"{result['rule']}. Common arguments: `{' '.join(result['common_args'])}`. "
+        f"{result['machine']}.",
+        "",
+        "| run | arguments after the common ones | val accuracy per epoch | largest drop "
+        "(points) | best val accuracy | picked score | its mean pseudo-OOD AUROC | chosen |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in result["runs"].items():
+        s = r["rule_saw"]
+        lines.append(
+            f"| {name} | `{' '.join(r['args'])}` | "
+            f"{' '.join(f'{100 * v:.1f}' for v in r['val_accuracy_per_epoch'])} | "
+            f"{r['largest_epoch_drop_points']:.1f} | {100 * s['val_accuracy']:.1f}% | "
+            f"{s['score']} | {s['mean_auroc'][s['score']]:.4f} | "
+            f"{'**yes**' if name == result['chosen'] else ''} |"
+        )
+    lines += [
+        "",
+        "Mean pseudo-OOD AUROC of every candidate score (mosaic, patch shuffle, "
+        "pixel shuffle of the validation images):",
+        "",
+    ]
+    for name, r in result["runs"].items():
+        means = ", ".join(f"{k} {v:.4f}" for k, v in r["rule_saw"]["mean_auroc"].items())
+        lines.append(f"- `{name}`: {means}")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("make", "run"))
+    p.add_argument("what", choices=("make", "run", "select"))
     p.add_argument("--per-class", type=int, default=500, help="training images per class")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names")
     p.add_argument(
@@ -295,6 +367,14 @@ def main() -> None:
     for item in a.extra:
         name, _, args = item.partition("=")
         configs[name] = shlex.split(args)
+    if a.what == "select":
+        result = {"machine": machine(), "common_args": COMMON, **select_record(configs)}
+        out = a.out.with_name(a.out.name + "-recipe")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        out.with_suffix(".md").write_text(select_markdown(result))
+        print(select_markdown(result))
+        return
     load_before = os.getloadavg()
     runs = {}
     for name, args in configs.items():
