@@ -194,6 +194,7 @@ def own_scores(head: str) -> list[Score]:
     import torch
 
     from training.graph_scores import mmles, negative_entropy
+    from training.head import LINEAR_HEADS
 
     def logit_score(f: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Outputs], np.ndarray]:
         return lambda o: _np(f(torch.from_numpy(o.logits)))
@@ -201,7 +202,7 @@ def own_scores(head: str) -> list[Score]:
     ood = import_pytorch_ood()
     EnergyBased, MaxLogit, MaxSoftmax = ood.EnergyBased, ood.MaxLogit, ood.MaxSoftmax
     own = "model's own outputs"
-    if head in ("softmax", "logitnorm"):  # pytorch-ood's scores are outlier scores: negated
+    if head in LINEAR_HEADS:  # pytorch-ood's scores are outlier scores: negated
         linear = [
             Score("MSP", logit_score(lambda z: -MaxSoftmax.score(z)), own, "-", "none"),
             Score("max logit", logit_score(lambda z: -MaxLogit.score(z)), own, "-", "none"),
@@ -230,8 +231,7 @@ def normalized_msp(z: Any) -> Any:
 
     from training.loss import LogitNormLoss
 
-    t = LogitNormLoss().temperature
-    return torch.softmax(z / (t * (z.norm(dim=1, keepdim=True) + 1e-7)), dim=1).amax(dim=1)
+    return torch.softmax(LogitNormLoss().normalized(z), dim=1).amax(dim=1)
 
 
 def mahalanobis_score(train: Outputs, train_y: np.ndarray, num_classes: int) -> Score:
@@ -473,6 +473,7 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Every score of one run on the test split and each OOD set, its accuracy and cost."""
     from training.export_run import load_run
+    from training.head import LINEAR_HEADS
 
     model, cfg, meta, splits = load_run(run_dir)
     if args.limit:  # smoke runs only: a slice of every split
@@ -520,7 +521,7 @@ def evaluate_run(
         "score_info": {s.row: {"kind": s.kind, "keeps": s.keeps, "extra_passes": s.passes, "hyperparameters": s.hyper} for s in scores},
     }  # fmt: skip
     predictor = None
-    if cfg.head not in ("softmax", "logitnorm"):
+    if cfg.head not in LINEAR_HEADS:  # no distance, no bundle
         v = served_verdict(Path(run_dir), splits.test_x, sets, tmp, args.threads)
         predictor = v.pop("predictor")
         rows[VERDICT] = v.pop("rows")

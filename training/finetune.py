@@ -130,14 +130,19 @@ def _pseudo_sources(val_x: np.ndarray) -> np.ndarray:
     return val_x[np.sort(pick)]
 
 
-def _pseudo_features(
-    model: nn.Module, data: Splits, device: torch.device
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _pseudo_images(data: Splits) -> dict[str, np.ndarray]:
+    """The frozen baseline's pseudo-OOD images, made from the seeded validation subset."""
     from training.pseudo_ood import baseline_sets
 
+    return baseline_sets(_pseudo_sources(data.val_x))
+
+
+def _pseudo_features(
+    model: nn.Module, data: Splits, images: dict[str, np.ndarray], device: torch.device
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Features of the validation images and of the pseudo-OOD `images` made from them."""
     val = array_features(model, data.val_x, device)
-    sets = baseline_sets(_pseudo_sources(data.val_x))
-    pseudo = {k: array_features(model, v, device) for k, v in sets.items()}
+    pseudo = {k: array_features(model, v, device) for k, v in images.items()}
     return val, pseudo
 
 
@@ -155,7 +160,7 @@ def start_from_frozen_features(
     if cfg.frozen_baseline and run_dir is not None:
         from training.baseline import frozen_figures
 
-        val, pseudo = _pseudo_features(model, data, device)
+        val, pseudo = _pseudo_features(model, data, _pseudo_images(data), device)
         figures = frozen_figures(train, val, data.val_y, pseudo)
         (run_dir / FROZEN_BASELINE).write_text(json.dumps(figures, indent=2) + "\n")
 
@@ -167,7 +172,6 @@ def summarize(
     checkpoint training selected), on the same validation images and pseudo-OOD; logged."""
     from training.baseline import log_comparison, trained_figures
     from training.models.classifier import logits_and_min_distance
-    from training.pseudo_ood import baseline_sets
 
     def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         logits, dists = [], []
@@ -179,9 +183,9 @@ def summarize(
                 dists.append(None if d is None else d.float().cpu().numpy())
         return np.concatenate(logits), None if dists[0] is None else np.concatenate(dists)  # type: ignore[arg-type]
 
-    pseudo_images = baseline_sets(_pseudo_sources(data.val_x))
+    pseudo_images = _pseudo_images(data)
     train = features_of(model, training_images(data, workers), device)
-    val, pseudo = _pseudo_features(model, data, device)
+    val, pseudo = _pseudo_features(model, data, pseudo_images, device)
     trained = trained_figures(
         outputs(data.val_x),
         data.val_y,

@@ -127,9 +127,13 @@ class LogitNormLoss(nn.Module):
         self.temperature = temperature
         self.eps = eps
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def normalized(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits / (tau * ||logits||)`: what the cross-entropy sees."""
         norms = logits.norm(p=2, dim=-1, keepdim=True) + self.eps
-        return F.cross_entropy(logits / (norms * self.temperature), targets)
+        return logits / (norms * self.temperature)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.normalized(logits), targets)
 
 
 def make_loss(head: str) -> nn.Module:
