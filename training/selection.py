@@ -16,7 +16,10 @@ The rule:
 1. Checkpoint (epoch): the highest validation accuracy (training keeps it as `best.pt`).
 2. Score, for one model (`pick_score`): the served score with the highest mean AUROC of
    validation images against the pseudo-OOD sets; within `TIE` of the best, the earlier in
-   `CANDIDATE_SCORES` (cheaper and simpler first).
+   `CANDIDATE_SCORES`. The feature-space Mahalanobis score comes first: it reads the whole
+   feature vector, where the others read the K logits made from it, and it costs the same (one
+   matmul in the graph). So a tie goes to the score that sees more, then to the paper's
+   `min_distance`, then to the logit scores.
 3. Loss, recipe, augmentation, backbone (`pick_model`): among candidates whose validation
    accuracy is within `ACCURACY_SLACK` of the best candidate's, the highest mean pseudo-OOD
    AUROC of each one's picked score; ties as in 2, by the candidates' given order.
@@ -40,7 +43,7 @@ from training.models.classifier import head_outputs
 from training.ood_metrics import ood_metrics
 from training.pseudo_ood import selection_sets
 
-CANDIDATE_SCORES = ("min_distance", "entropic", "mmles", "mahalanobis")
+CANDIDATE_SCORES = ("mahalanobis", "min_distance", "entropic", "mmles")  # ties: the earlier
 TIE = 0.001  # AUROC differences below this are noise at validation sizes of a few thousand
 ACCURACY_SLACK = 0.005  # the issue's "within 0.5 points"
 

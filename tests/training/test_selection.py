@@ -77,3 +77,16 @@ def test_the_selection_sets_are_the_ones_that_made_the_choices(seed: int) -> Non
         k: hashlib.sha256(v.tobytes()).hexdigest()[:16] for k, v in selection_sets(x, seed).items()
     }
     assert got == PINNED[seed]
+
+
+def test_a_tie_goes_to_the_feature_space_score() -> None:
+    # The rule's tie-break (training/selection.py, step 2): Mahalanobis reads the whole feature
+    # vector, the other candidates the logits made from it; then the paper's min_distance.
+    from training.selection import TIE, _first_best
+
+    assert CANDIDATE_SCORES.index("mahalanobis") == 0
+    assert CANDIDATE_SCORES.index("min_distance") < CANDIDATE_SCORES.index("entropic")
+    means = {"mahalanobis": 0.9829, "min_distance": 0.9750, "entropic": 0.9822, "mmles": 0.9748}
+    assert CANDIDATE_SCORES[_first_best([means[s] for s in CANDIDATE_SCORES])] == "mahalanobis"
+    means["entropic"] = means["mahalanobis"] + 2 * TIE  # clearly better: no longer a tie
+    assert CANDIDATE_SCORES[_first_best([means[s] for s in CANDIDATE_SCORES])] == "entropic"
