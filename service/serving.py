@@ -2,7 +2,7 @@
 
 Loading (`service/loading.py`) ends with a checked, warm session. Serving it needs more: a
 batcher, started on the event loop, whose callbacks feed the model's metrics (batch sizes,
-inference time, queue depth, drift), and a count of the requests that hold it, so that a hot
+inference time, queue depth, verdicts and drift), and a count of the requests that hold it, so that a hot
 swap stops its batcher only once they have answered. Both are built here, when the registry puts
 a version into service, and nowhere else.
 """
@@ -73,7 +73,7 @@ def put_in_service(
         max_queue_wait_s=settings.max_queue_wait_ms / 1000.0,
         on_batch=batch_observer(metrics, ref.name),
         on_queue=metrics.queue_observer(ref.name, ref.version),
-        on_outputs=metrics.drift_observer(ref.name, manifest.labels, drift, thresholds),
+        on_outputs=metrics.output_observer(ref.name, manifest.labels, drift, thresholds),
     )
     loaded = {f.name: getattr(bundle, f.name) for f in fields(LoadedBundle)}
     model = LoadedModel(**loaded, drift=drift, batcher=batcher)
