@@ -2,9 +2,9 @@
 
 Loading (`service/loading.py`) ends with a checked, warm session. Serving it needs more: a
 batcher, started on the event loop, whose callbacks feed the model's metrics (batch sizes,
-inference time, queue depth, verdicts and drift), and a count of the requests that hold it, so that a hot
-swap stops its batcher only once they have answered. Both are built here, when the registry puts
-a version into service, and nowhere else.
+inference time, queue depth, verdicts and drift), and a count of the requests that hold it, so
+that a hot swap stops its batcher only once they have answered. Both are built here, when the
+registry puts a version into service, and nowhere else.
 """
 
 from __future__ import annotations
