@@ -42,7 +42,8 @@ def class_series(
 
 
 class DriftObserver:
-    """The batcher's output observer (`Batcher(on_outputs=...)`) of one model version."""
+    """The drift series of one model version, added per run by the batcher's output observer
+    (`OutputObserver` in service/image_metrics.py, which also counts the per-image series)."""
 
     def __init__(
         self,
@@ -62,6 +63,10 @@ class DriftObserver:
         predicted = logits.argmax(axis=1).tolist()  # the first of ties, as the answer's argmax
         scores = verdict_columns(distance)[1].tolist()  # the served score, judged and bucketed
         _, flags = self.thresholds.judge(predicted, scores)  # the verdict's one rule
+        self.count(predicted, scores, flags)
+
+    def count(self, predicted: list[int], scores: list[float], flags: list[bool]) -> None:
+        """Add one run's images, judged already (service/image_metrics.py judges them once)."""
         bounds, higher, series_of = self.table.bounds, self.table.higher_is_in, self._series_of
         per_bucket: dict[int, int] = {}  # only the buckets and classes this batch touches
         per_class: dict[tuple[int, bool], int] = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from isomax.contract.drift import DriftTable
 from isomax.contract.verdict import Thresholds
 from service.drift import DriftObserver, class_series
+from service.image_metrics import CollectedImages, FileImages, ImageSeries, OutputObserver
 
 # min_distance is a distance between unit vectors, so it lies in [0, 2]; where a model's
 # in-distribution values and threshold fall depends on the model (the default bundle: median
@@ -72,14 +73,9 @@ class PrometheusMetrics:
 
     def _add_verdict_series(self, r: CollectorRegistry) -> None:
         """What the model said: verdicts, distances and the thresholds they were judged by."""
-        self.images = Counter(
-            "isomax_images_total", "Images classified, by OOD verdict.", ["model", "verdict"],
-            registry=r,
-        )  # fmt: skip
-        self.min_distance = Histogram(
-            "isomax_min_distance", "min_distance of classified images (larger = more OOD).",
-            ["model"], buckets=DISTANCE_BUCKETS, registry=r,
-        )  # fmt: skip
+        # isomax_images_total and isomax_min_distance, counted per batch (service/image_metrics.py)
+        kind = FileImages if self.multiprocess else CollectedImages
+        self.images: ImageSeries = kind(r, DISTANCE_BUCKETS)
         self.threshold = Gauge(
             "isomax_ood_threshold", "min_distance above which an image is OOD.", ["model"],
             registry=r, multiprocess_mode="max",
@@ -171,7 +167,6 @@ class PrometheusMetrics:
         self._requests: dict[tuple[str, int], Counter] = {}
         self._durations = {e: self.request_duration.labels(e) for e in (*ENDPOINTS, OTHER_ENDPOINT)}
         self._queued: dict[str, dict[str, int]] = {}  # name -> version -> images queued
-        self._per_model: dict[str, tuple[Histogram, Counter, Counter]] = {}
         for endpoint in ENDPOINTS:
             self.requests.labels(endpoint, "200")
         for status in CLASSIFY_STATUSES:
@@ -226,6 +221,13 @@ class PrometheusMetrics:
         ]
         return DriftObserver(table, thresholds, buckets, [names.index(s) for s in series], verdicts)
 
+    def output_observer(
+        self, name: str, labels: tuple[str, ...], table: DriftTable, thresholds: Thresholds
+    ) -> OutputObserver:
+        """The batcher's per-run observer of one version of `name`: drift and per-image series."""
+        drift = self.drift_observer(name, labels, table, thresholds)
+        return OutputObserver(name, thresholds, drift, self.images)
+
     def set_drift_expected(
         self, name: str, labels: tuple[str, ...], table: DriftTable, target_tpr: float, size: int
     ) -> None:
@@ -250,11 +252,7 @@ class PrometheusMetrics:
 
     def add_model(self, name: str) -> None:
         """Create the model's series at zero so dashboards and rate() see them from the start."""
-        self._per_model[name] = (
-            self.min_distance.labels(name),
-            self.images.labels(name, "in"),
-            self.images.labels(name, "ood"),
-        )
+        self.images.add_model(name)
         self.batch_size.labels(name)
         self.inference_duration.labels(name)
         self.queue_images.labels(name)
@@ -285,16 +283,6 @@ class PrometheusMetrics:
             child = self._requests[key] = self.requests.labels(endpoint, str(status))
         child.inc()
         self._durations[endpoint].observe(seconds)
-
-    def observe_images(self, name: str, distances: Iterable[float], n_ood: int, n: int) -> None:
-        """One request's images of model `name` (added with add_model)."""
-        hist, n_in_counter, n_ood_counter = self._per_model[name]
-        for d in distances:
-            hist.observe(d)
-        if n_ood:
-            n_ood_counter.inc(n_ood)
-        if n - n_ood:
-            n_in_counter.inc(n - n_ood)
 
     def exposition(self) -> tuple[bytes, str]:
         if not self.multiprocess:

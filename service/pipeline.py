@@ -11,10 +11,11 @@ POST /classify (service/classify.py) and v2 infer (service/v2/routes.py) both go
 4. decode: the endpoint's `take` turns the body into the model input (an endpoint's own step:
    multipart or raw images for /classify, tensors or encoded files for v2);
 5. release: the admission and the body bytes are given back once the input exists;
-6. submit: the shared batcher runs it (service/batching.py);
+6. submit: the shared batcher runs it (service/batching.py); its output observer counts the
+   batch's images by verdict and their min_distance there, once per batch, with the drift
+   series (service/image_metrics.py);
 7. verdict: `Thresholds.judge` on the served score (isomax/contract/verdict.py), the one rule;
-8. metrics: the images by verdict and their min_distance (service/metrics.py);
-9. capture: flagged inputs offered to the capture writer (service/capture.py), when enabled.
+8. capture: flagged inputs offered to the capture writer (service/capture.py), when enabled.
 
 The endpoint then writes its answer from `Served`; whatever fails on the way is one exception,
 answered by `service.errors.render_error` in the endpoint's error shape.
@@ -159,7 +160,7 @@ Take = Callable[[Body, LoadedModel], Awaitable[Taken[P]]]
 
 
 async def serve(state: AppState, model: LoadedModel, body: Body, take: Take[P]) -> Served[P]:
-    """Steps 1-9 of the module doc for one request to `model`; `take` reads and decodes."""
+    """Steps 1-8 of the module doc for one request to `model`; `take` reads and decodes."""
     with model.lease():  # a hot swap retires this version only after the answer
         batcher = model.batcher
         batcher.admit()  # a full queue refuses here, before the body is read
@@ -171,7 +172,6 @@ async def serve(state: AppState, model: LoadedModel, body: Body, take: Take[P]) 
         logits, verdict = await batcher.submit(taken.x)
     distance, score = verdict_columns(verdict)
     judged = judge(model, logits, distance, score)
-    state.metrics.observe_images(model.name, judged.distances, judged.n_ood, len(judged.flags))
     if state.capture is not None and taken.files is not None:
         state.capture.offer(model.name, model.version, taken.files, capture_rows(model, judged))
     return Served(taken, logits, distance, score, verdict.ndim == 2, judged)
