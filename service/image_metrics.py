@@ -64,7 +64,7 @@ class _Counts:
 
 
 class CollectedImages:
-    """Both series as numpy counts behind a collector (one process), under one lock."""
+    """Both series as plain counts behind a collector (one process), under one lock."""
 
     def __init__(self, registry: CollectorRegistry, bounds: Sequence[float]) -> None:
         self._bounds = [float(b) for b in bounds]  # upper bounds, +Inf left out
