@@ -281,14 +281,19 @@ def wrk(url: str, body: Body, conns: int, seconds: float, pid: int) -> dict[str,
     lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    answered = max(1.0, rps * wall) * body.images
+    total = re.search(r"(\d+) requests in", out)
+    refused = int(non2xx.group(1)) if non2xx else 0
+    # Only 2xx answers count as served: a service shedding load (503) answers fast but serves
+    # nothing, and `Requests/sec` counts those refusals too.
+    ok_share = 1.0 - refused / int(total.group(1)) if total and int(total.group(1)) else 1.0
+    answered = max(1.0, rps * ok_share * wall) * body.images
     return {
         "rps": round(rps, 1),
-        "images_per_s": round(rps * body.images, 1),
+        "ok_rps": round(rps * ok_share, 1),
+        "images_per_s": round(rps * ok_share * body.images, 1),
         "p50_ms": round(_ms(lat.get("50", "")), 2),
         "p99_ms": round(_ms(lat.get("99", "")), 2),
-        "errors": (int(non2xx.group(1)) if non2xx else 0)
-        + (sum(map(int, sock.groups())) if sock else 0),
+        "errors": refused + (sum(map(int, sock.groups())) if sock else 0),
         "wrk_cpu_pct": round(100 * wrk_cpu / wall, 1),
         "server_cpu_pct": round(100 * (cpu1 - cpu0) / wall, 1),
         "server_cpu_ms_per_image": round(1000 * (cpu1 - cpu0) / answered, 3),
