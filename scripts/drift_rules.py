@@ -126,8 +126,10 @@ def window_rules(w: str, d: str) -> list[dict[str, str]]:
         _rec(f"isomax:ood_z:{w}",
              _arcsine_z(f"isomax:drift_ood_ratio:{w}", "isomax:ood_ratio:expected", n,
                         "isomax:calibration_images")),
+        # Each share is over its own sum, not over `n`: `n` is another rule, and a scrape that
+        # lands between two rules' evaluations would make shares that do not sum to 1.
         _rec(f"isomax:score_level_share:{w}",
-             f"{lv}\n  / on (model) group_left () ({n} > 0)"),
+             f"{lv}\n  / on (model) group_left () ({lv.replace('(model, level)', '(model)')} > 0)"),
         _rec(f"isomax:score_level_chi2:{w}",
              f"{n_eff}\n  * sum by (model) (\n"
              f"      (isomax:score_level_share:{w} - isomax:score_level:expected) ^ 2\n"
@@ -136,7 +138,8 @@ def window_rules(w: str, d: str) -> list[dict[str, str]]:
              _wilson_hilferty(f"isomax:score_level_chi2:{w}",
                               "count by (model) (isomax:score_level:expected) - 1")),
         _rec(cls_n, cls),
-        _rec(f"isomax:class_share:{w}", f"{cls_n}\n  / on (model) group_left () ({n} > 0)"),
+        _rec(f"isomax:class_share:{w}",
+             f"{cls_n}\n  / on (model) group_left () (sum by (model) ({cls_n}) > 0)"),
         _rec(f"isomax:class_mix_tv:{w}",
              f"0.5 * sum by (model) (abs(isomax:class_share:{w} - isomax:class_share:expected))"),
         _rec(f"isomax:class_mix_chi2_z:{w}",
