@@ -2,8 +2,10 @@
 
     nice -n 10 .venv/bin/python bench/drift_observer_bench.py
 
-The observer runs in the batching thread once per onnxruntime run (service/drift.py): argmax,
-the verdict, one level bucket per image and one counter increment per bucket and class seen.
+The observer runs in the batching thread once per onnxruntime run (service/image_metrics.py,
+service/drift.py): argmax, the verdict, one level bucket per image and one counter increment per
+bucket and class seen, then the per-image series (verdict counters, min_distance histogram),
+which it has counted too since they left the request path.
 Best of 5 repeats of 2000 calls, per batch size, with the default bundle's tables. Results:
 bench/results/drift-observer.json.
 """
@@ -32,9 +34,9 @@ def main() -> int:
     cal = manifest.calibration
     thresholds = Thresholds.lookup(cal)
     table = DriftTable.from_calibration(cal, len(manifest.labels), True, thresholds.target_tpr)
-    observe = PrometheusMetrics(CollectorRegistry()).drift_observer(
-        "m", manifest.labels, table, thresholds
-    )
+    metrics = PrometheusMetrics(CollectorRegistry())
+    metrics.add_model("m")
+    observe = metrics.output_observer("m", manifest.labels, table, thresholds)
     rng = np.random.default_rng(0)
     out = {}
     for b in (1, 4, 16, 64):

@@ -116,6 +116,7 @@ def window_rules(w: str, d: str) -> list[dict[str, str]]:
     inc_ood = f'increase(isomax_class_images_total{{verdict="ood"}}[{d}])'
     n = f"isomax:drift_images:increase{w}"
     lv = f"sum by (model, level) (increase(isomax_score_level_total[{d}]))"
+    lv_total = f"sum by (model) (increase(isomax_score_level_total[{d}]))"
     cls = f"sum by (model, label) ({inc})"
     n_eff = f"({n} * isomax:calibration_images / ({n} + isomax:calibration_images))"
     cls_n = f"isomax:class_images:increase{w}"
@@ -129,7 +130,7 @@ def window_rules(w: str, d: str) -> list[dict[str, str]]:
         # Each share is over its own sum, not over `n`: `n` is another rule, and a scrape that
         # lands between two rules' evaluations would make shares that do not sum to 1.
         _rec(f"isomax:score_level_share:{w}",
-             f"{lv}\n  / on (model) group_left () ({lv.replace('(model, level)', '(model)')} > 0)"),
+             f"{lv}\n  / on (model) group_left () ({lv_total} > 0)"),
         _rec(f"isomax:score_level_chi2:{w}",
              f"{n_eff}\n  * sum by (model) (\n"
              f"      (isomax:score_level_share:{w} - isomax:score_level:expected) ^ 2\n"

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 from prometheus_client import Counter
 
 from isomax.contract.drift import DriftTable, level_bucket
-from isomax.contract.verdict import Thresholds
-from service.batching import verdict_columns
 
 # Per-class series are bounded: a model with more classes keeps this many (those with the
 # largest validation shares) and counts the others under label="other".
@@ -48,22 +45,14 @@ class DriftObserver:
     def __init__(
         self,
         table: DriftTable,
-        thresholds: Thresholds,
         buckets: Sequence[Counter],
         series_of: Sequence[int],
         verdicts: Sequence[tuple[Counter, Counter]],
     ) -> None:
         self.table = table
-        self.thresholds = thresholds
         self._buckets = buckets  # one child per level bucket
         self._series_of = series_of  # class index -> index of its class series (folded: shared)
         self._verdicts = verdicts  # per class series: the (in, ood) children
-
-    def __call__(self, logits: np.ndarray, distance: np.ndarray) -> None:
-        predicted = logits.argmax(axis=1).tolist()  # the first of ties, as the answer's argmax
-        scores = verdict_columns(distance)[1].tolist()  # the served score, judged and bucketed
-        _, flags = self.thresholds.judge(predicted, scores)  # the verdict's one rule
-        self.count(predicted, scores, flags)
 
     def count(self, predicted: list[int], scores: list[float], flags: list[bool]) -> None:
         """Add one run's images, judged already (service/image_metrics.py judges them once)."""

@@ -209,7 +209,7 @@ class PrometheusMetrics:
         )  # fmt: skip
 
     def drift_observer(
-        self, name: str, labels: tuple[str, ...], table: DriftTable, thresholds: Thresholds
+        self, name: str, labels: tuple[str, ...], table: DriftTable
     ) -> DriftObserver:
         """The per-batch observer of one version of `name`, its series created at zero."""
         buckets = [self.score_level.labels(name, b) for b in table.bucket_names]
@@ -219,13 +219,13 @@ class PrometheusMetrics:
             (self.class_images.labels(name, s, "in"), self.class_images.labels(name, s, "ood"))
             for s in names
         ]
-        return DriftObserver(table, thresholds, buckets, [names.index(s) for s in series], verdicts)
+        return DriftObserver(table, buckets, [names.index(s) for s in series], verdicts)
 
     def output_observer(
         self, name: str, labels: tuple[str, ...], table: DriftTable, thresholds: Thresholds
     ) -> OutputObserver:
         """The batcher's per-run observer of one version of `name`: drift and per-image series."""
-        drift = self.drift_observer(name, labels, table, thresholds)
+        drift = self.drift_observer(name, labels, table)
         return OutputObserver(name, thresholds, drift, self.images)
 
     def set_drift_expected(

@@ -60,7 +60,8 @@ def test_a_batch_adds_to_each_bucket_and_class_once(manifest: Manifest) -> None:
     cal = manifest.calibration
     thresholds = Thresholds.lookup(cal)
     table = DriftTable.from_calibration(cal, len(manifest.labels), True, thresholds.target_tpr)
-    observe = metrics.drift_observer("m", manifest.labels, table, thresholds)
+    metrics.add_model("m")
+    observe = metrics.output_observer("m", manifest.labels, table, thresholds)
     metrics.set_drift_expected("m", manifest.labels, table, thresholds.target_tpr, cal.size)
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(64, len(manifest.labels))).astype(np.float32)
